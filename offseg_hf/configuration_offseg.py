@@ -1,0 +1,165 @@
+"""OffSeg model configuration and the named variant presets of the paper."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, ClassVar
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+# MiT encoder sizes of SegFormer B0..B5 (Xie et al. 2021, Table 6), shared by every size:
+# overlapping patch embeddings 7/3/3/3 with strides 4/2/2/2, spatial reduction 8/4/2/1, heads 1/2/5/8.
+_MIT_COMMON = {
+    "model_type": "segformer",
+    "num_encoder_blocks": 4,
+    "sr_ratios": [8, 4, 2, 1],
+    "patch_sizes": [7, 3, 3, 3],
+    "strides": [4, 2, 2, 2],
+    "num_attention_heads": [1, 2, 5, 8],
+    "mlp_ratios": [4, 4, 4, 4],
+    "drop_path_rate": 0.1,
+    # mmseg and the original SegFormer build every encoder LayerNorm with eps 1e-6.
+    "layer_norm_eps": 1e-6,
+}
+_MIT_SIZES = {
+    "b0": {"hidden_sizes": [32, 64, 160, 256], "depths": [2, 2, 2, 2]},
+    "b1": {"hidden_sizes": [64, 128, 320, 512], "depths": [2, 2, 2, 2]},
+    "b2": {"hidden_sizes": [64, 128, 320, 512], "depths": [3, 4, 6, 3]},
+    "b3": {"hidden_sizes": [64, 128, 320, 512], "depths": [3, 4, 18, 3]},
+    "b4": {"hidden_sizes": [64, 128, 320, 512], "depths": [3, 8, 27, 3]},
+    "b5": {"hidden_sizes": [64, 128, 320, 512], "depths": [3, 6, 40, 3]},
+}
+
+# One place per fact: every named variant is its full set of config values (ADE20K: 150 classes).
+# `paper_params_m` / `paper_gflops` are the figures the paper reports (Table 4), kept for benchmarks and cards.
+VARIANTS: dict[str, dict[str, Any]] = {
+    f"segformer-{size}-offset": {
+        "encoder_config": {**_MIT_COMMON, **dims},
+        "decode_head": "segformer",
+        "decoder_hidden_size": 256,
+        "decoder_max_pool": True,
+        "classifier": "offset",
+    }
+    for size, dims in _MIT_SIZES.items()
+}
+
+PAPER_FIGURES: dict[str, dict[str, float]] = {
+    "segformer-b0-offset": {"params_m": 3.9, "gflops": 8.8, "ade20k_miou": 40.1},
+    "segformer-b1-offset": {"params_m": 13.9, "gflops": 16.3, "ade20k_miou": 43.7},
+    "segformer-b2-offset": {"params_m": 24.9, "gflops": 26.1, "ade20k_miou": 47.3},
+    "segformer-b3-offset": {"params_m": 44.8, "gflops": 42.8, "ade20k_miou": 49.5},
+    "segformer-b4-offset": {"params_m": 61.6, "gflops": 59.5, "ade20k_miou": 50.1},
+    "segformer-b5-offset": {"params_m": 82.2, "gflops": 75.5, "ade20k_miou": 50.6},
+}
+
+_DECODE_HEADS = ("segformer",)
+_CLASSIFIERS = ("offset", "per_pixel")
+
+
+class OffSegConfig(PreTrainedConfig):
+    r"""
+    Configuration of an OffSeg model: a backbone, a pixel decoder and a classifier that is either the paper's
+    offset learning or the per-pixel (1x1 convolution) baseline.
+
+    Args:
+        encoder_config (`dict` or `PreTrainedConfig`, *optional*):
+            Configuration of the backbone. A `SegformerConfig` (model type `"segformer"`) builds the MiT encoder
+            of `transformers`' `SegformerModel`. Defaults to MiT-B0.
+        decode_head (`str`, *optional*, defaults to `"segformer"`):
+            The pixel decoder: `"segformer"` is mmseg's SegformerHead (per stage 1x1 conv + BN + ReLU to
+            `decoder_hidden_size`, bilinear resize to 1/4, 1x1 fusion conv + BN + ReLU).
+        decoder_hidden_size (`int`, *optional*, defaults to 256):
+            Channels of the decoder output (the `C` of the pixel embeddings E).
+        decoder_max_pool (`bool`, *optional*, defaults to `True`):
+            Max-pool (kernel 2, stride 2) the decoder output before the classifier. SegFormer-offset does this,
+            so its logits come out at 1/8 of the input.
+        classifier (`str`, *optional*, defaults to `"offset"`):
+            `"offset"` (class + feature offset learning, LayerNorm over class scores) or `"per_pixel"` (dropout +
+            1x1 convolution, the baseline the paper compares against).
+        class_offset (`bool`, *optional*, defaults to `True`):
+            Use the class-offset branch (W' = W + dW). Table 6 ablation switch.
+        feature_offset (`bool`, *optional*, defaults to `True`):
+            Use the feature-offset branch (E' = E + dE). Table 6 ablation switch.
+        classifier_dropout_prob (`float`, *optional*, defaults to 0.1):
+            Dropout before the per-pixel classifier (unused by offset learning, as in the official head).
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Std of the truncated normal init of the class embeddings and offset projections.
+        semantic_loss_ignore_index (`int`, *optional*, defaults to 255):
+            Label value ignored by the loss.
+
+    Example:
+
+    ```python
+    >>> from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation
+    >>> config = OffSegConfig.from_variant("segformer-b0-offset", num_labels=150)
+    >>> model = OffSegForSemanticSegmentation(config)
+    ```
+    """
+
+    model_type = "offseg"
+    sub_configs_defaults: ClassVar = {
+        "encoder_config": SubConfigSpec(
+            config_class=AutoConfig,
+            model_type="segformer",
+            init_kwargs={k: v for k, v in VARIANTS["segformer-b0-offset"]["encoder_config"].items() if k != "model_type"},
+        )
+    }
+
+    encoder_config: dict | PreTrainedConfig | None = None
+    decode_head: str = "segformer"
+    decoder_hidden_size: int = 256
+    decoder_max_pool: bool = True
+    classifier: str = "offset"
+    class_offset: bool = True
+    feature_offset: bool = True
+    classifier_dropout_prob: float = 0.1
+    initializer_range: float = 0.02
+    semantic_loss_ignore_index: int = 255
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.decode_head not in _DECODE_HEADS:
+            raise ValueError(f"Unknown decode_head {self.decode_head!r}; known: {', '.join(_DECODE_HEADS)}.")
+        if self.classifier not in _CLASSIFIERS:
+            raise ValueError(f"Unknown classifier {self.classifier!r}; known: {', '.join(_CLASSIFIERS)}.")
+        if self.encoder_config.model_type != "segformer":
+            raise ValueError(
+                f"Unsupported encoder model type {self.encoder_config.model_type!r}; supported: 'segformer' (MiT)."
+            )
+        if self.num_labels < 2:
+            # With one class the LayerNorm over class scores (offset learning) is constant, and the loss is a
+            # K-way cross entropy: a foreground/background task is num_labels=2.
+            raise ValueError(f"num_labels must be at least 2, got {self.num_labels}.")
+
+    @property
+    def num_channels(self) -> int:
+        """Channels of the input images (RGB)."""
+        return self.encoder_config.num_channels
+
+    @staticmethod
+    def variant_names() -> list[str]:
+        """The named presets accepted by `from_variant`."""
+        return sorted(VARIANTS)
+
+    @classmethod
+    def from_variant(cls, name: str, **overrides) -> OffSegConfig:
+        """Build the config of a named variant, e.g. `"segformer-b0-offset"`.
+
+        Keyword overrides replace preset values (`num_labels`, `id2label`, `classifier`, ...). An
+        `encoder_config` dict is merged into the preset's encoder values rather than replacing them.
+        """
+        if name not in VARIANTS:
+            raise ValueError(f"Unknown OffSeg variant {name!r}. Known variants: {', '.join(cls.variant_names())}.")
+        values = copy.deepcopy(VARIANTS[name])
+        encoder_overrides = overrides.pop("encoder_config", None) or {}
+        values["encoder_config"].update(encoder_overrides)
+        values.update(overrides)
+        if "id2label" in values and "num_labels" not in overrides:
+            values["num_labels"] = len(values["id2label"])
+        elif "id2label" not in values:
+            values.setdefault("num_labels", 150)
+        return cls(**values)
+
+
+__all__ = ["OffSegConfig", "VARIANTS", "PAPER_FIGURES"]
