@@ -119,6 +119,8 @@ class OffSegConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        if self.id2label is not None and self.label2id is None:
+            self.label2id = {label: index for index, label in self.id2label.items()}
         if self.decode_head not in _DECODE_HEADS:
             raise ValueError(f"Unknown decode_head {self.decode_head!r}; known: {', '.join(_DECODE_HEADS)}.")
         if self.classifier not in _CLASSIFIERS:

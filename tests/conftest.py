@@ -1,0 +1,40 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation  # noqa: E402
+
+# A MiT small enough for a unit test, with the real code paths (4 stages, spatial reduction, offset learning).
+TINY_ENCODER = {"hidden_sizes": [8, 16, 24, 32], "num_attention_heads": [1, 1, 2, 2], "depths": [1, 1, 1, 1]}
+
+
+def tiny_config(**overrides) -> OffSegConfig:
+    values = {"num_labels": 6, "decoder_hidden_size": 32, "encoder_config": dict(TINY_ENCODER)}
+    values.update(overrides)
+    return OffSegConfig.from_variant("segformer-b0-offset", **values)
+
+
+def randomize_norms(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give BatchNorm statistics/affines and LayerNorm affines non-trivial values, so tests see them."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+            if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.LayerNorm)):
+                module.weight.copy_(1 + 0.2 * torch.randn(module.weight.shape, generator=generator))
+                module.bias.copy_(0.2 * torch.randn(module.bias.shape, generator=generator))
+
+
+@pytest.fixture
+def tiny_model() -> OffSegForSemanticSegmentation:
+    torch.manual_seed(0)
+    model = OffSegForSemanticSegmentation(tiny_config()).eval()
+    randomize_norms(model)
+    return model

@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from offseg_hf import PAPER_FIGURES, OffSegConfig, OffSegForSemanticSegmentation
+from transformers import AutoConfig
+
+# Table 4 of the paper, SegFormer with offset learning, 150 classes (M parameters).
+TABLE_4_PARAMS_M = {
+    "segformer-b0-offset": 3.9,
+    "segformer-b1-offset": 13.9,
+    "segformer-b2-offset": 24.9,
+    "segformer-b3-offset": 44.8,
+    "segformer-b4-offset": 61.6,
+    "segformer-b5-offset": 82.2,
+}
+
+
+@pytest.mark.parametrize("variant", sorted(TABLE_4_PARAMS_M))
+def test_parameter_count_matches_table_4(variant):
+    # Built on the meta device: shapes only, no memory or init time, same modules.
+    with torch.device("meta"):
+        model = OffSegForSemanticSegmentation(OffSegConfig.from_variant(variant, num_labels=150))
+    params_m = sum(p.numel() for p in model.parameters()) / 1e6
+    assert abs(params_m - TABLE_4_PARAMS_M[variant]) <= 0.1, params_m
+    assert PAPER_FIGURES[variant]["params_m"] == TABLE_4_PARAMS_M[variant]
+
+
+def test_variant_names_and_unknown_variant_lists_them():
+    names = OffSegConfig.variant_names()
+    assert {f"segformer-b{i}-offset" for i in range(6)} <= set(names)
+    with pytest.raises(ValueError) as info:
+        OffSegConfig.from_variant("segformer-b9-offset")
+    for name in names:
+        assert name in str(info.value)
+
+
+def test_presets_hold_the_official_values():
+    b0 = OffSegConfig.from_variant("segformer-b0-offset")
+    b5 = OffSegConfig.from_variant("segformer-b5-offset")
+    assert b0.num_labels == 150 and b0.decoder_hidden_size == 256 and b5.decoder_hidden_size == 256
+    assert list(b0.encoder_config.hidden_sizes) == [32, 64, 160, 256]
+    assert list(b5.encoder_config.depths) == [3, 6, 40, 3]
+    assert b0.encoder_config.layer_norm_eps == 1e-6
+    assert b0.classifier == "offset" and b0.decoder_max_pool and b0.semantic_loss_ignore_index == 255
+
+
+def test_overrides_and_labels():
+    config = OffSegConfig.from_variant(
+        "segformer-b1-offset", id2label={0: "road", 1: "car", 2: "sky"}, encoder_config={"drop_path_rate": 0.0}
+    )
+    assert config.num_labels == 3 and config.label2id["sky"] == 2
+    assert config.encoder_config.drop_path_rate == 0.0 and list(config.encoder_config.depths) == [2, 2, 2, 2]
+    assert OffSegConfig.from_variant("segformer-b0-offset", classifier="per_pixel").classifier == "per_pixel"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"classifier": "softmax"}, "Unknown classifier"),
+        ({"decode_head": "uper"}, "Unknown decode_head"),
+        ({"num_labels": 1}, "num_labels"),
+    ],
+)
+def test_bad_config_values_are_named(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        OffSegConfig.from_variant("segformer-b0-offset", **overrides)
+
+
+def test_config_round_trip_through_autoconfig(tmp_path):
+    config = OffSegConfig.from_variant("segformer-b2-offset", num_labels=19, feature_offset=False)
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, OffSegConfig)
+    assert loaded.num_labels == 19 and not loaded.feature_offset
+    assert list(loaded.encoder_config.depths) == [3, 4, 6, 3] and loaded.encoder_config.layer_norm_eps == 1e-6

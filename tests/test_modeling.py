@@ -1,0 +1,226 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.nn import functional as F
+
+from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation, OffSegImageProcessor, OffSegModel
+from transformers import (
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForSemanticSegmentation,
+    SegformerConfig,
+    SegformerModel,
+    pipeline,
+)
+
+from .conftest import TINY_ENCODER, randomize_norms, tiny_config
+
+
+def save_folder(model, path):
+    model.save_pretrained(path)
+    OffSegImageProcessor(size={"height": 64, "width": 64}).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("size", [(97, 131), (500, 375), (512, 512)])
+def test_any_input_size(tiny_model, size):
+    with torch.no_grad():
+        logits = tiny_model(torch.randn(1, 3, *size)).logits
+    # MiT stride-4 patch embedding (kernel 7, padding 3), then max-pool 2: logits at 1/8.
+    quarter = [(s - 1) // 4 + 1 for s in size]
+    assert logits.shape == (1, 6, quarter[0] // 2, quarter[1] // 2)
+    assert torch.isfinite(logits).all()
+
+
+def test_per_pixel_baseline_is_at_quarter_resolution():
+    model = OffSegForSemanticSegmentation(tiny_config(classifier="per_pixel", decoder_max_pool=False)).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 96)).logits.shape == (1, 6, 16, 24)
+
+
+def test_batch_equals_single_runs(tiny_model):
+    images = torch.randn(3, 3, 75, 101)
+    with torch.no_grad():
+        batched = tiny_model(images).logits
+        singles = torch.cat([tiny_model(image[None]).logits for image in images])
+    torch.testing.assert_close(batched, singles, rtol=0, atol=1e-5)
+
+
+def test_decoder_equals_literal_mmseg_head(tiny_model):
+    """The factorised fusion equals mmseg's concat -> 1x1 conv -> BN -> ReLU -> max-pool."""
+    decoder = tiny_model.offseg.decode_head
+    with torch.no_grad():
+        features = tiny_model.offseg.encoder(torch.randn(2, 3, 90, 70), output_hidden_states=True).hidden_states
+        size = features[0].shape[-2:]
+        upsampled = [
+            F.interpolate(proj(x), size=size, mode="bilinear", align_corners=False)
+            for x, proj in zip(features, decoder.stage_projections)
+        ]
+        expected = F.max_pool2d(decoder.fusion(torch.cat(upsampled, dim=1)), 2)
+        torch.testing.assert_close(decoder(features), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_loss_is_cross_entropy_on_upsampled_logits(tiny_model):
+    images = torch.randn(2, 3, 64, 80)
+    labels = torch.randint(0, 6, (2, 64, 80))
+    labels[0, :10] = 255
+    with torch.no_grad():
+        out = tiny_model(images, labels=labels)
+        upsampled = F.interpolate(out.logits, size=(64, 80), mode="bilinear", align_corners=False)
+        expected = F.cross_entropy(upsampled, labels, ignore_index=255)
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_training_step_reaches_every_parameter():
+    torch.manual_seed(0)
+    model = OffSegForSemanticSegmentation(tiny_config()).train()
+    loss = model(torch.randn(2, 3, 64, 64), labels=torch.randint(0, 6, (2, 64, 64))).loss
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_encoder_layernorm_eps_follows_config():
+    model = OffSegForSemanticSegmentation(tiny_config(encoder_config={**TINY_ENCODER, "layer_norm_eps": 1e-6}))
+    eps = {m.eps for m in model.offseg.encoder.modules() if isinstance(m, torch.nn.LayerNorm)}
+    assert eps == {1e-6}
+
+
+def test_wrong_channel_count_is_a_value_error(tiny_model):
+    for channels in (1, 4):
+        with pytest.raises(ValueError, match="pixel_values must have shape"):
+            tiny_model(torch.randn(1, channels, 32, 32))
+
+
+@pytest.mark.parametrize("bad", [6, 200, -1])
+def test_out_of_range_labels_are_a_value_error(tiny_model, bad):
+    labels = torch.zeros(1, 32, 32, dtype=torch.long)
+    labels[0, 3, 4] = bad
+    with pytest.raises(ValueError, match=rf"\[{bad}\].*ignore index 255"):
+        tiny_model(torch.randn(1, 3, 32, 32), labels=labels)
+
+
+def test_save_and_load_give_identical_logits(tiny_model, tmp_path):
+    save_folder(tiny_model, tmp_path)
+    images = torch.randn(2, 3, 64, 64)
+    loaded = AutoModelForSemanticSegmentation.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, OffSegForSemanticSegmentation)
+    backbone = AutoModel.from_pretrained(tmp_path).eval()
+    assert isinstance(backbone, OffSegModel)
+    with torch.no_grad():
+        assert torch.equal(tiny_model(images).logits, loaded(images).logits)
+        assert torch.equal(tiny_model.offseg(images).last_hidden_state, backbone(images).last_hidden_state)
+    assert isinstance(AutoImageProcessor.from_pretrained(tmp_path), OffSegImageProcessor)
+
+
+def test_num_labels_mismatch_is_a_value_error(tiny_model, tmp_path):
+    save_folder(tiny_model, tmp_path)
+    with pytest.raises(ValueError, match="num_labels=6 but num_labels=9.*ignore_mismatched_sizes"):
+        OffSegForSemanticSegmentation.from_pretrained(tmp_path, num_labels=9)
+    model = OffSegForSemanticSegmentation.from_pretrained(tmp_path, num_labels=9, ignore_mismatched_sizes=True)
+    assert model.classifier.class_embeddings.shape == (9, 32)
+
+
+REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.modules["offseg_hf"] = None  # make the package unimportable, as on a machine without it
+    try:
+        import offseg_hf  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("offseg_hf is still importable")
+    import torch
+    from transformers import AutoImageProcessor, AutoModel, AutoModelForSemanticSegmentation
+    folder, inputs, output = sys.argv[1:4]
+    model = AutoModelForSemanticSegmentation.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+    backbone = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    assert type(processor).__name__ == "OffSegImageProcessor" and type(backbone).__name__ == "OffSegModel"
+    with torch.no_grad():
+        logits = model(torch.load(inputs)).logits
+    torch.save(logits, output)
+    """
+)
+
+
+def test_remote_code_loads_without_the_package(tiny_model, tmp_path):
+    folder = save_folder(tiny_model, tmp_path / "model")
+    images = torch.randn(2, 3, 64, 64)
+    torch.save(images, tmp_path / "inputs.pt")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    subprocess.run(
+        [sys.executable, "-c", REMOTE_SCRIPT, str(folder), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        timeout=300,
+    )
+    with torch.no_grad():
+        expected = tiny_model(images).logits
+    assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_pipeline_masks_match_image_size(tiny_model, tmp_path, mode):
+    save_folder(tiny_model, tmp_path)
+    segmenter = pipeline("image-segmentation", model=str(tmp_path))
+    rng = np.random.default_rng(0)
+    channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
+    array = rng.integers(0, 256, size=(333, 517, channels), dtype=np.uint8)
+    image = Image.fromarray(array.squeeze(-1) if channels == 1 else array, mode=mode)
+    results = segmenter(image)
+    # Reference: processor + model + post-processing by hand, on the RGB image.
+    processor = OffSegImageProcessor.from_pretrained(tmp_path)
+    with torch.no_grad():
+        outputs = tiny_model(**processor(image.convert("RGB"), return_tensors="pt"))
+    seg = processor.post_process_semantic_segmentation(outputs, target_sizes=[(333, 517)])[0]
+    present = sorted(int(i) for i in torch.unique(seg))
+    assert sorted(tiny_model.config.label2id[r["label"]] for r in results) == present
+    for r in results:
+        assert r["mask"].size == (517, 333)
+        mask = np.array(r["mask"]) > 0
+        assert np.array_equal(mask, (seg == tiny_model.config.label2id[r["label"]]).numpy())
+
+
+def test_image_processor_converts_to_rgb_and_post_processes_to_any_size(tiny_model):
+    processor = OffSegImageProcessor(size={"height": 64, "width": 64})
+    gray = Image.fromarray(np.full((40, 30), 128, dtype=np.uint8), mode="L")
+    pixel_values = processor(gray, return_tensors="pt")["pixel_values"]
+    assert pixel_values.shape == (1, 3, 64, 64)
+    with torch.no_grad():
+        outputs = tiny_model(pixel_values=pixel_values)
+    (seg,) = processor.post_process_semantic_segmentation(outputs, target_sizes=[(123, 45)])
+    assert seg.shape == (123, 45) and seg.dtype == torch.int64
+
+
+def test_start_from_a_saved_transformers_mit_checkpoint(tmp_path):
+    """A folder saved from transformers' SegformerModel (e.g. nvidia/mit-b0) loads into the encoder unchanged."""
+    torch.manual_seed(1)
+    mit = SegformerModel(SegformerConfig(**TINY_ENCODER)).eval()
+    mit.save_pretrained(tmp_path)
+    model = OffSegForSemanticSegmentation.from_pretrained_encoder(
+        str(tmp_path), "segformer-b0-offset", num_labels=4, decoder_hidden_size=32, encoder_config=TINY_ENCODER
+    )
+    for (name, ours), (_, theirs) in zip(model.offseg.encoder.state_dict().items(), mit.state_dict().items()):
+        assert torch.equal(ours, theirs), name
+    with pytest.raises(ValueError, match="hidden_sizes"):
+        OffSegForSemanticSegmentation.from_pretrained_encoder(str(tmp_path), "segformer-b0-offset")
+
+
+def test_randomized_norms_fixture_is_effective(tiny_model):
+    fresh = OffSegForSemanticSegmentation(tiny_config()).eval()
+    fresh.load_state_dict(tiny_model.state_dict())
+    randomize_norms(fresh, seed=5)
+    with torch.no_grad():
+        images = torch.randn(1, 3, 32, 32)
+        assert not torch.allclose(fresh(images).logits, tiny_model(images).logits)

@@ -1,0 +1,98 @@
+"""OffsetLearning against a direct, per-sample transcription of the paper's equations (3)-(13) + LayerNorm."""
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from offseg_hf import OffsetLearning
+
+
+def reference(module: OffsetLearning, features: torch.Tensor) -> torch.Tensor:
+    """Literal per-sample implementation, in the paper's (HW, C) / (K, C) notation."""
+    batch, channels, height, width = features.shape
+    W = module.class_embeddings  # (K, C)
+    outputs = []
+    for b in range(batch):
+        E = features[b].reshape(channels, height * width).t()  # (HW, C)
+        A_c = W @ E.t()  # (K, HW)  eq. 4
+        W_adj = W
+        if module.class_offset_proj is not None:
+            A_cls = torch.softmax(A_c, dim=1)  # softmax over HW, eq. 5
+            F_cls = A_cls @ E  # (K, C) eq. 6
+            dW = F_cls @ module.class_offset_proj.weight.t()  # eq. 7
+            W_adj = W + dW  # eq. 8
+        E_adj = E
+        if module.feature_offset_proj is not None:
+            A_pos = torch.softmax(A_c, dim=0).t()  # softmax over K, transposed: (HW, K), eq. 9
+            F_pos = A_pos @ W  # (HW, C) eq. 10
+            dE = F_pos @ module.feature_offset_proj.weight.t()  # eq. 11
+            E_adj = E + dE  # eq. 12
+        M = W_adj @ E_adj.t()  # (K, HW) eq. 13
+        M = F.layer_norm(M.t(), (M.shape[0],), module.mask_norm.weight, module.mask_norm.bias, module.mask_norm.eps)
+        outputs.append(M.t().reshape(-1, height, width))
+    return torch.stack(outputs)
+
+
+def make_module(class_offset=True, feature_offset=True, num_classes=7, channels=16, dtype=torch.float64):
+    torch.manual_seed(0)
+    module = OffsetLearning(num_classes, channels, class_offset=class_offset, feature_offset=feature_offset)
+    with torch.no_grad():
+        # Larger than the 0.02 init so both softmaxes are far from uniform and every term matters.
+        module.class_embeddings.normal_(0, 0.5)
+        for proj in (module.class_offset_proj, module.feature_offset_proj):
+            if proj is not None:
+                proj.weight.normal_(0, 0.3)
+        module.mask_norm.weight.normal_(1, 0.2)
+        module.mask_norm.bias.normal_(0, 0.2)
+    return module.to(dtype)
+
+
+@pytest.mark.parametrize("class_offset", [True, False])
+@pytest.mark.parametrize("feature_offset", [True, False])
+def test_matches_paper_equations(class_offset, feature_offset):
+    module = make_module(class_offset, feature_offset)
+    features = torch.randn(3, 16, 5, 9, dtype=torch.float64)
+    out = module(features)
+    assert out.shape == (3, 7, 5, 9)
+    torch.testing.assert_close(out, reference(module, features), rtol=1e-10, atol=1e-10)
+
+
+def test_matches_paper_equations_float32():
+    module = make_module(dtype=torch.float32)
+    features = torch.randn(2, 16, 11, 6)
+    torch.testing.assert_close(module(features), reference(module, features), rtol=1e-5, atol=1e-5)
+
+
+def test_both_branches_off_is_layernorm_of_per_pixel_scores():
+    module = make_module(class_offset=False, feature_offset=False)
+    features = torch.randn(2, 16, 4, 3, dtype=torch.float64)
+    W = module.class_embeddings
+    scores = torch.einsum("bchw,kc->bhwk", features, W)  # E W^T
+    expected = F.layer_norm(scores, (7,), module.mask_norm.weight, module.mask_norm.bias).permute(0, 3, 1, 2)
+    torch.testing.assert_close(module(features), expected)
+    assert module.class_offset_proj is None and module.feature_offset_proj is None
+
+
+def test_branches_change_the_output():
+    features = torch.randn(2, 16, 4, 4, dtype=torch.float64)
+    outs = {(c, f): make_module(c, f)(features) for c in (True, False) for f in (True, False)}
+    keys = list(outs)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1 :]:
+            assert not torch.allclose(outs[a], outs[b]), (a, b)
+
+
+def test_gradients_reach_every_parameter_and_the_input():
+    module = make_module(dtype=torch.float32)
+    features = torch.randn(2, 16, 6, 5, requires_grad=True)
+    target = torch.randint(0, 7, (2, 6, 5))
+    F.cross_entropy(module(features), target).backward()
+    for name, param in module.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    assert features.grad.abs().sum() > 0
+
+
+def test_rejects_wrong_channel_count():
+    module = make_module(dtype=torch.float32)
+    with pytest.raises(ValueError, match="16 feature channels"):
+        module(torch.randn(1, 8, 4, 4))
