@@ -6,7 +6,6 @@ from transformers import (
     AutoModel,
     AutoModelForSemanticSegmentation,
 )
-
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES
 
 from .configuration_offseg import PAPER_FIGURES, VARIANTS, OffSegConfig

@@ -102,7 +102,7 @@ class OffSegConfig(PreTrainedConfig):
         "encoder_config": SubConfigSpec(
             config_class=AutoConfig,
             model_type="segformer",
-            init_kwargs={k: v for k, v in VARIANTS["segformer-b0-offset"]["encoder_config"].items() if k != "model_type"},
+            init_kwargs={k: v for k, v in _MIT_COMMON.items() if k != "model_type"} | _MIT_SIZES["b0"],
         )
     }
 

@@ -43,7 +43,7 @@ class SegformerPixelDecoder(nn.Module):
         output_size = features[0].shape[-2:]
         fusion_blocks = self.fusion.conv.weight.split(self.channels, dim=1)  # each (C, C, 1, 1)
         fused = None
-        for feature, projection, block in zip(features, self.stage_projections, fusion_blocks):
+        for feature, projection, block in zip(features, self.stage_projections, fusion_blocks, strict=True):
             partial = F.conv2d(projection(feature), block)  # (B, C, H_i, W_i)
             if partial.shape[-2:] != output_size:
                 partial = F.interpolate(partial, size=output_size, mode="bilinear", align_corners=False)

@@ -1,8 +1,8 @@
 import pytest
 import torch
+from transformers import AutoConfig
 
 from offseg_hf import PAPER_FIGURES, OffSegConfig, OffSegForSemanticSegmentation
-from transformers import AutoConfig
 
 # Table 4 of the paper, SegFormer with offset learning, 150 classes (M parameters).
 TABLE_4_PARAMS_M = {

@@ -8,8 +8,6 @@ import pytest
 import torch
 from PIL import Image
 from torch.nn import functional as F
-
-from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation, OffSegImageProcessor, OffSegModel
 from transformers import (
     AutoImageProcessor,
     AutoModel,
@@ -18,6 +16,8 @@ from transformers import (
     SegformerModel,
     pipeline,
 )
+
+from offseg_hf import OffSegForSemanticSegmentation, OffSegImageProcessor, OffSegModel
 
 from .conftest import TINY_ENCODER, randomize_norms, tiny_config
 
@@ -60,7 +60,7 @@ def test_decoder_equals_literal_mmseg_head(tiny_model):
         size = features[0].shape[-2:]
         upsampled = [
             F.interpolate(proj(x), size=size, mode="bilinear", align_corners=False)
-            for x, proj in zip(features, decoder.stage_projections)
+            for x, proj in zip(features, decoder.stage_projections, strict=True)
         ]
         expected = F.max_pool2d(decoder.fusion(torch.cat(upsampled, dim=1)), 2)
         torch.testing.assert_close(decoder(features), expected, rtol=1e-5, atol=1e-5)
@@ -211,8 +211,10 @@ def test_start_from_a_saved_transformers_mit_checkpoint(tmp_path):
     model = OffSegForSemanticSegmentation.from_pretrained_encoder(
         str(tmp_path), "segformer-b0-offset", num_labels=4, decoder_hidden_size=32, encoder_config=TINY_ENCODER
     )
-    for (name, ours), (_, theirs) in zip(model.offseg.encoder.state_dict().items(), mit.state_dict().items()):
-        assert torch.equal(ours, theirs), name
+    ours, theirs = model.offseg.encoder.state_dict(), mit.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
     with pytest.raises(ValueError, match="hidden_sizes"):
         OffSegForSemanticSegmentation.from_pretrained_encoder(str(tmp_path), "segformer-b0-offset")
 
