@@ -58,7 +58,7 @@ class MmsegOrder(nn.Module):
             F.interpolate(proj(x), size=size, mode="bilinear", align_corners=False)
             for x, proj in zip(features, decoder.stage_projections, strict=True)
         ]
-        x = decoder.pool(decoder.fusion(torch.cat(upsampled, dim=1)))  # (B, C, H, W)
+        x = self.model.offseg.pool(decoder.fusion(torch.cat(upsampled, dim=1)))  # (B, C, H, W)
         b, c, h, w = x.shape
         pixels = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, HW, C)
         classes = offset.class_embeddings.expand(b, -1, -1)  # (B, K, C)

@@ -31,6 +31,14 @@ _MIT_SIZES = {
     "b5": {"hidden_sizes": [64, 128, 320, 512], "depths": [3, 6, 40, 3]},
 }
 
+# EfficientFormerV2 backbones of OffSeg-T/B/L (timm names, the official drop-path rates) and the decoder's
+# per-stage widths (`new_channels` of the official OffSegHead).
+_OFFSEG_SIZES = {
+    "t": {"backbone": "efficientformerv2_s1", "drop_path_rate": 0.0, "stage_channels": [32, 32, 64, 128]},
+    "b": {"backbone": "efficientformerv2_s2", "drop_path_rate": 0.02, "stage_channels": [32, 64, 128, 256]},
+    "l": {"backbone": "efficientformerv2_l", "drop_path_rate": 0.1, "stage_channels": [32, 64, 128, 256]},
+}
+
 # One place per fact: every named variant is its full set of config values (ADE20K: 150 classes).
 # `paper_params_m` / `paper_gflops` are the figures the paper reports (Table 4), kept for benchmarks and cards.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -42,6 +50,23 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "classifier": "offset",
     }
     for size, dims in _MIT_SIZES.items()
+} | {
+    f"offseg-{size}": {
+        "encoder_config": {
+            "model_type": "timm_backbone",
+            "backbone": values["backbone"],
+            "out_indices": [0, 1, 2, 3],
+            "drop_path_rate": values["drop_path_rate"],
+            # The official backbone trains its BatchNorms (SyncBN); set True for mmseg's `norm_eval` behaviour.
+            "norm_eval": False,
+        },
+        "decode_head": "offseg",
+        "decoder_stage_channels": values["stage_channels"],
+        "decoder_hidden_size": 256,
+        "decoder_max_pool": False,
+        "classifier": "offset",
+    }
+    for size, values in _OFFSEG_SIZES.items()
 }
 
 PAPER_FIGURES: dict[str, dict[str, float]] = {
@@ -51,9 +76,14 @@ PAPER_FIGURES: dict[str, dict[str, float]] = {
     "segformer-b3-offset": {"params_m": 44.8, "gflops": 42.8, "ade20k_miou": 49.5},
     "segformer-b4-offset": {"params_m": 61.6, "gflops": 59.5, "ade20k_miou": 50.1},
     "segformer-b5-offset": {"params_m": 82.2, "gflops": 75.5, "ade20k_miou": 50.6},
+    "offseg-t": {"params_m": 6.2, "gflops": 5.3, "ade20k_miou": 44.2},
+    "offseg-b": {"params_m": 13.0, "gflops": 10.3, "ade20k_miou": 45.9},
+    "offseg-l": {"params_m": 26.4, "gflops": 17.1, "ade20k_miou": 48.5},
 }
 
-_DECODE_HEADS = ("segformer",)
+_DECODE_HEADS = ("segformer", "offseg")
+_ENCODERS = ("segformer", "timm_backbone")
+_TIMM_ENCODERS = ("efficientformerv2_s0", "efficientformerv2_s1", "efficientformerv2_s2", "efficientformerv2_l")
 _CLASSIFIERS = ("offset", "per_pixel")
 
 
@@ -65,10 +95,16 @@ class OffSegConfig(PreTrainedConfig):
     Args:
         encoder_config (`dict` or `PreTrainedConfig`, *optional*):
             Configuration of the backbone. A `SegformerConfig` (model type `"segformer"`) builds the MiT encoder
-            of `transformers`' `SegformerModel`. Defaults to MiT-B0.
+            of `transformers`' `SegformerModel`; a `TimmBackboneConfig` (model type `"timm_backbone"`) with
+            `backbone="efficientformerv2_s1"` (or `_s0`, `_s2`, `_l`) builds timm's EfficientFormerV2 adapted to
+            any input size (extra keys: `drop_path_rate`, `norm_eval`). Defaults to MiT-B0.
         decode_head (`str`, *optional*, defaults to `"segformer"`):
             The pixel decoder: `"segformer"` is mmseg's SegformerHead (per stage 1x1 conv + BN + ReLU to
-            `decoder_hidden_size`, bilinear resize to 1/4, 1x1 fusion conv + BN + ReLU).
+            `decoder_hidden_size`, bilinear resize to 1/4, 1x1 fusion conv + BN + ReLU); `"offseg"` is the OffSeg
+            head (per stage 1x1 conv + GN + ReLU to `decoder_stage_channels`, FreqFusion cascade 1/32 -> 1/4,
+            1x1 align to `decoder_hidden_size`).
+        decoder_stage_channels (`list[int]`, *optional*):
+            Per-stage widths of the OffSeg head (`new_channels` of the official config).
         decoder_hidden_size (`int`, *optional*, defaults to 256):
             Channels of the decoder output (the `C` of the pixel embeddings E).
         decoder_max_pool (`bool`, *optional*, defaults to `True`):
@@ -108,6 +144,7 @@ class OffSegConfig(PreTrainedConfig):
 
     encoder_config: dict | PreTrainedConfig | None = None
     decode_head: str = "segformer"
+    decoder_stage_channels: list[int] | None = None
     decoder_hidden_size: int = 256
     decoder_max_pool: bool = True
     classifier: str = "offset"
@@ -125,10 +162,15 @@ class OffSegConfig(PreTrainedConfig):
             raise ValueError(f"Unknown decode_head {self.decode_head!r}; known: {', '.join(_DECODE_HEADS)}.")
         if self.classifier not in _CLASSIFIERS:
             raise ValueError(f"Unknown classifier {self.classifier!r}; known: {', '.join(_CLASSIFIERS)}.")
-        if self.encoder_config.model_type != "segformer":
+        encoder_type = self.encoder_config.model_type
+        if encoder_type not in _ENCODERS:
+            raise ValueError(f"Unsupported encoder model type {encoder_type!r}; supported: {', '.join(_ENCODERS)}.")
+        if encoder_type == "timm_backbone" and self.encoder_config.backbone not in _TIMM_ENCODERS:
             raise ValueError(
-                f"Unsupported encoder model type {self.encoder_config.model_type!r}; supported: 'segformer' (MiT)."
+                f"Unsupported timm encoder {self.encoder_config.backbone!r}; supported: {', '.join(_TIMM_ENCODERS)}."
             )
+        if self.decode_head == "offseg" and not self.decoder_stage_channels:
+            raise ValueError("decode_head='offseg' needs decoder_stage_channels (one width per backbone stage).")
         if self.num_labels < 2:
             # With one class the LayerNorm over class scores (offset learning) is constant, and the loss is a
             # K-way cross entropy: a foreground/background task is num_labels=2.

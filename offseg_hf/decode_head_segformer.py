@@ -8,12 +8,15 @@ from torch.nn import functional as F
 
 
 class ConvNormAct(nn.Module):
-    """1x1 convolution (no bias) + BatchNorm + ReLU, mmseg's `ConvModule` with a norm layer."""
+    """1x1 convolution (no bias) + norm + ReLU, mmseg's `ConvModule` with a norm layer.
 
-    def __init__(self, in_channels: int, out_channels: int):
+    `norm_groups=None` gives BatchNorm (SegFormer head); an int gives GroupNorm with that many groups (OffSeg).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, norm_groups: int | None = None):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
-        self.norm = nn.BatchNorm2d(out_channels)
+        self.norm = nn.BatchNorm2d(out_channels) if norm_groups is None else nn.GroupNorm(norm_groups, out_channels)
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -22,7 +25,7 @@ class ConvNormAct(nn.Module):
 
 class SegformerPixelDecoder(nn.Module):
     """Per stage a 1x1 conv + BN + ReLU to `channels`, resize to the 1/4 map, concat (stage order 1/4 .. 1/32),
-    1x1 fusion conv + BN + ReLU, then optionally MaxPool2d(2) to 1/8 (SegFormer-offset).
+    1x1 fusion conv + BN + ReLU.
 
     The fusion conv acts on the concatenation of bilinearly resized maps. Both operations are linear and a 1x1
     conv mixes channels only, so `fuse(concat(resize(y_i))) == sum_i resize(fuse_i(y_i))`, where `fuse_i` is the
@@ -31,15 +34,14 @@ class SegformerPixelDecoder(nn.Module):
     official (C, 4C, 1, 1) layout, so checkpoints are unchanged.
     """
 
-    def __init__(self, in_channels: list[int], channels: int, max_pool: bool):
+    def __init__(self, in_channels: list[int], channels: int):
         super().__init__()
         self.channels = channels
         self.stage_projections = nn.ModuleList([ConvNormAct(c, channels) for c in in_channels])
         self.fusion = ConvNormAct(channels * len(in_channels), channels)
-        self.pool = nn.MaxPool2d(kernel_size=2, stride=2) if max_pool else nn.Identity()
 
     def forward(self, features: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """Multi-scale maps (B, C_i, H_i, W_i), finest first -> (B, channels, H/4, W/4) or (.., H/8, W/8)."""
+        """Multi-scale maps (B, C_i, H_i, W_i), finest first -> (B, channels, H/4, W/4)."""
         output_size = features[0].shape[-2:]
         fusion_blocks = self.fusion.conv.weight.split(self.channels, dim=1)  # each (C, C, 1, 1)
         fused = None
@@ -48,5 +50,4 @@ class SegformerPixelDecoder(nn.Module):
             if partial.shape[-2:] != output_size:
                 partial = F.interpolate(partial, size=output_size, mode="bilinear", align_corners=False)
             fused = partial if fused is None else fused + partial  # (B, C, H/4, W/4)
-        fused = self.fusion.act(self.fusion.norm(fused))
-        return self.pool(fused)
+        return self.fusion.act(self.fusion.norm(fused))

@@ -12,8 +12,15 @@ from transformers import initialization as init
 from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.utils import ModelOutput
 
+from .backbone_efficientformer_v2 import (
+    EfficientFormerV2Backbone,
+    ResizableAttention2d,
+    ResizableAttention2dDownsample,
+)
 from .configuration_offseg import OffSegConfig
+from .decode_head_offseg import OffSegPixelDecoder
 from .decode_head_segformer import ConvNormAct, SegformerPixelDecoder
+from .freqfusion import FreqFusion
 from .offset_learning import OffsetLearning, PerPixelClassifier
 
 
@@ -83,7 +90,25 @@ class OffSegPreTrainedModel(PreTrainedModel):
             # mmseg BaseDecodeHead.conv_seg: normal(0, 0.01), zero bias.
             init.normal_(module.classifier.weight, mean=0.0, std=0.01)
             init.zeros_(module.classifier.bias)
-        elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):
+        elif isinstance(module, (ResizableAttention2d, ResizableAttention2dDownsample)):
+            # timm: zero biases; the index buffer is not saved, so it is rebuilt here after loading.
+            init.zeros_(module.attention_biases)
+            indices = module.attention_bias_idxs
+            init.copy_(indices, module._compute_attention_bias_idxs(device=indices.device))
+        elif isinstance(module, FreqFusion):
+            # As the official FreqFusion: Xavier-uniform convs, kernel encoders normal(0, 1e-3), the resampler's
+            # offset convs normal(0, 1e-3) and its scale convs zero, so it starts at the sub-pixel centres.
+            for conv in (module.hr_compressor, module.lr_compressor):
+                init.xavier_uniform_(conv.weight)
+                init.zeros_(conv.bias)
+            resampler = module.resampler
+            for conv in (module.lowpass_encoder, module.highpass_encoder, resampler.offset, resampler.hr_offset):
+                init.normal_(conv.weight, mean=0.0, std=0.001)
+                init.zeros_(conv.bias)
+            for conv in (resampler.direct_scale, resampler.hr_direct_scale):
+                init.zeros_(conv.weight)
+                init.zeros_(conv.bias)
+        elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm)):
             init.ones_(module.weight)
             init.zeros_(module.bias)
             if isinstance(module, nn.BatchNorm2d):
@@ -92,14 +117,23 @@ class OffSegPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.num_batches_tracked)
 
 
-def _build_encoder(config: OffSegConfig) -> nn.Module:
-    encoder = SegformerModel(config.encoder_config)
+def _build_encoder(config: OffSegConfig) -> tuple[nn.Module, list[int]]:
+    """The backbone and the channels of its four output maps."""
+    encoder_config = config.encoder_config
+    if encoder_config.model_type == "timm_backbone":
+        encoder = EfficientFormerV2Backbone(
+            encoder_config.backbone,
+            drop_path_rate=getattr(encoder_config, "drop_path_rate", 0.0),
+            norm_eval=getattr(encoder_config, "norm_eval", False),
+        )
+        return encoder, encoder.channels
+    encoder = SegformerModel(encoder_config)
     # transformers builds the MiT LayerNorms with torch's default eps (1e-5); mmseg and the original SegFormer
     # use the encoder config's eps (1e-6) for all of them.
     for module in encoder.modules():
         if isinstance(module, nn.LayerNorm):
-            module.eps = config.encoder_config.layer_norm_eps
-    return encoder
+            module.eps = encoder_config.layer_norm_eps
+    return encoder, list(encoder_config.hidden_sizes)
 
 
 class OffSegModel(OffSegPreTrainedModel):
@@ -107,12 +141,14 @@ class OffSegModel(OffSegPreTrainedModel):
 
     def __init__(self, config: OffSegConfig):
         super().__init__(config)
-        self.encoder = _build_encoder(config)
-        self.decode_head = SegformerPixelDecoder(
-            in_channels=list(config.encoder_config.hidden_sizes),
-            channels=config.decoder_hidden_size,
-            max_pool=config.decoder_max_pool,
-        )
+        self.encoder, encoder_channels = _build_encoder(config)
+        if config.decode_head == "offseg":
+            self.decode_head = OffSegPixelDecoder(
+                encoder_channels, list(config.decoder_stage_channels), config.decoder_hidden_size
+            )
+        else:
+            self.decode_head = SegformerPixelDecoder(encoder_channels, config.decoder_hidden_size)
+        self.pool = nn.MaxPool2d(kernel_size=2, stride=2) if config.decoder_max_pool else nn.Identity()
         self.post_init()
 
     def forward(
@@ -133,15 +169,20 @@ class OffSegModel(OffSegPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        encoder_outputs = self.encoder(
-            pixel_values, output_hidden_states=True, output_attentions=output_attentions, return_dict=True
-        )
-        features = encoder_outputs.hidden_states  # 4 maps, strides 4/8/16/32
-        embeddings = self.decode_head(features)  # (B, C, h, w)
+        attentions = None
+        if isinstance(self.encoder, SegformerModel):
+            encoder_outputs = self.encoder(
+                pixel_values, output_hidden_states=True, output_attentions=output_attentions, return_dict=True
+            )
+            features, attentions = encoder_outputs.hidden_states, encoder_outputs.attentions
+        else:
+            features = self.encoder(pixel_values)
+        # features: 4 maps, strides 4/8/16/32
+        embeddings = self.pool(self.decode_head(features))  # (B, C, h, w)
         output = OffSegModelOutput(
             last_hidden_state=embeddings,
             hidden_states=features if output_hidden_states else None,
-            attentions=encoder_outputs.attentions,
+            attentions=attentions,
         )
         return output if return_dict else output.to_tuple()
 

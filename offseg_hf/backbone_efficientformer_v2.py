@@ -1,0 +1,156 @@
+"""EfficientFormerV2 (timm) as OffSeg's segmentation backbone, for any input size.
+
+timm builds EfficientFormerV2 for one input size: its attention layers reshape to the token grid of that size
+and add a relative-position bias table laid out for it. The official OffSeg backbone keeps the bias for a
+512x512 input (a 16x16 grid in the last two stages) and, for any other input, resizes the expanded
+(heads, N_query, N_key) bias matrix bicubically to the attention's actual shape. This module builds timm's
+model for 512x512 and swaps in the two attention classes below, which run timm's own submodules and
+parameters on whatever grid arrives and resize the bias the official way. At 512x512 nothing is resized and the
+outputs equal timm's model exactly. The state dict is timm's (minus the classifier), so timm checkpoints load.
+
+Outputs: the maps after each of the four stages (strides 4/8/16/32), without extra norms.
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+from timm.models.efficientformer_v2 import Attention2d, Attention2dDownsample
+from torch import nn
+from torch.nn import functional as F
+
+# The official segmentation backbone's attention biases are laid out for this input size.
+BIAS_INPUT_SIZE = 512
+
+SUPPORTED_MODELS = ("efficientformerv2_s0", "efficientformerv2_s1", "efficientformerv2_s2", "efficientformerv2_l")
+
+# timm's ImageNet model has these; the segmentation backbone does not use them.
+CLASSIFIER_KEYS = ("norm.", "head.", "head_dist.")
+
+
+def _resized_bias(module: nn.Module, queries: int, keys: int) -> torch.Tensor:
+    """The (heads, N, N) bias of `module`, bicubically resized to (heads, queries, keys) when it differs.
+
+    Expanded from the table on every call (a small gather) rather than through timm's eval-mode cache, which
+    `load_state_dict` would leave stale.
+    """
+    bias = module.attention_biases[:, module.attention_bias_idxs]
+    if bias.shape[-2:] != (queries, keys):
+        bias = F.interpolate(bias.unsqueeze(0), size=(queries, keys), mode="bicubic", align_corners=False)[0]
+    return bias
+
+
+class ResizableAttention2d(Attention2d):
+    """timm's `Attention2d` (talking-head attention with a local value branch) on any token grid."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch_size, _, height, width = x.shape
+        if self.stride_conv is not None:
+            x = self.stride_conv(x)  # (B, C, ceil(H/2), ceil(W/2))
+        grid_h, grid_w = x.shape[-2:]
+        tokens = grid_h * grid_w
+        q = self.q(x).reshape(batch_size, self.num_heads, -1, tokens).transpose(-1, -2)  # (B, heads, N, kd)
+        k = self.k(x).reshape(batch_size, self.num_heads, -1, tokens)  # (B, heads, kd, N)
+        v = self.v(x)
+        v_local = self.v_local(v)
+        v = v.reshape(batch_size, self.num_heads, -1, tokens).transpose(-1, -2)  # (B, heads, N, d)
+
+        attn = (q @ k) * self.scale + _resized_bias(self, tokens, tokens)  # (B, heads, N, N)
+        attn = self.talking_head2(self.talking_head1(attn).softmax(dim=-1))
+
+        x = (attn @ v).transpose(2, 3).reshape(batch_size, self.dh, grid_h, grid_w) + v_local
+        if self.upsample is not None:
+            # Back to the input grid; equals timm's scale-2 upsample when the input size is even.
+            x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
+        return self.proj(self.act(x))
+
+
+class ResizableAttention2dDownsample(Attention2dDownsample):
+    """timm's `Attention2dDownsample` (stride-2 queries over all keys) on any token grid."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch_size, _, height, width = x.shape
+        keys = height * width
+        q = self.q(x)  # (B, heads*kd, ceil(H/2), ceil(W/2))
+        out_h, out_w = q.shape[-2:]
+        queries = out_h * out_w
+        q = q.reshape(batch_size, self.num_heads, -1, queries).transpose(-1, -2)  # (B, heads, Nq, kd)
+        k = self.k(x).reshape(batch_size, self.num_heads, -1, keys)  # (B, heads, kd, N)
+        v = self.v(x)
+        v_local = self.v_local(v)  # (B, dh, ceil(H/2), ceil(W/2))
+        v = v.reshape(batch_size, self.num_heads, -1, keys).transpose(-1, -2)  # (B, heads, N, d)
+
+        attn = (q @ k) * self.scale + _resized_bias(self, queries, keys)  # (B, heads, Nq, N)
+        x = (attn.softmax(dim=-1) @ v).transpose(2, 3).reshape(batch_size, self.dh, out_h, out_w) + v_local
+        return self.proj(self.act(x))
+
+
+class EfficientFormerV2Backbone(nn.Module):
+    """Stem + the four stages of timm's EfficientFormerV2; returns the four stage outputs.
+
+    Args:
+        model_name: a timm EfficientFormerV2 name, e.g. `"efficientformerv2_s1"`.
+        drop_path_rate: stochastic depth of the backbone (official: S1 0.0, S2 0.02, L 0.1).
+        norm_eval: keep the backbone's BatchNorm layers in eval mode while training (running statistics frozen,
+            affine weights still learn), mmseg's `norm_eval`.
+    """
+
+    def __init__(self, model_name: str, drop_path_rate: float = 0.0, norm_eval: bool = False):
+        super().__init__()
+        if model_name not in SUPPORTED_MODELS:
+            raise ValueError(f"Unsupported EfficientFormerV2 {model_name!r}; supported: {', '.join(SUPPORTED_MODELS)}.")
+        model = timm.create_model(
+            model_name, pretrained=False, num_classes=0, img_size=BIAS_INPUT_SIZE, drop_path_rate=drop_path_rate
+        )
+        for module in model.modules():
+            if type(module) is Attention2d:
+                module.__class__ = ResizableAttention2d
+            elif type(module) is Attention2dDownsample:
+                module.__class__ = ResizableAttention2dDownsample
+        self.stem = model.stem
+        self.stages = model.stages
+        self.channels = [info["num_chs"] for info in model.feature_info]
+        self.norm_eval = norm_eval
+
+    def train(self, mode: bool = True) -> EfficientFormerV2Backbone:
+        super().train(mode)
+        if mode and self.norm_eval:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = self.stem(pixel_values)  # (B, C0, H/4, W/4)
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return tuple(features)
+
+    def load_timm_state_dict(self, state_dict: dict[str, torch.Tensor]) -> list[str]:
+        """Load a timm EfficientFormerV2 state dict (e.g. ImageNet weights); returns the keys not used.
+
+        The classifier (`norm`, `head`, `head_dist`) is dropped. Attention-bias tables whose shape differs (timm's
+        ImageNet models are built for 224x224, a 7x7 grid) are left at their current values, as the official
+        backbone does: it loads ImageNet weights but trains its 512x512 biases from zero. Any other missing or
+        mismatched key is an error.
+        """
+        own = self.state_dict()
+        unused = [k for k in state_dict if k.startswith(CLASSIFIER_KEYS)]
+        selected = {k: v for k, v in state_dict.items() if not k.startswith(CLASSIFIER_KEYS)}
+        for key, value in list(selected.items()):
+            if key.endswith("attention_biases") and key in own and own[key].shape != value.shape:
+                unused.append(key)
+                del selected[key]
+        skipped_biases = [k for k in unused if k.endswith("attention_biases")]
+        missing = [k for k in own if k not in selected and k not in skipped_biases]
+        unexpected = [k for k in selected if k not in own]
+        mismatched = [k for k in selected if k in own and own[k].shape != selected[k].shape]
+        if missing or unexpected or mismatched:
+            raise ValueError(
+                f"State dict does not fit the EfficientFormerV2 backbone: missing {missing[:10]}, "
+                f"unexpected {unexpected[:10]}, shape mismatch {mismatched[:10]}."
+            )
+        self.load_state_dict(selected, strict=False)
+        return unused

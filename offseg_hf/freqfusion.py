@@ -1,0 +1,193 @@
+"""CARAFE and FreqFusion in plain PyTorch (no custom CUDA op), as OffSeg's decode head uses them.
+
+CARAFE (Wang et al., ICCV 2019) reassembles features with a predicted, per-output-pixel k x k kernel:
+
+    out[c, i, j] = sum_{a, b} mask[a * k + b, i, j] * feat[c, i // s + a - k // 2, j // s + b - k // 2]
+
+(zero outside the map, s the upsampling factor). FreqFusion (Chen et al., TPAMI 2024) fuses a low-resolution
+map into a high-resolution one with an adaptive low-pass CARAFE upsampler for the low-res map, an adaptive
+high-pass residual for the high-res map, and a resampler that moves the upsampled map along offsets guided by
+local feature similarity.
+
+CARAFE here loops over the k*k taps and accumulates `mask_tap * shifted_map` in place: no (C * k * k)-channel
+unfolded copy of the map is ever built. For s = 2 the masks are split into the four output phases
+(pixel-unshuffle), the taps are accumulated at the input resolution for all phases at once, and the result is
+pixel-shuffled up.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def carafe(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, scale_factor: int) -> torch.Tensor:
+    """Content-aware reassembly.
+
+    Args:
+        features: (B, C, h, w).
+        masks: (B, k*k, s*h, s*w) reassembly kernels, tap index a * k + b (normalised by the caller).
+        kernel_size: k (odd).
+        scale_factor: s (1 or 2).
+
+    Returns:
+        (B, C, s*h, s*w).
+    """
+    batch_size, channels, height, width = features.shape
+    taps, s = kernel_size * kernel_size, scale_factor
+    if masks.shape != (batch_size, taps, s * height, s * width):
+        raise ValueError(
+            f"CARAFE masks must have shape {(batch_size, taps, s * height, s * width)} for features "
+            f"{tuple(features.shape)}, kernel {kernel_size} and scale {scale_factor}; got {tuple(masks.shape)}."
+        )
+    radius = kernel_size // 2
+    padded = F.pad(features, (radius, radius, radius, radius))  # (B, C, h + 2r, w + 2r)
+    if s == 1:
+        out = features.new_zeros(batch_size, channels, height, width)
+        for tap in range(taps):
+            a, b = divmod(tap, kernel_size)
+            out.addcmul_(padded[:, :, a : a + height, b : b + width], masks[:, tap : tap + 1])
+        return out
+    phases = F.pixel_unshuffle(masks, s).view(batch_size, taps, s * s, height, width)  # (B, k*k, s*s, h, w)
+    out = features.new_zeros(batch_size, channels, s * s, height, width)
+    for tap in range(taps):
+        a, b = divmod(tap, kernel_size)
+        out.addcmul_(padded[:, :, None, a : a + height, b : b + width], phases[:, None, tap])
+    return F.pixel_shuffle(out.view(batch_size, channels * s * s, height, width), s)  # (B, C, s*h, s*w)
+
+
+def neighbour_cosine_similarity(x: torch.Tensor, window: int = 3, dilation: int = 2) -> torch.Tensor:
+    """Cosine similarity of each position with its (window^2 - 1) dilated neighbours (zero outside the map).
+
+    (B, C, H, W) -> (B, window^2 - 1, H, W), neighbours in row-major order with the centre left out.
+    """
+    height, width = x.shape[-2:]
+    radius = (window // 2) * dilation
+    unit = x / x.norm(dim=1, keepdim=True).clamp_min(1e-8)  # (B, C, H, W)
+    padded = F.pad(unit, (radius, radius, radius, radius))
+    similarities = []
+    for tap in range(window * window):
+        if tap == window * window // 2:
+            continue
+        a, b = divmod(tap, window)
+        neighbour = padded[:, :, a * dilation : a * dilation + height, b * dilation : b * dilation + width]
+        similarities.append((unit * neighbour).sum(dim=1))  # (B, H, W)
+    return torch.stack(similarities, dim=1)
+
+
+class SimilarityGuidedResampler(nn.Module):
+    """FreqFusion's offset generator: resamples the upsampled map at positions predicted from local similarity
+    of the (compressed) high- and low-resolution maps, one offset per channel group and output sub-pixel."""
+
+    def __init__(self, channels: int, groups: int = 4, scale: int = 2, kernel_size: int = 3):
+        super().__init__()
+        if channels % groups or channels % 8:
+            raise ValueError(f"channels ({channels}) must be divisible by groups ({groups}) and by 8.")
+        self.groups, self.scale = groups, scale
+        similarities = 8  # 3x3 window minus its centre
+        lr_outputs = 2 * groups * scale * scale  # (x, y) offset per group and output sub-pixel
+        padding = kernel_size // 2
+        self.offset = nn.Conv2d(similarities, lr_outputs, kernel_size, padding=padding)
+        self.direct_scale = nn.Conv2d(channels, lr_outputs, kernel_size, padding=padding)
+        self.hr_offset = nn.Conv2d(similarities, 2 * groups, kernel_size, padding=padding)
+        self.hr_direct_scale = nn.Conv2d(channels, 2 * groups, kernel_size, padding=padding)
+        self.norm_hr = nn.GroupNorm(channels // 8, channels)
+        self.norm_lr = nn.GroupNorm(channels // 8, channels)
+
+    def initial_positions(self, device, dtype) -> torch.Tensor:
+        """Sub-pixel centres of the s x s outputs of each input pixel, in input pixels: (1, 2 * G * s * s, 1, 1),
+        channel order (coordinate x/y, group, output row phase, output column phase)."""
+        shift = (torch.arange(self.scale, device=device, dtype=dtype) - (self.scale - 1) / 2) / self.scale
+        x = shift.view(1, -1).expand(self.scale, self.scale)  # depends on the column phase
+        y = shift.view(-1, 1).expand(self.scale, self.scale)  # depends on the row phase
+        positions = torch.stack([x, y]).reshape(2, 1, -1).expand(2, self.groups, -1)
+        return positions.reshape(1, -1, 1, 1)
+
+    def forward(self, hr_guide: torch.Tensor, lr_guide: torch.Tensor, upsampled: torch.Tensor) -> torch.Tensor:
+        """hr_guide (B, c, sH, sW), lr_guide (B, c, H, W), upsampled (B, C, sH, sW) -> (B, C, sH, sW)."""
+        hr_guide, lr_guide = self.norm_hr(hr_guide), self.norm_lr(lr_guide)
+        hr_similarity = neighbour_cosine_similarity(hr_guide)
+        lr_similarity = neighbour_cosine_similarity(lr_guide)
+        s = self.scale
+        direction = self.offset(lr_similarity) + F.pixel_unshuffle(self.hr_offset(hr_similarity), s)
+        magnitude = self.direct_scale(lr_guide) + F.pixel_unshuffle(self.hr_direct_scale(hr_guide), s)
+        offsets = direction * magnitude.sigmoid() + self.initial_positions(direction.device, direction.dtype)
+        return self.sample(upsampled, offsets)
+
+    def sample(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Bilinear sampling of x (B, C, sH, sW) at the low-res pixel centres plus `offsets` (B, 2*G*s*s, H, W)."""
+        batch_size, _, height, width = offsets.shape
+        s, groups = self.scale, self.groups
+        offsets = offsets.view(batch_size, 2, -1, height, width)  # (B, xy, G*s*s, H, W)
+        ys = torch.arange(height, device=x.device, dtype=x.dtype) + 0.5
+        xs = torch.arange(width, device=x.device, dtype=x.dtype) + 0.5
+        centres = torch.stack([xs.view(1, -1).expand(height, width), ys.view(-1, 1).expand(height, width)])
+        size = torch.tensor([width, height], device=x.device, dtype=x.dtype).view(1, 2, 1, 1, 1)
+        grid = 2 * (centres.view(1, 2, 1, height, width) + offsets) / size - 1  # normalised to [-1, 1]
+        grid = F.pixel_shuffle(grid.reshape(batch_size, -1, height, width), s)  # (B, 2*G, sH, sW)
+        grid = grid.view(batch_size, 2, groups, s * height, s * width).permute(0, 2, 3, 4, 1).flatten(0, 1)
+        sampled = F.grid_sample(
+            x.reshape(batch_size * groups, -1, s * height, s * width),
+            grid,
+            mode="bilinear",
+            padding_mode="border",
+            align_corners=False,
+        )
+        return sampled.view(batch_size, -1, s * height, s * width)
+
+
+class FreqFusion(nn.Module):
+    """Frequency-aware fusion of a low-res map into a 2x larger high-res map (FreqFusion's settings in OffSeg:
+    low-pass kernel 5, high-pass kernel 3, kernel encoders 3x3, compressed guides, high-pass residual, resampler
+    with 4 groups).
+
+    Returns the high-pass-enhanced high-res map and the upsampled, resampled low-res map, both at the high-res
+    size. If the high-res map is one pixel short of twice the low-res map in a dimension (odd sizes), it is
+    padded (replicate) to exactly twice, fused, and the outputs cropped back.
+    """
+
+    def __init__(self, hr_channels: int, lr_channels: int, compressed_channels: int):
+        super().__init__()
+        self.lowpass_kernel, self.highpass_kernel = 5, 3
+        self.hr_compressor = nn.Conv2d(hr_channels, compressed_channels, 1)
+        self.lr_compressor = nn.Conv2d(lr_channels, compressed_channels, 1)
+        self.lowpass_encoder = nn.Conv2d(compressed_channels, self.lowpass_kernel**2, 3, padding=1)
+        self.highpass_encoder = nn.Conv2d(compressed_channels, self.highpass_kernel**2, 3, padding=1)
+        self.resampler = SimilarityGuidedResampler(compressed_channels)
+
+    def forward(self, hr_feat: torch.Tensor, lr_feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hr_feat (B, Ch, H, W), lr_feat (B, Cl, h, w) with H in {2h - 1, 2h}, W likewise ->
+        (hr_out (B, Ch, H, W), lr_out (B, Cl, H, W))."""
+        height, width = hr_feat.shape[-2:]
+        lr_h, lr_w = lr_feat.shape[-2:]
+        if not (2 * lr_h - 1 <= height <= 2 * lr_h and 2 * lr_w - 1 <= width <= 2 * lr_w):
+            raise ValueError(
+                f"FreqFusion needs the high-res map at twice the low-res size; got {(height, width)} and "
+                f"{(lr_h, lr_w)}."
+            )
+        if (height, width) != (2 * lr_h, 2 * lr_w):
+            hr_feat = F.pad(hr_feat, (0, 2 * lr_w - width, 0, 2 * lr_h - height), mode="replicate")
+
+        hr_guide = self.hr_compressor(hr_feat)  # (B, c, 2h, 2w)
+        lr_guide = self.lr_compressor(lr_feat)  # (B, c, h, w)
+
+        # High-pass kernels from the high-res guide, used first to sharpen the guide itself.
+        highpass_logits = self.highpass_encoder(hr_guide)  # (B, 9, 2h, 2w)
+        hr_guide = 2 * hr_guide - carafe(hr_guide, highpass_logits.softmax(dim=1), self.highpass_kernel, 1)
+
+        # Low-pass kernels from both guides; the low-res contribution is upsampled with the high-res estimate.
+        lowpass_logits = self.lowpass_encoder(hr_guide)  # (B, 25, 2h, 2w)
+        lowpass_logits = lowpass_logits + carafe(
+            self.lowpass_encoder(lr_guide), lowpass_logits.softmax(dim=1), self.lowpass_kernel, 2
+        )
+        lowpass_kernels = lowpass_logits.softmax(dim=1)
+        highpass_logits = highpass_logits + carafe(
+            self.highpass_encoder(lr_guide), lowpass_kernels, self.lowpass_kernel, 2
+        )
+
+        upsampled = carafe(lr_feat, lowpass_kernels, self.lowpass_kernel, 2)  # adaptive low-pass upsampling
+        # Adaptive high-pass residual: hr + (hr - lowpass(hr)).
+        hr_out = 2 * hr_feat - carafe(hr_feat, highpass_logits.softmax(dim=1), self.highpass_kernel, 1)
+        lr_out = self.resampler(hr_guide, lr_guide, upsampled)
+        return hr_out[..., :height, :width], lr_out[..., :height, :width]
