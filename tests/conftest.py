@@ -27,14 +27,41 @@ def randomize_norms(model: torch.nn.Module, seed: int = 0) -> None:
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
                 module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-            if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.LayerNorm)):
+            if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.LayerNorm, torch.nn.GroupNorm)):
                 module.weight.copy_(1 + 0.2 * torch.randn(module.weight.shape, generator=generator))
                 module.bias.copy_(0.2 * torch.randn(module.bias.shape, generator=generator))
 
 
+def randomize_attention_biases(model: torch.nn.Module, seed: int = 0) -> None:
+    """EfficientFormerV2 attention biases start at zero; give them values so tests see them."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("attention_biases"):
+                param.copy_(torch.randn(param.shape, generator=generator))
+
+
+def build_model(kind: str) -> OffSegForSemanticSegmentation:
+    """A small SegFormer-offset, or OffSeg-T (the smallest real EfficientFormerV2 + FreqFusion model)."""
+    torch.manual_seed(0)
+    config = tiny_config() if kind == "segformer" else OffSegConfig.from_variant("offseg-t", num_labels=6)
+    model = OffSegForSemanticSegmentation(config).eval()
+    randomize_norms(model)
+    randomize_attention_biases(model)
+    if config.classifier == "offset":
+        # Spread the class scores as training does: at init (std 0.02) the K scores of a pixel are nearly equal
+        # and the LayerNorm over them magnifies float32 rounding about tenfold.
+        with torch.no_grad():
+            model.classifier.class_embeddings.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    return model
+
+
 @pytest.fixture
 def tiny_model() -> OffSegForSemanticSegmentation:
-    torch.manual_seed(0)
-    model = OffSegForSemanticSegmentation(tiny_config()).eval()
-    randomize_norms(model)
-    return model
+    return build_model("segformer")
+
+
+@pytest.fixture(params=["segformer", "offseg-t"])
+def any_model(request) -> OffSegForSemanticSegmentation:
+    """Each model family: the generic behaviour tests run on both."""
+    return build_model(request.param)

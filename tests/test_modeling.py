@@ -17,9 +17,9 @@ from transformers import (
     pipeline,
 )
 
-from offseg_hf import OffSegForSemanticSegmentation, OffSegImageProcessor, OffSegModel
+from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation, OffSegImageProcessor, OffSegModel
 
-from .conftest import TINY_ENCODER, randomize_norms, tiny_config
+from .conftest import TINY_ENCODER, build_model, randomize_norms, tiny_config
 
 
 def save_folder(model, path):
@@ -29,12 +29,14 @@ def save_folder(model, path):
 
 
 @pytest.mark.parametrize("size", [(97, 131), (500, 375), (512, 512)])
-def test_any_input_size(tiny_model, size):
+def test_any_input_size(any_model, size):
     with torch.no_grad():
-        logits = tiny_model(torch.randn(1, 3, *size)).logits
-    # MiT stride-4 patch embedding (kernel 7, padding 3), then max-pool 2: logits at 1/8.
-    quarter = [(s - 1) // 4 + 1 for s in size]
-    assert logits.shape == (1, 6, quarter[0] // 2, quarter[1] // 2)
+        logits = any_model(torch.randn(1, 3, *size)).logits
+    # Both backbones reach 1/4 as ceil(size / 4); SegFormer-offset then max-pools to 1/8.
+    expected = [(s - 1) // 4 + 1 for s in size]
+    if any_model.config.decoder_max_pool:
+        expected = [s // 2 for s in expected]
+    assert logits.shape == (1, 6, *expected)
     assert torch.isfinite(logits).all()
 
 
@@ -44,12 +46,28 @@ def test_per_pixel_baseline_is_at_quarter_resolution():
         assert model(torch.randn(1, 3, 64, 96)).logits.shape == (1, 6, 16, 24)
 
 
-def test_batch_equals_single_runs(tiny_model):
+def test_batch_equals_single_runs(any_model):
     images = torch.randn(3, 3, 75, 101)
     with torch.no_grad():
-        batched = tiny_model(images).logits
-        singles = torch.cat([tiny_model(image[None]).logits for image in images])
-    torch.testing.assert_close(batched, singles, rtol=0, atol=1e-5)
+        batched = any_model(images).logits
+        singles = torch.cat([any_model(image[None]).logits for image in images])
+    # 1e-5 relative to the logits' scale: float32 GEMMs sum in a batch-size-dependent order, and OffSeg's
+    # 256-channel head carries scores up to ~10 (the float64 test below shows the difference is rounding only).
+    scale = batched.abs().max().clamp_min(1.0)
+    assert (batched - singles).abs().max() <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("kind", ["segformer", "offseg-t"])
+def test_batch_equals_single_runs_exactly_in_float64(kind):
+    """Nothing mixes samples: in float64 the only differences left are rounding (at any weights, init included)."""
+    torch.manual_seed(0)
+    config = tiny_config() if kind == "segformer" else OffSegConfig.from_variant("offseg-t", num_labels=6)
+    model = OffSegForSemanticSegmentation(config).eval().double()
+    images = torch.randn(3, 3, 75, 101, dtype=torch.float64)
+    with torch.no_grad():
+        batched = model(images).logits
+        singles = torch.cat([model(image[None]).logits for image in images])
+    torch.testing.assert_close(batched, singles, rtol=0, atol=1e-10)
 
 
 def test_decoder_equals_literal_mmseg_head(tiny_model):
@@ -77,10 +95,11 @@ def test_loss_is_cross_entropy_on_upsampled_logits(tiny_model):
     torch.testing.assert_close(out.loss, expected)
 
 
-def test_training_step_reaches_every_parameter():
-    torch.manual_seed(0)
-    model = OffSegForSemanticSegmentation(tiny_config()).train()
-    loss = model(torch.randn(2, 3, 64, 64), labels=torch.randint(0, 6, (2, 64, 64))).loss
+@pytest.mark.parametrize("kind", ["segformer", "offseg-t"])
+def test_training_step_reaches_every_parameter(kind):
+    model = build_model(kind).train()
+    # 128x128: at 64x64 the 1/32 map is 2x2 and the coarsest fusion's dilated similarities are all zero.
+    loss = model(torch.randn(2, 3, 128, 128), labels=torch.randint(0, 6, (2, 128, 128))).loss
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing
@@ -92,39 +111,39 @@ def test_encoder_layernorm_eps_follows_config():
     assert eps == {1e-6}
 
 
-def test_wrong_channel_count_is_a_value_error(tiny_model):
+def test_wrong_channel_count_is_a_value_error(any_model):
     for channels in (1, 4):
         with pytest.raises(ValueError, match="pixel_values must have shape"):
-            tiny_model(torch.randn(1, channels, 32, 32))
+            any_model(torch.randn(1, channels, 32, 32))
 
 
 @pytest.mark.parametrize("bad", [6, 200, -1])
-def test_out_of_range_labels_are_a_value_error(tiny_model, bad):
+def test_out_of_range_labels_are_a_value_error(any_model, bad):
     labels = torch.zeros(1, 32, 32, dtype=torch.long)
     labels[0, 3, 4] = bad
     with pytest.raises(ValueError, match=rf"\[{bad}\].*ignore index 255"):
-        tiny_model(torch.randn(1, 3, 32, 32), labels=labels)
+        any_model(torch.randn(1, 3, 32, 32), labels=labels)
 
 
-def test_save_and_load_give_identical_logits(tiny_model, tmp_path):
-    save_folder(tiny_model, tmp_path)
+def test_save_and_load_give_identical_logits(any_model, tmp_path):
+    save_folder(any_model, tmp_path)
     images = torch.randn(2, 3, 64, 64)
     loaded = AutoModelForSemanticSegmentation.from_pretrained(tmp_path).eval()
     assert isinstance(loaded, OffSegForSemanticSegmentation)
     backbone = AutoModel.from_pretrained(tmp_path).eval()
     assert isinstance(backbone, OffSegModel)
     with torch.no_grad():
-        assert torch.equal(tiny_model(images).logits, loaded(images).logits)
-        assert torch.equal(tiny_model.offseg(images).last_hidden_state, backbone(images).last_hidden_state)
+        assert torch.equal(any_model(images).logits, loaded(images).logits)
+        assert torch.equal(any_model.offseg(images).last_hidden_state, backbone(images).last_hidden_state)
     assert isinstance(AutoImageProcessor.from_pretrained(tmp_path), OffSegImageProcessor)
 
 
-def test_num_labels_mismatch_is_a_value_error(tiny_model, tmp_path):
-    save_folder(tiny_model, tmp_path)
+def test_num_labels_mismatch_is_a_value_error(any_model, tmp_path):
+    save_folder(any_model, tmp_path)
     with pytest.raises(ValueError, match="num_labels=6 but num_labels=9.*ignore_mismatched_sizes"):
         OffSegForSemanticSegmentation.from_pretrained(tmp_path, num_labels=9)
     model = OffSegForSemanticSegmentation.from_pretrained(tmp_path, num_labels=9, ignore_mismatched_sizes=True)
-    assert model.classifier.class_embeddings.shape == (9, 32)
+    assert model.classifier.class_embeddings.shape == (9, any_model.config.decoder_hidden_size)
 
 
 REMOTE_SCRIPT = textwrap.dedent(
@@ -152,8 +171,8 @@ REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_remote_code_loads_without_the_package(tiny_model, tmp_path):
-    folder = save_folder(tiny_model, tmp_path / "model")
+def test_remote_code_loads_without_the_package(any_model, tmp_path):
+    folder = save_folder(any_model, tmp_path / "model")
     images = torch.randn(2, 3, 64, 64)
     torch.save(images, tmp_path / "inputs.pt")
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
@@ -166,13 +185,13 @@ def test_remote_code_loads_without_the_package(tiny_model, tmp_path):
         timeout=300,
     )
     with torch.no_grad():
-        expected = tiny_model(images).logits
+        expected = any_model(images).logits
     assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
-def test_pipeline_masks_match_image_size(tiny_model, tmp_path, mode):
-    save_folder(tiny_model, tmp_path)
+def test_pipeline_masks_match_image_size(any_model, tmp_path, mode):
+    save_folder(any_model, tmp_path)
     segmenter = pipeline("image-segmentation", model=str(tmp_path))
     rng = np.random.default_rng(0)
     channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
@@ -182,14 +201,14 @@ def test_pipeline_masks_match_image_size(tiny_model, tmp_path, mode):
     # Reference: processor + model + post-processing by hand, on the RGB image.
     processor = OffSegImageProcessor.from_pretrained(tmp_path)
     with torch.no_grad():
-        outputs = tiny_model(**processor(image.convert("RGB"), return_tensors="pt"))
+        outputs = any_model(**processor(image.convert("RGB"), return_tensors="pt"))
     seg = processor.post_process_semantic_segmentation(outputs, target_sizes=[(333, 517)])[0]
     present = sorted(int(i) for i in torch.unique(seg))
-    assert sorted(tiny_model.config.label2id[r["label"]] for r in results) == present
+    assert sorted(any_model.config.label2id[r["label"]] for r in results) == present
     for r in results:
         assert r["mask"].size == (517, 333)
         mask = np.array(r["mask"]) > 0
-        assert np.array_equal(mask, (seg == tiny_model.config.label2id[r["label"]]).numpy())
+        assert np.array_equal(mask, (seg == any_model.config.label2id[r["label"]]).numpy())
 
 
 def test_image_processor_converts_to_rgb_and_post_processes_to_any_size(tiny_model):
