@@ -31,10 +31,19 @@ CLASSIFIER_KEYS = ("norm.", "head.", "head_dist.")
 def _resized_bias(module: nn.Module, queries: int, keys: int) -> torch.Tensor:
     """The (heads, N, N) bias of `module`, bicubically resized to (heads, queries, keys) when it differs.
 
-    Expanded from the table on every call (a small gather) rather than through timm's eval-mode cache, which
-    `load_state_dict` would leave stale.
+    Without autograd the expanded (heads, N, N) matrix is cached, keyed by the table's version counter, so a
+    `load_state_dict` or optimizer step invalidates it (timm's own cache survives `load_state_dict`).
     """
-    bias = module.attention_biases[:, module.attention_bias_idxs]
+    table = module.attention_biases
+    if torch.is_grad_enabled() and table.requires_grad:
+        bias = table[:, module.attention_bias_idxs]
+    else:
+        key = (table._version, table.data_ptr(), table.device, table.dtype)
+        cached = module.__dict__.get("_expanded_bias")
+        if cached is None or cached[0] != key:
+            cached = (key, table.detach()[:, module.attention_bias_idxs])
+            module.__dict__["_expanded_bias"] = cached
+        bias = cached[1]
     if bias.shape[-2:] != (queries, keys):
         bias = F.interpolate(bias.unsqueeze(0), size=(queries, keys), mode="bicubic", align_corners=False)[0]
     return bias

@@ -179,3 +179,23 @@ def test_norm_eval_keeps_backbone_batchnorm_in_eval_mode():
         modes = {m.training for m in model.offseg.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)}
         assert modes == ({False} if norm_eval else {True})
         assert model.offseg.decode_head.training
+
+
+def test_cached_bias_follows_load_state_dict():
+    """The eval-mode bias cache must not survive new weights (timm's own cache does)."""
+    torch.manual_seed(0)
+    model = OffSegForSemanticSegmentation(OffSegConfig.from_variant("offseg-t", num_labels=4)).eval()
+    images = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        before = model(images).logits
+    state = model.state_dict()
+    for key in state:
+        if key.endswith("attention_biases"):
+            state[key] = torch.randn_like(state[key])
+    model.load_state_dict(state)
+    fresh = OffSegForSemanticSegmentation(model.config).eval()
+    fresh.load_state_dict(state)
+    with torch.inference_mode():
+        after, expected = model(images).logits, fresh(images).logits
+    assert not torch.allclose(before, after)
+    assert torch.equal(after, expected)
