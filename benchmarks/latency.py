@@ -20,13 +20,9 @@ take turns within each round so drift in machine load hits all of them alike. GM
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
-from torch import nn
-from torch.nn import functional as F
-from torch.utils.flop_counter import FlopCounterMode
+from common import OfficialOrder, count_gmac, measure, median, parameters_m, print_table
 from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
 from offseg_hf import PAPER_FIGURES, OffSegConfig, OffSegForSemanticSegmentation
@@ -40,80 +36,20 @@ PAPER = {
 }
 
 
-class MmsegOrder(nn.Module):
-    """Runs an OffSegForSemanticSegmentation's weights in the official implementation's literal order."""
-
-    def __init__(self, model: OffSegForSemanticSegmentation):
-        super().__init__()
-        self.model = model
-
-    def set_attn_implementation(self, name: str) -> None:
-        self.model.set_attn_implementation(name)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        encoder, decoder, offset = self.model.offseg.encoder, self.model.offseg.decode_head, self.model.classifier
-        features = encoder(pixel_values, output_hidden_states=True).hidden_states
-        size = features[0].shape[-2:]
-        upsampled = [
-            F.interpolate(proj(x), size=size, mode="bilinear", align_corners=False)
-            for x, proj in zip(features, decoder.stage_projections, strict=True)
-        ]
-        x = self.model.offseg.pool(decoder.fusion(torch.cat(upsampled, dim=1)))  # (B, C, H, W)
-        b, c, h, w = x.shape
-        pixels = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, HW, C)
-        classes = offset.class_embeddings.expand(b, -1, -1)  # (B, K, C)
-        coupled = (pixels @ classes.transpose(1, 2)).transpose(1, 2)  # (B, K, HW)
-        aligned_classes = classes + offset.class_offset_proj(coupled.softmax(dim=2) @ pixels)
-        aligned_pixels = pixels + offset.feature_offset_proj(coupled.softmax(dim=1).transpose(1, 2) @ classes)
-        masks = offset.mask_norm(aligned_pixels @ aligned_classes.transpose(1, 2))  # (B, HW, K)
-        return masks.transpose(1, 2).reshape(b, -1, h, w)
-
-
 def build_models(num_labels: int) -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
     offset = OffSegForSemanticSegmentation(OffSegConfig.from_variant("segformer-b0-offset", num_labels=num_labels))
+    per_pixel = OffSegConfig.from_variant(
+        "segformer-b0-offset", num_labels=num_labels, classifier="per_pixel", decoder_max_pool=False
+    )
     return {
         "hf-segformer-b0": SegformerForSemanticSegmentation(
             SegformerConfig(num_labels=num_labels, decoder_hidden_size=256)
         ),
-        "segformer-b0-per-pixel": OffSegForSemanticSegmentation(
-            OffSegConfig.from_variant(
-                "segformer-b0-offset", num_labels=num_labels, classifier="per_pixel", decoder_max_pool=False
-            )
-        ),
+        "segformer-b0-per-pixel": OffSegForSemanticSegmentation(per_pixel),
         "segformer-b0-offset": offset,
-        "segformer-b0-offset (mmseg order)": MmsegOrder(offset),
+        "segformer-b0-offset (mmseg order)": OfficialOrder(offset),
     }
-
-
-def count_gmac(model: torch.nn.Module, pixel_values: torch.Tensor) -> float:
-    model.set_attn_implementation("eager")  # sdpa kernels are not all known to the counter
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(pixel_values)
-    model.set_attn_implementation("sdpa")
-    return counter.get_total_flops() / 2e9
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(models, pixel_values, warmup: int, repeats: int) -> dict[str, list[float]]:
-    device = pixel_values.device
-    times = {name: [] for name in models}
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for model in models.values():
-                model(pixel_values)
-        for _ in range(repeats):
-            for name, model in models.items():
-                synchronize(device)
-                start = time.perf_counter()
-                model(pixel_values)
-                synchronize(device)
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return times
 
 
 def main() -> None:
@@ -140,31 +76,25 @@ def main() -> None:
     gmacs = {name: count_gmac(model, pixel_values[:1]) for name, model in models.items()}
     times = measure(models, pixel_values, args.warmup, args.repeats)
 
-    baseline = statistics.median(times["hf-segformer-b0"])
+    baseline = median(times["hf-segformer-b0"])
     print(
         f"# {args.height}x{args.width}, batch {args.batch_size}, fp32, {device}, threads {torch.get_num_threads()}, "
         f"{args.repeats} repeats, torch {torch.__version__}"
     )
     columns = ["model", "params (M)", "paper params (M)", "GMAC (counted)", "paper GFLOPs", "median ms", "ratio vs HF"]
-    rows = []
-    for name, model in models.items():
-        median = statistics.median(times[name])
-        rows.append(
-            [
-                name,
-                f"{sum(p.numel() for p in model.parameters()) / 1e6:.3f}",
-                f"{PAPER[name]['params_m']:.1f}",
-                f"{gmacs[name]:.2f}",
-                f"{PAPER[name]['gflops']:.1f}",
-                f"{median:.1f}",
-                f"{median / baseline:.3f}",
-            ]
-        )
-    widths = [max(len(row[i]) for row in [columns, *rows]) for i in range(len(columns))]
-    print("| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in rows:
-        print("| " + " | ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) + " |")
+    rows = [
+        [
+            name,
+            f"{parameters_m(model):.3f}",
+            f"{PAPER[name]['params_m']:.1f}",
+            f"{gmacs[name]:.2f}",
+            f"{PAPER[name]['gflops']:.1f}",
+            f"{median(times[name]):.1f}",
+            f"{median(times[name]) / baseline:.3f}",
+        ]
+        for name, model in models.items()
+    ]
+    print_table(columns, rows)
     print(f"\nmax |logits(ours) - logits(mmseg order)| = {max_difference:.2e}")
     print(
         "Notes: params exclude mmseg's unused `conv_seg` (0.04M at 150 classes) that the official offset model "

@@ -1,0 +1,109 @@
+"""Shared pieces of the benchmark scripts: timing, FLOP counting, the official computation order, tables."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import SegformerModel
+
+from offseg_hf import OffSegForSemanticSegmentation
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(models: dict[str, nn.Module], pixel_values: torch.Tensor, warmup: int, repeats: int):
+    """Per model, `repeats` forward times in ms; models take turns within each round, so load drift on the
+    machine hits all of them alike."""
+    device = pixel_values.device
+    times = {name: [] for name in models}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for model in models.values():
+                model(pixel_values)
+        for _ in range(repeats):
+            for name, model in models.items():
+                synchronize(device)
+                start = time.perf_counter()
+                model(pixel_values)
+                synchronize(device)
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def count_gmac(model: nn.Module, pixel_values: torch.Tensor) -> float:
+    """Multiply-accumulates (FLOPs / 2) that `torch.utils.flop_counter` sees in one forward pass, with eager
+    attention in the MiT encoders (the counter does not know every sdpa kernel)."""
+    encoders = [m for m in model.modules() if isinstance(m, SegformerModel)]
+    for encoder in encoders:
+        encoder.set_attn_implementation("eager")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(pixel_values)
+    for encoder in encoders:
+        encoder.set_attn_implementation("sdpa")
+    return counter.get_total_flops() / 2e9
+
+
+def literal_offset_learning(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Offset learning in the official code's order: E permuted to (B, HW, C), dE formed at (HW, C)."""
+    b, c, h, w = x.shape
+    pixels = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, HW, C)
+    classes = module.class_embeddings.expand(b, -1, -1)  # (B, K, C)
+    coupled = (pixels @ classes.transpose(1, 2)).transpose(1, 2)  # (B, K, HW)
+    aligned_classes = classes + module.class_offset_proj(coupled.softmax(dim=2) @ pixels)
+    aligned_pixels = pixels + module.feature_offset_proj(coupled.softmax(dim=1).transpose(1, 2) @ classes)
+    masks = module.mask_norm(aligned_pixels @ aligned_classes.transpose(1, 2))  # (B, HW, K)
+    return masks.transpose(1, 2).reshape(b, -1, h, w)
+
+
+class OfficialOrder(nn.Module):
+    """Runs an OffSegForSemanticSegmentation's weights in the official implementation's order: for the
+    SegFormer head the concat of upsampled maps before the fusion conv, and literal offset learning."""
+
+    def __init__(self, model: OffSegForSemanticSegmentation):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        offseg = self.model.offseg
+        if self.model.config.decode_head == "segformer":
+            features = offseg.encoder(pixel_values, output_hidden_states=True).hidden_states
+            decoder = offseg.decode_head
+            size = features[0].shape[-2:]
+            upsampled = [
+                F.interpolate(proj(x), size=size, mode="bilinear", align_corners=False)
+                for x, proj in zip(features, decoder.stage_projections, strict=True)
+            ]
+            x = decoder.fusion(torch.cat(upsampled, dim=1))
+        else:
+            x = offseg.decode_head(offseg.encoder(pixel_values))
+        return literal_offset_learning(self.model.classifier, offseg.pool(x))
+
+
+def parameters_m(model: nn.Module) -> float:
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def print_table(columns: list[str], rows: list[list[str]]) -> None:
+    """A Markdown table; the first column left-aligned, the others right-aligned."""
+    widths = [max(len(row[i]) for row in [columns, *rows]) for i in range(len(columns))]
+
+    def line(cells):
+        padded = [cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
+        return "| " + " | ".join(padded) + " |"
+
+    print(line(columns))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print(line(row))
