@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
+import timm
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -210,14 +212,25 @@ class OffSegForSemanticSegmentation(OffSegPreTrainedModel):
     def from_pretrained_encoder(
         cls, encoder_name_or_path: str, variant: str, **config_overrides
     ) -> OffSegForSemanticSegmentation:
-        """A fresh model of `variant` whose MiT encoder starts from a `transformers` SegFormer/MiT checkpoint.
+        """A fresh model of `variant` whose backbone starts from pretrained (e.g. ImageNet) weights.
 
-        `encoder_name_or_path` is anything `SegformerModel.from_pretrained` takes: a Hub id such as
-        `"nvidia/mit-b0"` or a folder saved from it. The encoder sizes must match the variant's.
+        - MiT variants (`segformer-b*-offset`): anything `SegformerModel.from_pretrained` takes, a Hub id such as
+          `"nvidia/mit-b0"` or a folder saved from it; the encoder sizes must match the variant's.
+        - EfficientFormerV2 variants (`offseg-*`): a local timm state-dict file (`.safetensors`, `.pth`, `.bin`),
+          or a timm model name such as `"efficientformerv2_s1.snap_dist_in1k"` that timm downloads. Attention
+          biases sized for another input are skipped, as the official backbone does (see
+          `EfficientFormerV2Backbone.load_timm_state_dict`).
         """
-        from .configuration_offseg import OffSegConfig as _Config
-
-        config = _Config.from_variant(variant, **config_overrides)
+        config = OffSegConfig.from_variant(variant, **config_overrides)
+        model = cls(config)
+        encoder = model.offseg.encoder
+        if isinstance(encoder, EfficientFormerV2Backbone):
+            if os.path.isfile(encoder_name_or_path):
+                state_dict = timm.models.load_state_dict(encoder_name_or_path)
+            else:
+                state_dict = timm.create_model(encoder_name_or_path, pretrained=True).state_dict()
+            encoder.load_timm_state_dict(state_dict)
+            return model
         pretrained = SegformerModel.from_pretrained(encoder_name_or_path)
         for field in ("hidden_sizes", "depths", "num_attention_heads", "sr_ratios", "patch_sizes", "strides"):
             ours, theirs = list(getattr(config.encoder_config, field)), list(getattr(pretrained.config, field))
@@ -226,8 +239,7 @@ class OffSegForSemanticSegmentation(OffSegPreTrainedModel):
                     f"Encoder checkpoint {encoder_name_or_path!r} has {field}={theirs}, but variant {variant!r} "
                     f"needs {ours}."
                 )
-        model = cls(config)
-        model.offseg.encoder.load_state_dict(pretrained.state_dict(), strict=True)
+        encoder.load_state_dict(pretrained.state_dict(), strict=True)
         return model
 
     def _check_labels(self, labels: torch.Tensor) -> None:

@@ -199,3 +199,15 @@ def test_cached_bias_follows_load_state_dict():
         after, expected = model(images).logits, fresh(images).logits
     assert not torch.allclose(before, after)
     assert torch.equal(after, expected)
+
+
+def test_from_pretrained_encoder_with_a_local_timm_file(tmp_path):
+    reference = make_timm_reference()
+    path = tmp_path / "s1.pth"
+    torch.save(reference.state_dict(), path)
+    model = OffSegForSemanticSegmentation.from_pretrained_encoder(str(path), "offseg-t", num_labels=3)
+    ours = model.offseg.encoder.state_dict()
+    for key, value in reference.state_dict().items():
+        if key in ours and not key.endswith("attention_bias_idxs"):
+            assert torch.equal(ours[key], value), key
+    assert model.config.num_labels == 3
