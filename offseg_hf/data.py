@@ -225,7 +225,8 @@ def _mask_entry(mask_path: Path) -> Any:
         raise SegmentationDataError(f"Mask {mask_path} has id {int(ids.max())}; ids must be below 256.")
     buffer = io.BytesIO()
     Image.fromarray(ids.astype(np.uint8), mode="L").save(buffer, format="PNG", compress_level=1)
-    return {"bytes": buffer.getvalue(), "path": str(mask_path)}
+    # Not the real path: `datasets` would then read the file again and drop these bytes. It still names the file.
+    return {"bytes": buffer.getvalue(), "path": f"{mask_path} (as ids)"}
 
 
 def _read_id2label(*candidates: Path) -> dict[int, str] | None:
