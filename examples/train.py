@@ -63,6 +63,7 @@ from offseg_hf.training import (
     resolve_checkpoint,
     resolve_settings,
     save_checkpoint,
+    sync_buffers,
 )
 from offseg_hf.transforms import EvalTransform, TrainTransform
 
@@ -378,6 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     def run_evaluation() -> dict:
+        sync_buffers(model, accelerator)
         result = evaluate(model, eval_dataset, accelerator, num_labels, IGNORE_INDEX, num_workers)
         if accelerator.is_main_process:
             tqdm.write(f"step {step}: {format_metrics(result, id2label)}")
@@ -441,6 +443,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
             running_loss, running_count = 0.0, 0
         if settings["checkpointing_steps"] and step % settings["checkpointing_steps"] == 0:
+            sync_buffers(model, accelerator)
             last_checkpoint = save_checkpoint(
                 accelerator,
                 output_dir,

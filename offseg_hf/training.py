@@ -277,6 +277,22 @@ def convert_sync_batchnorm(model: nn.Module, accelerator) -> nn.Module:
     return model
 
 
+@torch.no_grad()
+def sync_buffers(model: nn.Module, accelerator) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) over processes.
+
+    DDP copies rank 0's buffers to the others at the start of each forward, so after a step every process holds
+    the statistics of its own last batch; without SyncBatchNorm (CPU/gloo) they then differ. Averaging them before
+    evaluating or saving (as mmengine does before evaluation) makes every process hold the same model. A no-op for
+    one process, and with SyncBatchNorm, where they already agree.
+    """
+    if accelerator.num_processes == 1:
+        return
+    for buffer in accelerator.unwrap_model(model).buffers():
+        if buffer.is_floating_point():
+            buffer.copy_(accelerator.reduce(buffer.detach().clone(), reduction="mean"))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Checkpoints: `output_dir/step_N`, written atomically.
 
@@ -331,6 +347,19 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(handle.fileno())
 
 
+def _clean_interrupted_saves(output_dir: Path) -> None:
+    """Remove staging folders of saves that never completed; put back a checkpoint moved aside by a re-save of
+    the same step that stopped between its two renames."""
+    for path in output_dir.glob(".tmp-*"):
+        shutil.rmtree(path)
+    for path in output_dir.glob(".old-*"):
+        original = output_dir / path.name[len(".old-") :]
+        if original.exists():
+            shutil.rmtree(path)
+        else:
+            os.replace(path, original)
+
+
 def save_checkpoint(
     accelerator,
     output_dir: str | os.PathLike,
@@ -348,8 +377,7 @@ def save_checkpoint(
     staging = output_dir / f".tmp-{final.name}"
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        if staging.exists():
-            shutil.rmtree(staging)  # left by an earlier crash
+        _clean_interrupted_saves(output_dir)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))
     accelerator.wait_for_everyone()
@@ -452,4 +480,5 @@ __all__ = [
     "resolve_checkpoint",
     "resolve_settings",
     "save_checkpoint",
+    "sync_buffers",
 ]
