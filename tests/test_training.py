@@ -45,35 +45,10 @@ TRAIN_SCRIPT = ROOT / "examples" / "train.py"
 
 # A tiny model on a tiny demo set: 32x32 images, 4 images a step.
 TINY_RUN = [
-    "--demo_image_size",
-    "32",
-    "--demo_num_train",
-    "16",
-    "--demo_num_validation",
-    "4",
-    "--crop_size",
-    "32",
-    "32",
-    "--resize_scale",
-    "128",
-    "32",
-    "--eval_scale",
-    "128",
-    "32",
-    "--total_batch_size",
-    "4",
-    "--warmup_steps",
-    "2",
-    "--learning_rate",
-    "1e-3",
-    "--config_overrides",
-    json.dumps({"decoder_hidden_size": 32, "encoder_config": TINY_ENCODER}),
-    "--eval_steps",
-    "0",
-    "--checkpointing_steps",
-    "0",
-    "--logging_steps",
-    "1",
+    *"--demo_image_size 32 --demo_num_train 16 --demo_num_validation 4 --crop_size 32 32 --resize_scale 128 32".split(),
+    *"--eval_scale 128 32 --total_batch_size 4 --warmup_steps 2 --learning_rate 1e-3 --logging_steps 1".split(),
+    *"--eval_steps 0 --checkpointing_steps 0".split(),
+    *["--config_overrides", json.dumps({"decoder_hidden_size": 32, "encoder_config": TINY_ENCODER})],
 ]
 
 
@@ -303,33 +278,16 @@ def state_dict_of(model) -> dict[str, torch.Tensor]:
 
 def test_resume_matches_an_uninterrupted_run_and_the_output_folder_loads(train_script, tmp_path):
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
-    straight = run(
-        train_script,
-        straight_dir,
-        "--max_train_steps",
-        "8",
-        "--checkpointing_steps",
-        "4",
-        "--with_tracking",
-        "--report_to",
-        "tensorboard",
-    )
+    # --with_tracking logs to TensorBoard (the default --report_to).
+    straight = run(train_script, straight_dir, *"--max_train_steps 8 --checkpointing_steps 4 --with_tracking".split())
     assert straight["step"] == 8 and [s for s, _ in list_checkpoints(straight_dir)] == [4, 8]
     assert read_trainer_state(straight_dir / "step_4")["samples_seen"] == 16
 
     # Steps 5..8 again from the step-4 checkpoint, in a fresh output folder, with DataLoader workers this time:
     # augmentation is seeded per draw, so workers change nothing.
     shutil.copytree(straight_dir / "step_4", resumed_dir / "step_4")
-    resumed = run(
-        train_script,
-        resumed_dir,
-        "--max_train_steps",
-        "8",
-        "--resume_from_checkpoint",
-        "latest",
-        "--dataloader_num_workers",
-        "2",
-    )
+    resume = "--max_train_steps 8 --resume_from_checkpoint latest --dataloader_num_workers 2"
+    resumed = run(train_script, resumed_dir, *resume.split())
     assert resumed["step"] == 8
     expected, actual = state_dict_of(straight["model"]), state_dict_of(resumed["model"])
     assert expected.keys() == actual.keys()
@@ -446,27 +404,11 @@ def test_two_processes_on_cpu_stay_in_sync_and_gather_the_metric(tmp_path):
     command = [
         *launcher,
         *(["launch"] if accelerate_cli.exists() else []),
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        str(helper),
-        str(TRAIN_SCRIPT),
-        str(tmp_path),
+        *"--multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no".split(),
+        *["--main_process_port", str(free_port()), str(helper), str(TRAIN_SCRIPT), str(tmp_path)],
         *TINY_RUN,
-        "--demo_num_validation",
-        "5",
-        "--max_train_steps",
-        "3",
-        "--output_dir",
-        str(tmp_path / "out"),
+        *"--demo_num_validation 5 --max_train_steps 3".split(),
+        *["--output_dir", str(tmp_path / "out")],
     ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -481,3 +423,38 @@ def test_two_processes_on_cpu_stay_in_sync_and_gather_the_metric(tmp_path):
     assert reports[0]["num_pixels"] == reports[1]["num_pixels"] == total
     assert reports[0]["mean_iou"] == reports[1]["mean_iou"]
     assert "final mIoU" in completed.stdout and (tmp_path / "out" / "config.json").is_file()
+
+
+def test_fine_tune_a_saved_folder_with_bf16_and_accumulation(train_script, tmp_path):
+    run(train_script, tmp_path / "first", "--max_train_steps", "1")
+    flags = "--mixed_precision bf16 --gradient_accumulation_steps 2 --max_train_steps 2 --checkpointing_steps 2"
+    second = run(train_script, tmp_path / "second", "--model_name_or_path", str(tmp_path / "first"), *flags.split())
+    # 2 micro-batches of 2 images make each step's 4 images.
+    assert read_trainer_state(tmp_path / "second" / "step_2")["samples_seen"] == 8
+    assert second["model"].config.decoder_hidden_size == 32  # the folder's model, not a fresh variant
+    assert 0 <= second["metrics"]["mean_iou"] <= 1
+
+
+def test_push_to_hub_uploads_the_model_folder_only(train_script, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls["token"] = token
+
+        def create_repo(self, repo_id, exist_ok):
+            calls["create"] = (repo_id, exist_ok)
+            return SimpleNamespace(repo_id=f"someone/{repo_id}")
+
+        def upload_folder(self, **kwargs):
+            calls["upload"] = kwargs
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    train_script.push_to_hub(tmp_path, "offseg-demo", "token")
+    assert calls["token"] == "token" and calls["create"] == ("offseg-demo", True)
+    assert calls["upload"]["repo_id"] == "someone/offseg-demo" and calls["upload"]["folder_path"] == str(tmp_path)
+    assert "step_*" in calls["upload"]["ignore_patterns"]
+    with pytest.raises(SystemExit):
+        train_script.parse_args(["--push_to_hub"])  # no repo name given
