@@ -50,10 +50,10 @@ from offseg_hf.data import (
 from offseg_hf.training import (
     DEFAULT_RECIPE,
     RECIPES,
+    backbone_norm_eval,
     build_optimizer,
     build_scheduler,
     convert_sync_batchnorm,
-    encoder_is_mit,
     evaluate,
     format_metrics,
     keep_batchnorm_eval,
@@ -264,6 +264,9 @@ def main(argv: list[str] | None = None) -> dict:
         "num_train": settings["demo_num_train"],
         "num_validation": settings["demo_num_validation"],
     }
+    do_reduce_labels = args.reduce_labels
+    if do_reduce_labels is None:
+        do_reduce_labels = labels_need_reducing(dataset_name=args.dataset_name, ade20k_root=args.ade20k_root)
     with accelerator.main_process_first():
         splits, id2label = load_segmentation_splits(
             dataset_name=args.dataset_name,
@@ -273,15 +276,13 @@ def main(argv: list[str] | None = None) -> dict:
             demo=args.demo,
             seed=args.seed,
             num_labels=args.num_labels,
+            do_reduce_labels=do_reduce_labels,
             dataset_config_name=args.dataset_config_name,
             image_column=args.image_column_name,
             label_column=args.label_column_name,
             validation_split=args.validation_split,
             demo_options=demo_options if args.demo else None,
         )
-    do_reduce_labels = args.reduce_labels
-    if do_reduce_labels is None:
-        do_reduce_labels = labels_need_reducing(dataset_name=args.dataset_name, ade20k_root=args.ade20k_root)
     num_labels = len(id2label)
 
     train_dataset = SegmentationDataset(
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- model, optimizer, schedule -------------------------------------------------------------------------
     model = build_model(args, id2label, settings)
-    if args.backbone_norm_eval == "yes" or (args.backbone_norm_eval == "auto" and not encoder_is_mit(model.config)):
+    if backbone_norm_eval(model.config, args.backbone_norm_eval):
         keep_batchnorm_eval(model.offseg.encoder)
     model = convert_sync_batchnorm(model, accelerator)
     optimizer = build_optimizer(model, settings)

@@ -111,6 +111,7 @@ def load_segmentation_splits(
     seed: int = 0,
     *,
     num_labels: int | None = None,
+    do_reduce_labels: bool | None = None,
     dataset_config_name: str | None = None,
     image_column: str = "image",
     label_column: str = "annotation",
@@ -129,6 +130,8 @@ def load_segmentation_splits(
         demo: the synthetic demo set (`offseg_hf.demo_data`); `demo_options` go to `make_demo_splits`.
         seed: seeds the demo set and any held-out split.
         num_labels: number of classes when neither the source nor an id2label.json names them.
+        do_reduce_labels: whether the caller will apply `reduce_labels` (default: `labels_need_reducing`); only
+            changes the class count inferred from the masks when nothing names the classes.
         image_column / label_column: Hub column names, renamed to "image" / "annotation".
     """
     chosen = [
@@ -155,10 +158,20 @@ def load_segmentation_splits(
         return make_demo_splits(seed=seed, **(demo_options or {}))
     if ade20k_root is not None:
         return _load_ade20k(Path(ade20k_root))
+    if do_reduce_labels is None:
+        do_reduce_labels = labels_need_reducing(dataset_name=dataset_name)
     if train_dir is not None:
-        return _load_folders(Path(train_dir), validation_dir, num_labels, validation_split, seed)
+        return _load_folders(Path(train_dir), validation_dir, num_labels, do_reduce_labels, validation_split, seed)
     return _load_hub(
-        dataset_name, dataset_config_name, image_column, label_column, num_labels, validation_split, seed, cache_dir
+        dataset_name,
+        dataset_config_name,
+        image_column,
+        label_column,
+        num_labels,
+        do_reduce_labels,
+        validation_split,
+        seed,
+        cache_dir,
     )
 
 
@@ -249,7 +262,17 @@ def _max_label(dataset) -> int:
     return largest
 
 
-def _load_folders(train_dir: Path, validation_dir, num_labels, validation_split, seed):
+def _inferred_id2label(splits, num_labels, do_reduce_labels, source) -> dict[int, str]:
+    """Generic class names; their number from `num_labels`, else from the largest id in the training masks (ids
+    1..N after reduction are N classes)."""
+    if num_labels is None:
+        largest = _max_label(splits["train"])
+        num_labels = largest if do_reduce_labels else largest + 1
+        logger.warning("%s names no classes: found ids up to %d, so %d classes.", source, largest, num_labels)
+    return {index: f"class_{index}" for index in range(num_labels)}
+
+
+def _load_folders(train_dir: Path, validation_dir, num_labels, do_reduce_labels, validation_split, seed):
     import datasets
 
     train = _files_dataset(_find_pairs(train_dir))
@@ -259,15 +282,7 @@ def _load_folders(train_dir: Path, validation_dir, num_labels, validation_split,
         splits = _held_out(train, validation_split, seed)
     id2label = _read_id2label(train_dir / "id2label.json", train_dir.parent / "id2label.json")
     if id2label is None:
-        if num_labels is None:
-            num_labels = _max_label(splits["train"]) + 1
-            logger.warning(
-                "No id2label.json in %s: found ids up to %d in the training masks, so %d classes.",
-                train_dir,
-                num_labels - 1,
-                num_labels,
-            )
-        id2label = {index: f"class_{index}" for index in range(num_labels)}
+        id2label = _inferred_id2label(splits, num_labels, do_reduce_labels, f"{train_dir} (no id2label.json)")
     return splits, id2label
 
 
@@ -296,7 +311,17 @@ def _load_ade20k(root: Path):
     return datasets.DatasetDict(splits), dict(enumerate(ADE20K_CLASSES))
 
 
-def _load_hub(dataset_name, config_name, image_column, label_column, num_labels, validation_split, seed, cache_dir):
+def _load_hub(
+    dataset_name,
+    config_name,
+    image_column,
+    label_column,
+    num_labels,
+    do_reduce_labels,
+    validation_split,
+    seed,
+    cache_dir,
+):
     import datasets
 
     loaded = datasets.load_dataset(dataset_name, config_name, cache_dir=cache_dir)
@@ -323,15 +348,10 @@ def _load_hub(dataset_name, config_name, image_column, label_column, num_labels,
             {"train": conform(loaded["train"]), "validation": conform(loaded[validation_name])}
         )
 
-    reduce = labels_need_reducing(dataset_name=dataset_name)
-    id2label = dict(enumerate(ADE20K_CLASSES)) if reduce else _hub_id2label(dataset_name)
+    ade20k = labels_need_reducing(dataset_name=dataset_name)
+    id2label = dict(enumerate(ADE20K_CLASSES)) if ade20k else _hub_id2label(dataset_name)
     if id2label is None:
-        if num_labels is None:
-            num_labels = _max_label(splits["train"]) + 1
-            logger.warning(
-                "%s names no classes: found ids up to %d, so %d classes.", dataset_name, num_labels - 1, num_labels
-            )
-        id2label = {index: f"class_{index}" for index in range(num_labels)}
+        id2label = _inferred_id2label(splits, num_labels, do_reduce_labels, dataset_name)
     return splits, id2label
 
 

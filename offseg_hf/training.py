@@ -269,6 +269,14 @@ def encoder_is_mit(config) -> bool:
     return getattr(config.encoder_config, "model_type", "segformer") == "segformer"
 
 
+def backbone_norm_eval(config, choice: str = "auto") -> bool:
+    """Whether to keep the backbone's BatchNorms in eval mode: "yes", "no", or "auto" = for every backbone but MiT
+    (whose norms are LayerNorms anyway): the official EfficientFormerV2 backbone of OffSeg-T/B/L freezes them."""
+    if choice not in ("auto", "yes", "no"):
+        raise ValueError(f"backbone_norm_eval must be auto, yes or no; got {choice!r}.")
+    return choice == "yes" or (choice == "auto" and not encoder_is_mit(config))
+
+
 def convert_sync_batchnorm(model: nn.Module, accelerator) -> nn.Module:
     """SyncBatchNorm across processes when training distributed on GPUs (mmseg's SyncBN); unchanged otherwise
     (one process, or CPU/gloo where torch has no SyncBatchNorm)."""
@@ -461,6 +469,7 @@ def format_metrics(result: dict[str, Any], id2label: dict[int, str] | None = Non
 
 __all__ = [
     "DEFAULT_RECIPE",
+    "backbone_norm_eval",
     "RECIPES",
     "WarmupPolyFactor",
     "build_optimizer",

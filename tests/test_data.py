@@ -218,3 +218,11 @@ def test_stream_sampler_shards_and_resumes():
     assert sorted(rank0 + rank1, key=lambda key: key[1]) == single
     # Resuming after 7 draws of this process continues exactly.
     assert take(StreamSampler(10, 1, 1, 2, start=7), 13) == rank1[7:]
+
+
+def test_inferred_class_count_follows_label_reduction(tmp_path):
+    for index in range(3):
+        write_pair(tmp_path / "images", tmp_path / "masks", f"{index}.png", ids=(0, 1, 4), seed=index)
+    _, plain = load_segmentation_splits(train_dir=tmp_path, validation_split=0.34)
+    _, reduced = load_segmentation_splits(train_dir=tmp_path, validation_split=0.34, do_reduce_labels=True)
+    assert (len(plain), len(reduced)) == (5, 4)  # ids 0..4, or 1..4 -> 0..3 after reduction

@@ -25,6 +25,7 @@ from offseg_hf.demo_data import make_demo_splits
 from offseg_hf.training import (
     RECIPES,
     WarmupPolyFactor,
+    backbone_norm_eval,
     build_optimizer,
     build_scheduler,
     convert_sync_batchnorm,
@@ -458,3 +459,13 @@ def test_push_to_hub_uploads_the_model_folder_only(train_script, tmp_path, monke
     assert "step_*" in calls["upload"]["ignore_patterns"]
     with pytest.raises(SystemExit):
         train_script.parse_args(["--push_to_hub"])  # no repo name given
+
+
+def test_backbone_norm_eval_rule():
+    from offseg_hf import OffSegConfig
+
+    mit, efficientformer = tiny_config(), OffSegConfig.from_variant("offseg-t", num_labels=4)
+    assert not backbone_norm_eval(mit) and backbone_norm_eval(efficientformer)
+    assert backbone_norm_eval(mit, "yes") and not backbone_norm_eval(efficientformer, "no")
+    with pytest.raises(ValueError, match="auto, yes or no"):
+        backbone_norm_eval(mit, "maybe")
