@@ -246,9 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
         project_dir=str(output_dir),
         step_scheduler_with_optimizer=False,
     )
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO
-    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logger.logger.setLevel(logging.INFO)  # this script's messages; libraries stay at warnings
     if accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_warning()
         transformers.utils.logging.set_verbosity_warning()
@@ -402,7 +401,6 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- train ----------------------------------------------------------------------------------------------
     progress = tqdm(total=max_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
     model.train()
-    result = None
     running_loss, running_count = 0.0, 0
     while step < max_steps:
         for micro_step in range(accumulation):
