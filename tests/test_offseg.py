@@ -11,17 +11,6 @@ from offseg_hf.backbone_efficientformer_v2 import BIAS_INPUT_SIZE, EfficientForm
 from offseg_hf.decode_head_offseg import interleave_channels
 from offseg_hf.freqfusion import FreqFusion, carafe, neighbour_cosine_similarity
 
-# Table 2 of the paper, 150 classes (M parameters).
-TABLE_2_PARAMS_M = {"offseg-t": 6.2, "offseg-b": 13.0, "offseg-l": 26.4}
-
-
-@pytest.mark.parametrize("variant", sorted(TABLE_2_PARAMS_M))
-def test_parameter_count_matches_table_2(variant):
-    with torch.device("meta"):
-        model = OffSegForSemanticSegmentation(OffSegConfig.from_variant(variant, num_labels=150))
-    params_m = sum(p.numel() for p in model.parameters()) / 1e6
-    assert abs(params_m - TABLE_2_PARAMS_M[variant]) <= 0.1, params_m
-
 
 def test_presets_hold_the_official_values():
     expected = {
