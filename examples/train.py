@@ -50,13 +50,11 @@ from offseg_hf.data import (
 from offseg_hf.training import (
     DEFAULT_RECIPE,
     RECIPES,
-    backbone_norm_eval,
     build_optimizer,
     build_scheduler,
     convert_sync_batchnorm,
     evaluate,
     format_metrics,
-    keep_batchnorm_eval,
     latest_checkpoint,
     per_device_batch_size,
     read_trainer_state,
@@ -156,9 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--ignore_mismatched_sizes", action="store_true", help="New classifier for other labels.")
     model.add_argument(
         "--backbone_norm_eval",
-        choices=("auto", "yes", "no"),
-        default="auto",
-        help="Keep the backbone's BatchNorms in eval mode while training; auto: yes for non-MiT backbones.",
+        choices=("config", "yes", "no"),
+        default="config",
+        help="Keep an EfficientFormerV2 backbone's BatchNorms in eval mode while training (mmseg's norm_eval). "
+        "config: the model's encoder_config.norm_eval (off in the presets: the official runs train them as SyncBN).",
     )
 
     recipe = parser.add_argument_group("recipe (defaults from --recipe)")
@@ -310,8 +309,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- model, optimizer, schedule -------------------------------------------------------------------------
     model = build_model(args, id2label, settings)
-    if backbone_norm_eval(model.config, args.backbone_norm_eval):
-        keep_batchnorm_eval(model.offseg.encoder)
+    if args.backbone_norm_eval != "config" and hasattr(model.offseg.encoder, "norm_eval"):
+        model.offseg.encoder.norm_eval = model.config.encoder_config.norm_eval = args.backbone_norm_eval == "yes"
     model = convert_sync_batchnorm(model, accelerator)
     optimizer = build_optimizer(model, settings)
     scheduler = build_scheduler(optimizer, settings)

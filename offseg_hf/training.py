@@ -246,37 +246,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, settings: dict[str, Any]) 
 # BatchNorm
 
 
-def _batchnorm_eval_hook(module: nn.Module, args) -> None:
-    if module.training:
-        for child in module.modules():
-            if isinstance(child, nn.modules.batchnorm._BatchNorm) and child.training:
-                child.eval()
-
-
-def keep_batchnorm_eval(module: nn.Module):
-    """Keep every BatchNorm (incl. SyncBatchNorm) inside `module` in eval mode while `module` trains: running
-    statistics stay frozen and are used for normalisation, the affine weights still learn (mmseg's `norm_eval`,
-    which the official EfficientFormerV2 backbone applies in its `train()`).
-
-    Implemented as a forward pre-hook, so it survives `model.train()` calls, SyncBatchNorm conversion and
-    `copy.deepcopy`. Returns the hook handle (`.remove()` undoes it).
-    """
-    _batchnorm_eval_hook(module, ())
-    return module.register_forward_pre_hook(_batchnorm_eval_hook)
-
-
-def encoder_is_mit(config) -> bool:
-    return getattr(config.encoder_config, "model_type", "segformer") == "segformer"
-
-
-def backbone_norm_eval(config, choice: str = "auto") -> bool:
-    """Whether to keep the backbone's BatchNorms in eval mode: "yes", "no", or "auto" = for every backbone but MiT
-    (whose norms are LayerNorms anyway): the official EfficientFormerV2 backbone of OffSeg-T/B/L freezes them."""
-    if choice not in ("auto", "yes", "no"):
-        raise ValueError(f"backbone_norm_eval must be auto, yes or no; got {choice!r}.")
-    return choice == "yes" or (choice == "auto" and not encoder_is_mit(config))
-
-
 def convert_sync_batchnorm(model: nn.Module, accelerator) -> nn.Module:
     """SyncBatchNorm across processes when training distributed on GPUs (mmseg's SyncBN); unchanged otherwise
     (one process, or CPU/gloo where torch has no SyncBatchNorm)."""
@@ -469,18 +438,15 @@ def format_metrics(result: dict[str, Any], id2label: dict[int, str] | None = Non
 
 __all__ = [
     "DEFAULT_RECIPE",
-    "backbone_norm_eval",
     "RECIPES",
     "WarmupPolyFactor",
     "build_optimizer",
     "build_scheduler",
     "checkpoint_path",
     "convert_sync_batchnorm",
-    "encoder_is_mit",
     "evaluate",
     "format_metrics",
     "get_recipe",
-    "keep_batchnorm_eval",
     "latest_checkpoint",
     "list_checkpoints",
     "param_groups",

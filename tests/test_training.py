@@ -1,7 +1,6 @@
 """The training recipe (optimizer groups, schedule, BatchNorm, checkpoints) and examples/train.py end to end:
 resume exactness, non-finite loss, bad data, two processes over gloo, the saved folder in a pipeline."""
 
-import copy
 import importlib.util
 import json
 import os
@@ -25,12 +24,10 @@ from offseg_hf.demo_data import make_demo_splits
 from offseg_hf.training import (
     RECIPES,
     WarmupPolyFactor,
-    backbone_norm_eval,
     build_optimizer,
     build_scheduler,
     convert_sync_batchnorm,
     get_recipe,
-    keep_batchnorm_eval,
     latest_checkpoint,
     list_checkpoints,
     param_groups,
@@ -190,23 +187,6 @@ def test_warmup_then_poly_schedule():
 
 # ------------------------------------------------------------------------------------------------------------
 # BatchNorm
-
-
-def test_keep_batchnorm_eval():
-    torch.manual_seed(0)
-    backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5))
-    model = nn.Sequential(backbone, nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2))
-    keep_batchnorm_eval(backbone)
-    frozen = backbone[1]
-    before = frozen.running_mean.clone()
-    for copy_of in (model, copy.deepcopy(model)):
-        copy_of.train()  # later train() calls do not undo it
-        copy_of(torch.randn(2, 3, 8, 8)).sum().backward()
-        assert not copy_of[0][1].training and copy_of[0][3].training  # BN frozen, dropout still trains
-        assert copy_of[2].training  # BatchNorm outside the backbone untouched
-        assert copy_of[0][1].weight.grad is not None  # affine weights still learn
-    assert torch.equal(frozen.running_mean, before) and frozen.num_batches_tracked == 0
-    assert not torch.equal(model[2].running_mean, torch.zeros(2))
 
 
 def test_sync_batchnorm_only_for_distributed_gpus():
@@ -459,13 +439,3 @@ def test_push_to_hub_uploads_the_model_folder_only(train_script, tmp_path, monke
     assert "step_*" in calls["upload"]["ignore_patterns"]
     with pytest.raises(SystemExit):
         train_script.parse_args(["--push_to_hub"])  # no repo name given
-
-
-def test_backbone_norm_eval_rule():
-    from offseg_hf import OffSegConfig
-
-    mit, efficientformer = tiny_config(), OffSegConfig.from_variant("offseg-t", num_labels=4)
-    assert not backbone_norm_eval(mit) and backbone_norm_eval(efficientformer)
-    assert backbone_norm_eval(mit, "yes") and not backbone_norm_eval(efficientformer, "no")
-    with pytest.raises(ValueError, match="auto, yes or no"):
-        backbone_norm_eval(mit, "maybe")
