@@ -133,8 +133,14 @@ def test_save_and_load_give_identical_logits(any_model, tmp_path):
     backbone = AutoModel.from_pretrained(tmp_path).eval()
     assert isinstance(backbone, OffSegModel)
     with torch.no_grad():
-        assert torch.equal(any_model(images).logits, loaded(images).logits)
-        assert torch.equal(any_model.offseg(images).last_hidden_state, backbone(images).last_hidden_state)
+        # Identical weights (checked bitwise); the outputs are compared at float32 resolution because oneDNN may
+        # pick another summation order for differently aligned buffers.
+        for key, value in any_model.state_dict().items():
+            assert torch.equal(value, loaded.state_dict()[key]), key
+        torch.testing.assert_close(any_model(images).logits, loaded(images).logits, rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            any_model.offseg(images).last_hidden_state, backbone(images).last_hidden_state, rtol=0, atol=1e-6
+        )
     assert isinstance(AutoImageProcessor.from_pretrained(tmp_path), OffSegImageProcessor)
 
 
@@ -186,7 +192,7 @@ def test_remote_code_loads_without_the_package(any_model, tmp_path):
     )
     with torch.no_grad():
         expected = any_model(images).logits
-    assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])

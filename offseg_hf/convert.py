@@ -1,0 +1,309 @@
+"""Convert the official OffSeg / SegFormer-offset checkpoints (mmseg, github.com/HVision-NKU/OffSeg) to offseg-hf.
+
+    python -m offseg_hf.convert --checkpoint segformer_b0_offset.pth --variant segformer-b0-offset --output_dir out/
+    python -m offseg_hf.convert --checkpoint offseg_t_ade20k.pth --variant offseg-t --output_dir out/
+
+From Python: `convert_state_dict(official_state_dict, variant)` returns our state dict, `to_official_state_dict`
+goes back, and `load_official_checkpoint(path, variant, **config_overrides)` returns a ready model.
+
+Strict: every official key is used or explicitly ignored (mmseg's unused `conv_seg`, EfficientFormerV2's
+ImageNet-sized attention-bias buffers and index tables, FreqFusion's constant hamming windows and initial sampling
+positions), and every parameter and buffer of ours is filled; otherwise a `ValueError` lists the keys.
+
+Each model family registers its key rules in `FAMILIES`: an ordered list of (official regex, our template) pairs,
+with tensor transforms where the layouts differ (mmseg packs q/k/v in one `in_proj_weight`; its MixFFN uses 1x1
+convolutions where transformers uses Linear layers; EfficientFormerV2 layer scales are (C, 1, 1)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .configuration_offseg import VARIANTS, OffSegConfig
+from .image_processing_offseg import OffSegImageProcessor
+from .modeling_offseg import OffSegForSemanticSegmentation
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Maps official keys matching `official` to `ours` (templates with regex groups \\1, \\2, ...).
+
+    `to_ours` turns the official tensor into one tensor per template; `to_official` does the reverse.
+    """
+
+    official: str
+    ours: tuple[str, ...]
+    to_ours: Callable[[Tensor], tuple[Tensor, ...]] = field(default=lambda t: (t,))
+    to_official: Callable[..., Tensor] = field(default=lambda t: t)
+
+
+def _same(official: str, ours: str) -> Rule:
+    return Rule(official, (ours,))
+
+
+def _squeeze_1x1(official: str, ours: str) -> Rule:
+    """A 1x1 convolution weight (O, I, 1, 1) in mmseg, a Linear weight (O, I) here; biases pass unchanged."""
+    return Rule(
+        official,
+        (ours,),
+        lambda t: (t.flatten(1) if t.ndim == 4 else t,),
+        lambda t: t[:, :, None, None] if t.ndim == 2 else t,
+    )
+
+
+def _split_qkv(official: str, prefix: str, suffix: str) -> Rule:
+    """nn.MultiheadAttention's packed [q; k; v] projection -> three Linear layers."""
+    return Rule(
+        official,
+        tuple(f"{prefix}.{name}_proj.{suffix}" for name in ("q", "k", "v")),
+        lambda t: tuple(t.chunk(3, dim=0)),
+        lambda q, k, v: torch.cat([q, k, v], dim=0),
+    )
+
+
+_ENC, _HEAD = "offseg.encoder", "offseg.decode_head"
+_MIT = r"backbone\.layers\.(\d+)"
+_MIT_BLOCK = rf"{_MIT}\.1\.(\d+)"
+_BLOCK = rf"{_ENC}.stages.\1.blocks.\2"  # our MiT block, groups: stage, block
+_W = r"(weight|bias|running_mean|running_var|num_batches_tracked)"  # any norm / conv tensor
+
+MIT_RULES = [
+    _same(rf"{_MIT}\.0\.projection\.{_W}", rf"{_ENC}.stages.\1.patch_embeddings.proj.\2"),
+    _same(rf"{_MIT}\.0\.norm\.{_W}", rf"{_ENC}.stages.\1.patch_embeddings.layer_norm.\2"),
+    _same(rf"{_MIT_BLOCK}\.norm1\.{_W}", rf"{_BLOCK}.layernorm_before.\3"),
+    _split_qkv(
+        rf"{_MIT_BLOCK}\.attn\.attn\.in_proj_weight",
+        rf"{_BLOCK}.attention",
+        "weight",
+    ),
+    _split_qkv(rf"{_MIT_BLOCK}\.attn\.attn\.in_proj_bias", rf"{_BLOCK}.attention", "bias"),
+    _same(
+        rf"{_MIT_BLOCK}\.attn\.attn\.out_proj\.{_W}",
+        rf"{_BLOCK}.attention.o_proj.\3",
+    ),
+    _same(
+        rf"{_MIT_BLOCK}\.attn\.sr\.{_W}",
+        rf"{_BLOCK}.attention.sequence_reduction.sequence_reduction.\3",
+    ),
+    _same(
+        rf"{_MIT_BLOCK}\.attn\.norm\.{_W}",
+        rf"{_BLOCK}.attention.sequence_reduction.layer_norm.\3",
+    ),
+    _same(rf"{_MIT_BLOCK}\.norm2\.{_W}", rf"{_BLOCK}.layernorm_after.\3"),
+    _squeeze_1x1(rf"{_MIT_BLOCK}\.ffn\.layers\.0\.{_W}", rf"{_BLOCK}.mlp.fc1.\3"),
+    _same(rf"{_MIT_BLOCK}\.ffn\.layers\.1\.{_W}", rf"{_BLOCK}.mlp.dwconv.dwconv.\3"),
+    _squeeze_1x1(rf"{_MIT_BLOCK}\.ffn\.layers\.4\.{_W}", rf"{_BLOCK}.mlp.fc2.\3"),
+    _same(rf"{_MIT}\.2\.{_W}", rf"{_ENC}.stages.\1.layer_norm.\2"),
+]
+
+SEGFORMER_HEAD_RULES = [
+    _same(r"decode_head\.convs\.(\d+)\.conv\.weight", rf"{_HEAD}.stage_projections.\1.conv.weight"),
+    _same(rf"decode_head\.convs\.(\d+)\.bn\.{_W}", rf"{_HEAD}.stage_projections.\1.norm.\2"),
+    _same(r"decode_head\.fusion_conv\.conv\.weight", rf"{_HEAD}.fusion.conv.weight"),
+    _same(rf"decode_head\.fusion_conv\.bn\.{_W}", rf"{_HEAD}.fusion.norm.\1"),
+]
+
+OFFSET_LEARNING_RULES = [
+    Rule(
+        r"decode_head\.offset_learning\.cls_repr",
+        ("classifier.class_embeddings",),
+        lambda t: (t[0],),
+        lambda t: t[None],
+    ),
+    _same(r"decode_head\.offset_learning\.cls_offset_proj\.weight", "classifier.class_offset_proj.weight"),
+    _same(r"decode_head\.offset_learning\.feat_offset_proj\.weight", "classifier.feature_offset_proj.weight"),
+    _same(rf"decode_head\.offset_learning\.mask_norm\.{_W}", r"classifier.mask_norm.\1"),
+]
+
+_FF = r"decode_head\.freqfusions\.(\d+)"
+OFFSEG_HEAD_RULES = [
+    _same(r"decode_head\.pre\.(\d+)\.conv\.weight", rf"{_HEAD}.stage_projections.\1.conv.weight"),
+    _same(rf"decode_head\.pre\.(\d+)\.gn\.{_W}", rf"{_HEAD}.stage_projections.\1.norm.\2"),
+    _same(rf"{_FF}\.hr_channel_compressor\.{_W}", rf"{_HEAD}.fusions.\1.hr_compressor.\2"),
+    _same(rf"{_FF}\.lr_channel_compressor\.{_W}", rf"{_HEAD}.fusions.\1.lr_compressor.\2"),
+    _same(rf"{_FF}\.content_encoder2\.{_W}", rf"{_HEAD}.fusions.\1.highpass_encoder.\2"),
+    _same(rf"{_FF}\.content_encoder\.{_W}", rf"{_HEAD}.fusions.\1.lowpass_encoder.\2"),
+    _same(
+        rf"{_FF}\.dysampler\.(offset|direct_scale|hr_offset|hr_direct_scale|norm_hr|norm_lr)\.{_W}",
+        rf"{_HEAD}.fusions.\1.resampler.\2.\3",
+    ),
+    _same(r"decode_head\.align\.conv\.weight", rf"{_HEAD}.align.conv.weight"),
+    _same(rf"decode_head\.align\.gn\.{_W}", rf"{_HEAD}.align.norm.\1"),
+]
+
+# EfficientFormerV2: the official `network` list alternates block stages (even indices 0, 2, 4, 6 -> timm's
+# stages 0-3) and embeddings (odd indices 1, 3, 5 -> the downsample of timm's stages 1-3).
+_NET = r"backbone\.network\.(\d+)"
+_CONV_NORM = r"(q|k|v|v_local|stride_conv)"  # Sequential(conv, BatchNorm) in the official code, ConvNorm in timm
+
+
+def _block(official_rest: str, ours_rest: str, rule=_same) -> Rule:
+    return rule(rf"{_NET}\.(\d+)\.{official_rest}", rf"{_ENC}.stages.<stage>.blocks.\2.{ours_rest}")
+
+
+def _layer_scale(name: str, ours: str) -> Rule:
+    return Rule(
+        rf"{_NET}\.(\d+)\.{name}",
+        (rf"{_ENC}.stages.<stage>.blocks.\2.{ours}",),
+        lambda t: (t.flatten(),),
+        lambda t: t[:, None, None],
+    )
+
+
+def _downsample(official_rest: str, ours_rest: str) -> Rule:
+    return _same(rf"{_NET}\.{official_rest}", rf"{_ENC}.stages.<stage>.downsample.{ours_rest}")
+
+
+EFFICIENTFORMER_V2_RULES = [
+    _same(rf"backbone\.patch_embed\.0\.{_W}", rf"{_ENC}.stem.conv1.conv.\1"),
+    _same(rf"backbone\.patch_embed\.1\.{_W}", rf"{_ENC}.stem.conv1.bn.\1"),
+    _same(rf"backbone\.patch_embed\.3\.{_W}", rf"{_ENC}.stem.conv2.conv.\1"),
+    _same(rf"backbone\.patch_embed\.4\.{_W}", rf"{_ENC}.stem.conv2.bn.\1"),
+    _block(rf"mlp\.fc1\.{_W}", r"mlp.fc1.conv.\3"),
+    _block(rf"mlp\.norm1\.{_W}", r"mlp.fc1.bn.\3"),
+    _block(rf"mlp\.mid\.{_W}", r"mlp.mid.conv.\3"),
+    _block(rf"mlp\.mid_norm\.{_W}", r"mlp.mid.bn.\3"),
+    _block(rf"mlp\.fc2\.{_W}", r"mlp.fc2.conv.\3"),
+    _block(rf"mlp\.norm2\.{_W}", r"mlp.fc2.bn.\3"),
+    _layer_scale("layer_scale_1", "ls1.gamma"),
+    _layer_scale("layer_scale_2", "ls2.gamma"),
+    _block(rf"token_mixer\.{_CONV_NORM}\.0\.{_W}", r"token_mixer.\3.conv.\4"),
+    _block(rf"token_mixer\.{_CONV_NORM}\.1\.{_W}", r"token_mixer.\3.bn.\4"),
+    _block(rf"token_mixer\.proj\.1\.{_W}", r"token_mixer.proj.conv.\3"),
+    _block(rf"token_mixer\.proj\.2\.{_W}", r"token_mixer.proj.bn.\3"),
+    _block(rf"token_mixer\.(talking_head1|talking_head2)\.{_W}", r"token_mixer.\3.\4"),
+    _block(r"token_mixer\.attention_biases_seg", r"token_mixer.attention_biases"),
+    _downsample(rf"(proj|conv)\.{_W}", r"conv.conv.\3"),
+    _downsample(rf"(norm|bn)\.{_W}", r"conv.bn.\3"),
+    _downsample(rf"attn\.q\.local\.0\.{_W}", r"attn.q.local.\2"),
+    _downsample(rf"attn\.q\.proj\.0\.{_W}", r"attn.q.proj.conv.\2"),
+    _downsample(rf"attn\.q\.proj\.1\.{_W}", r"attn.q.proj.bn.\2"),
+    _downsample(rf"attn\.(k|v|v_local)\.0\.{_W}", r"attn.\2.conv.\3"),
+    _downsample(rf"attn\.(k|v|v_local)\.1\.{_W}", r"attn.\2.bn.\3"),
+    _downsample(rf"attn\.proj\.1\.{_W}", r"attn.proj.conv.\2"),
+    _downsample(rf"attn\.proj\.2\.{_W}", r"attn.proj.bn.\2"),
+    _downsample(r"attn\.attention_biases_seg", r"attn.attention_biases"),
+]
+
+# Official keys with no counterpart here, on purpose.
+IGNORED = [
+    r"decode_head\.conv_seg\.(weight|bias)",  # mmseg builds the 1x1 classifier; offset learning never calls it
+    r"backbone\.network\.\d+(\.\d+\.token_mixer|\.attn)\.(attention_biases|attention_bias_idxs|attention_bias_idxs_seg)",
+    r"decode_head\.freqfusions\.\d+\.(hamming_lowpass|hamming_highpass)",  # constant 1.0: no window
+    r"decode_head\.freqfusions\.\d+\.dysampler\.init_pos",  # computed (SimilarityGuidedResampler.initial_positions)
+]
+
+FAMILIES = {
+    "segformer": MIT_RULES + SEGFORMER_HEAD_RULES + OFFSET_LEARNING_RULES,
+    "offseg": EFFICIENTFORMER_V2_RULES + OFFSEG_HEAD_RULES + OFFSET_LEARNING_RULES,
+}
+
+
+def _family(variant: str) -> list[Rule]:
+    if variant not in VARIANTS:
+        raise ValueError(f"Unknown OffSeg variant {variant!r}. Known variants: {', '.join(sorted(VARIANTS))}.")
+    return FAMILIES[VARIANTS[variant]["decode_head"]]
+
+
+def _fill(template: str, match: re.Match) -> str:
+    """Expand regex groups in `template`; `<stage>` is the timm stage of an official `network` index."""
+    key = match.expand(template)
+    if "<stage>" in key:
+        network_index = int(match.group(1))
+        key = key.replace("<stage>", str((network_index + 1) // 2))
+    return key
+
+
+def convert_state_dict(official: dict[str, Tensor], variant: str) -> dict[str, Tensor]:
+    """Official (mmseg) state dict -> ours. Raises `ValueError` listing unmapped official keys."""
+    rules = _family(variant)
+    ours, unmapped = {}, []
+    for key, tensor in official.items():
+        if any(re.fullmatch(pattern, key) for pattern in IGNORED):
+            continue
+        for rule in rules:
+            match = re.fullmatch(rule.official, key)
+            if match:
+                for template, value in zip(rule.ours, rule.to_ours(tensor), strict=True):
+                    ours[_fill(template, match)] = value.clone()
+                break
+        else:
+            unmapped.append(key)
+    if unmapped:
+        raise ValueError(f"{len(unmapped)} official keys have no mapping for {variant!r}: {unmapped[:20]}")
+    return ours
+
+
+def to_official_state_dict(ours: dict[str, Tensor], variant: str, official_keys: list[str]) -> dict[str, Tensor]:
+    """Ours -> official names, for the given official key list (the inverse of `convert_state_dict`)."""
+    rules = _family(variant)
+    result = {}
+    for key in official_keys:
+        if any(re.fullmatch(pattern, key) for pattern in IGNORED):
+            continue
+        for rule in rules:
+            match = re.fullmatch(rule.official, key)
+            if match:
+                parts = [ours[_fill(template, match)] for template in rule.ours]
+                result[key] = rule.to_official(*parts)
+                break
+        else:
+            raise ValueError(f"Official key {key!r} has no mapping for {variant!r}.")
+    return result
+
+
+def strip_checkpoint(checkpoint) -> dict[str, Tensor]:
+    """The state dict of an mmseg checkpoint (`{"state_dict": ..., "meta": ...}`) or a bare state dict."""
+    if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
+        checkpoint = checkpoint["state_dict"]
+    return {k.removeprefix("module."): v for k, v in checkpoint.items()}
+
+
+def load_official_checkpoint(path: str, variant: str, **config_overrides) -> OffSegForSemanticSegmentation:
+    """Build `variant` (num_labels from the checkpoint) and fill it from an official checkpoint, strictly."""
+    official = strip_checkpoint(torch.load(path, map_location="cpu", weights_only=False))
+    converted = convert_state_dict(official, variant)
+    num_labels = converted["classifier.class_embeddings"].shape[0]
+    config = OffSegConfig.from_variant(variant, **{"num_labels": num_labels, **config_overrides})
+    model = OffSegForSemanticSegmentation(config)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in converted and not k.endswith("attention_bias_idxs")]
+    unexpected = [k for k in converted if k not in expected]
+    mismatched = [k for k in converted if k in expected and converted[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"Converted checkpoint does not fit {variant!r}: missing {missing[:20]}, unexpected {unexpected[:20]}, "
+            f"shape mismatch {mismatched[:20]}."
+        )
+    model.load_state_dict(converted, strict=False)
+    return model.eval()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="Official mmseg checkpoint (.pth).")
+    parser.add_argument("--variant", required=True, choices=sorted(VARIANTS))
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--id2label", default=None, help="JSON file mapping class ids to names (e.g. ADE20K's).")
+    args = parser.parse_args(argv)
+    overrides = {}
+    if args.id2label:
+        import json
+
+        with open(args.id2label) as handle:
+            overrides["id2label"] = {int(k): v for k, v in json.load(handle).items()}
+    model = load_official_checkpoint(args.checkpoint, args.variant, **overrides)
+    model.save_pretrained(args.output_dir)
+    OffSegImageProcessor().save_pretrained(args.output_dir)
+    print(f"Converted {args.checkpoint} ({args.variant}, {model.config.num_labels} classes) to {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Conversion of official (mmseg) checkpoints. The official key lists below are written out from the official
+code's module structure (mmseg MixVisionTransformer + SegformerHeadOffsetLearning; the OffSeg repo's
+EfficientFormerV2 `*_feat` backbones + OffSegHead + FreqFusion), not derived from this package's models."""
+
+import pytest
+import torch
+
+from offseg_hf import VARIANTS, OffSegConfig, OffSegForSemanticSegmentation
+from offseg_hf.convert import convert_state_dict, load_official_checkpoint, main, to_official_state_dict
+
+from .conftest import randomize_attention_biases, randomize_norms
+
+BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+WB = ("weight", "bias")
+
+
+def _keys(prefix, names):
+    return [f"{prefix}.{name}" for name in names]
+
+
+def official_segformer_keys(depths, num_stages=4, sr_ratios=(8, 4, 2, 1)):
+    keys = []
+    for i in range(num_stages):
+        layer = f"backbone.layers.{i}"
+        keys += _keys(f"{layer}.0.projection", WB) + _keys(f"{layer}.0.norm", WB)
+        for j in range(depths[i]):
+            block = f"{layer}.1.{j}"
+            keys += _keys(f"{block}.norm1", WB) + _keys(f"{block}.norm2", WB)
+            keys += [f"{block}.attn.attn.in_proj_weight", f"{block}.attn.attn.in_proj_bias"]
+            keys += _keys(f"{block}.attn.attn.out_proj", WB)
+            if sr_ratios[i] > 1:
+                keys += _keys(f"{block}.attn.sr", WB) + _keys(f"{block}.attn.norm", WB)
+            for index in (0, 1, 4):  # fc1, pe_conv, (activate, drop), fc2
+                keys += _keys(f"{block}.ffn.layers.{index}", WB)
+        keys += _keys(f"{layer}.2", WB)
+    for i in range(num_stages):
+        keys += [f"decode_head.convs.{i}.conv.weight"] + _keys(f"decode_head.convs.{i}.bn", BN)
+    keys += ["decode_head.fusion_conv.conv.weight"] + _keys("decode_head.fusion_conv.bn", BN)
+    return keys + official_offset_learning_keys()
+
+
+def official_offset_learning_keys():
+    keys = ["decode_head.offset_learning.cls_repr", "decode_head.offset_learning.cls_offset_proj.weight"]
+    keys += ["decode_head.offset_learning.feat_offset_proj.weight"] + _keys("decode_head.offset_learning.mask_norm", WB)
+    return keys + _keys("decode_head.conv_seg", WB)
+
+
+# Official EfficientFormerV2 sizes: layers and vit_num (attention blocks at the end of stages 3 and 4).
+EFFICIENTFORMER = {"offseg-t": ((3, 3, 9, 6), 2), "offseg-b": ((4, 4, 12, 8), 4), "offseg-l": ((5, 5, 15, 10), 6)}
+ATTENTION_BUFFERS = ("attention_biases", "attention_bias_idxs", "attention_biases_seg", "attention_bias_idxs_seg")
+
+
+def official_offseg_keys(variant):
+    layers, vit_num = EFFICIENTFORMER[variant]
+    keys = _keys("backbone.patch_embed.0", WB) + _keys("backbone.patch_embed.1", BN)
+    keys += _keys("backbone.patch_embed.3", WB) + _keys("backbone.patch_embed.4", BN)
+    network = 0
+    for stage, depth in enumerate(layers):
+        for j in range(depth):
+            block = f"backbone.network.{network}.{j}"
+            for conv, norm in (("fc1", "norm1"), ("mid", "mid_norm"), ("fc2", "norm2")):
+                keys += _keys(f"{block}.mlp.{conv}", WB) + _keys(f"{block}.mlp.{norm}", BN)
+            keys.append(f"{block}.layer_scale_2")
+            if stage >= 2 and j > depth - 1 - vit_num:  # AttnFFN
+                mixer = f"{block}.token_mixer"
+                keys.append(f"{block}.layer_scale_1")
+                for name in ("q", "k", "v", "v_local") + (("stride_conv",) if stage == 2 else ()):
+                    keys += _keys(f"{mixer}.{name}.0", WB) + _keys(f"{mixer}.{name}.1", BN)
+                keys += _keys(f"{mixer}.talking_head1", WB) + _keys(f"{mixer}.talking_head2", WB)
+                keys += _keys(f"{mixer}.proj.1", WB) + _keys(f"{mixer}.proj.2", BN)
+                keys += [f"{mixer}.{name}" for name in ATTENTION_BUFFERS]
+        network += 1
+        if stage == len(layers) - 1:
+            break
+        embedding = f"backbone.network.{network}"
+        if stage >= 2:  # Embedding with asub: attention downsample + conv + bn
+            attn = f"{embedding}.attn"
+            keys += _keys(f"{attn}.q.local.0", WB) + _keys(f"{attn}.q.proj.0", WB) + _keys(f"{attn}.q.proj.1", BN)
+            for name in ("k", "v", "v_local"):
+                keys += _keys(f"{attn}.{name}.0", WB) + _keys(f"{attn}.{name}.1", BN)
+            keys += _keys(f"{attn}.proj.1", WB) + _keys(f"{attn}.proj.2", BN)
+            keys += [f"{attn}.{name}" for name in ATTENTION_BUFFERS]
+            keys += _keys(f"{embedding}.conv", WB) + _keys(f"{embedding}.bn", BN)
+        else:
+            keys += _keys(f"{embedding}.proj", WB) + _keys(f"{embedding}.norm", BN)
+        network += 1
+    for i in range(4):
+        keys += [f"decode_head.pre.{i}.conv.weight"] + _keys(f"decode_head.pre.{i}.gn", WB)
+    for f in range(3):
+        fusion = f"decode_head.freqfusions.{f}"
+        for name in ("hr_channel_compressor", "lr_channel_compressor", "content_encoder", "content_encoder2"):
+            keys += _keys(f"{fusion}.{name}", WB)
+        keys += [f"{fusion}.hamming_lowpass", f"{fusion}.hamming_highpass", f"{fusion}.dysampler.init_pos"]
+        for name in ("offset", "direct_scale", "hr_offset", "hr_direct_scale", "norm_hr", "norm_lr"):
+            keys += _keys(f"{fusion}.dysampler.{name}", WB)
+    keys += ["decode_head.align.conv.weight"] + _keys("decode_head.align.gn", WB)
+    return keys + official_offset_learning_keys()
+
+
+def official_keys(variant):
+    if variant.startswith("offseg"):
+        return official_offseg_keys(variant)
+    return official_segformer_keys(VARIANTS[variant]["encoder_config"]["depths"])
+
+
+IGNORED_EXAMPLES = ("conv_seg", "hamming_", "init_pos", ".attention_biases", "attention_bias_idxs")
+
+
+def is_ignored(key):
+    return any(part in key for part in IGNORED_EXAMPLES) and not key.endswith("attention_biases_seg")
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_official_key_set_maps_onto_ours_exactly(variant):
+    with torch.device("meta"):
+        model = OffSegForSemanticSegmentation(OffSegConfig.from_variant(variant, num_labels=150))
+    ours = model.state_dict()
+    keys = official_keys(variant)
+    assert len(keys) == len(set(keys))
+    official = to_official_state_dict(ours, variant, keys)
+    # Every official key is produced from ours, except the ones the converter ignores on purpose.
+    assert set(official) == {k for k in keys if not is_ignored(k)}
+    back = convert_state_dict(official, variant)
+    assert set(back) == set(ours)
+    for key in back:
+        assert back[key].shape == ours[key].shape, key
+
+
+@pytest.mark.parametrize("variant", ["segformer-b0-offset", "offseg-t"])
+def test_round_trip_through_official_names_is_identical(variant, tmp_path):
+    torch.manual_seed(0)
+    model = OffSegForSemanticSegmentation(OffSegConfig.from_variant(variant, num_labels=7)).eval()
+    randomize_norms(model)
+    randomize_attention_biases(model)
+    ours = model.state_dict()
+    official = to_official_state_dict(ours, variant, official_keys(variant))
+    # Add the keys the converter must ignore, as a real checkpoint has them.
+    official["decode_head.conv_seg.weight"] = torch.randn(7, 256, 1, 1)
+    official["decode_head.conv_seg.bias"] = torch.zeros(7)
+    back = convert_state_dict(official, variant)
+    assert back.keys() == ours.keys()
+    for key in ours:
+        assert torch.equal(back[key], ours[key]), key
+
+    path = tmp_path / "official.pth"
+    torch.save({"state_dict": official, "meta": {}}, path)
+    loaded = load_official_checkpoint(str(path), variant)
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(images).logits, model(images).logits)
+
+    main(["--checkpoint", str(path), "--variant", variant, "--output_dir", str(tmp_path / "out")])
+    reloaded = OffSegForSemanticSegmentation.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        # Same weights; oneDNN convolutions may sum in another order for differently aligned buffers (~1e-6).
+        torch.testing.assert_close(reloaded(images).logits, model(images).logits, rtol=0, atol=1e-5)
+
+
+def test_unknown_and_missing_keys_are_listed():
+    torch.manual_seed(0)
+    model = OffSegForSemanticSegmentation(OffSegConfig.from_variant("segformer-b0-offset", num_labels=3))
+    official = to_official_state_dict(model.state_dict(), "segformer-b0-offset", official_keys("segformer-b0-offset"))
+    with pytest.raises(ValueError, match="backbone.extra.weight"):
+        convert_state_dict({**official, "backbone.extra.weight": torch.zeros(1)}, "segformer-b0-offset")
+    with pytest.raises(ValueError, match="Unknown OffSeg variant"):
+        convert_state_dict(official, "segformer-b9-offset")
