@@ -1,0 +1,102 @@
+"""Inference with mmseg's test protocol: keep-ratio resize to a scale, whole-image or sliding-window logits,
+logits resized back to the original image.
+
+mmseg's sliding window (`slide` mode): windows of `crop_size` every `stride`, the last row/column of windows
+aligned to the image border (so windows overlap more there), each window's logits resized to the window, summed
+where windows overlap and divided by the number of windows covering each pixel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+# mmseg's ADE20K / COCO-Stuff test settings (the paper's): Resize(scale=(2048, 512), keep_ratio=True),
+# slide crop 512, stride 480.
+DEFAULT_SCALE = (2048, 512)
+DEFAULT_CROP = (512, 512)
+DEFAULT_STRIDE = (480, 480)
+
+
+def keep_ratio_size(height: int, width: int, scale: tuple[int, int] = DEFAULT_SCALE) -> tuple[int, int]:
+    """mmcv's `rescale_size` with keep_ratio: the largest size with long edge <= max(scale) and short edge <=
+    min(scale), rounded half up."""
+    factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def _logits(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    outputs = model(pixel_values=pixel_values)
+    return outputs.logits if hasattr(outputs, "logits") else outputs[0]
+
+
+def whole_inference(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, K, H, W): the whole image at once, logits resized to the input."""
+    logits = _logits(model, pixel_values)
+    return F.interpolate(logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def window_boxes(height: int, width: int, crop_size=DEFAULT_CROP, stride=DEFAULT_STRIDE) -> list[tuple[int, ...]]:
+    """mmseg's sliding windows as (top, bottom, left, right)."""
+    (crop_h, crop_w), (stride_h, stride_w) = crop_size, stride
+    rows = max(height - crop_h + stride_h - 1, 0) // stride_h + 1
+    cols = max(width - crop_w + stride_w - 1, 0) // stride_w + 1
+    boxes = []
+    for row in range(rows):
+        for col in range(cols):
+            bottom, right = min(row * stride_h + crop_h, height), min(col * stride_w + crop_w, width)
+            boxes.append((max(bottom - crop_h, 0), bottom, max(right - crop_w, 0), right))
+    return boxes
+
+
+def slide_inference(
+    model: nn.Module,
+    pixel_values: torch.Tensor,
+    num_labels: int,
+    crop_size: tuple[int, int] = DEFAULT_CROP,
+    stride: tuple[int, int] = DEFAULT_STRIDE,
+    windows_per_batch: int = 8,
+) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, K, H, W) averaged over overlapping windows; windows of equal size run batched."""
+    batch_size, _, height, width = pixel_values.shape
+    summed = pixel_values.new_zeros(batch_size, num_labels, height, width)
+    counts = pixel_values.new_zeros(1, 1, height, width)
+    boxes = window_boxes(height, width, crop_size, stride)
+    step = math.ceil(windows_per_batch / batch_size)
+    for start in range(0, len(boxes), step):
+        chunk = boxes[start : start + step]
+        # All windows have the same size (the crop, or the image where it is smaller), so they batch.
+        crops = torch.cat([pixel_values[:, :, top:bottom, left:right] for top, bottom, left, right in chunk])
+        logits = _logits(model, crops)
+        logits = F.interpolate(logits, size=crops.shape[-2:], mode="bilinear", align_corners=False)
+        for index, (top, bottom, left, right) in enumerate(chunk):
+            summed[:, :, top:bottom, left:right] += logits[index * batch_size : (index + 1) * batch_size]
+            counts[:, :, top:bottom, left:right] += 1
+    return summed / counts
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    pixel_values: torch.Tensor,
+    original_size: tuple[int, int],
+    mode: str = "slide",
+    num_labels: int | None = None,
+    crop_size: tuple[int, int] = DEFAULT_CROP,
+    stride: tuple[int, int] = DEFAULT_STRIDE,
+) -> torch.Tensor:
+    """Logits at `original_size` for images already resized (e.g. by `keep_ratio_size`) and normalised."""
+    if mode == "slide":
+        num_labels = num_labels or model.config.num_labels
+        logits = slide_inference(model, pixel_values, num_labels, crop_size, stride)
+    elif mode == "whole":
+        logits = whole_inference(model, pixel_values)
+    else:
+        raise ValueError(f"Unknown inference mode {mode!r}; use 'slide' or 'whole'.")
+    return F.interpolate(logits, size=original_size, mode="bilinear", align_corners=False)
+
+
+__all__ = ["keep_ratio_size", "predict_logits", "slide_inference", "whole_inference", "window_boxes"]
