@@ -14,18 +14,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .transforms import rescale_size  # mmcv's keep-ratio rule, shared with training-time evaluation
+
 # mmseg's ADE20K / COCO-Stuff test settings (the paper's): Resize(scale=(2048, 512), keep_ratio=True),
 # slide crop 512, stride 480.
 DEFAULT_SCALE = (2048, 512)
 DEFAULT_CROP = (512, 512)
 DEFAULT_STRIDE = (480, 480)
-
-
-def keep_ratio_size(height: int, width: int, scale: tuple[int, int] = DEFAULT_SCALE) -> tuple[int, int]:
-    """mmcv's `rescale_size` with keep_ratio: the largest size with long edge <= max(scale) and short edge <=
-    min(scale), rounded half up."""
-    factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
-    return int(height * factor + 0.5), int(width * factor + 0.5)
 
 
 def _logits(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -88,7 +83,7 @@ def predict_logits(
     crop_size: tuple[int, int] = DEFAULT_CROP,
     stride: tuple[int, int] = DEFAULT_STRIDE,
 ) -> torch.Tensor:
-    """Logits at `original_size` for images already resized (e.g. by `keep_ratio_size`) and normalised."""
+    """Logits at `original_size` for images already resized (e.g. by `rescale_size`) and normalised."""
     if mode == "slide":
         num_labels = num_labels or model.config.num_labels
         logits = slide_inference(model, pixel_values, num_labels, crop_size, stride)
@@ -99,4 +94,4 @@ def predict_logits(
     return F.interpolate(logits, size=original_size, mode="bilinear", align_corners=False)
 
 
-__all__ = ["keep_ratio_size", "predict_logits", "slide_inference", "whole_inference", "window_boxes"]
+__all__ = ["rescale_size", "predict_logits", "slide_inference", "whole_inference", "window_boxes"]

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
-from offseg_hf.inference import keep_ratio_size, predict_logits, slide_inference, whole_inference, window_boxes
+from offseg_hf.inference import predict_logits, rescale_size, slide_inference, whole_inference, window_boxes
 
 
 class PixelLocal(nn.Module):
@@ -68,7 +68,7 @@ def test_windows_smaller_image_than_crop():
     [((512, 683), (512, 683)), ((375, 500), (512, 683)), ((1024, 2048), (512, 1024)), ((200, 4000), (102, 2048))],
 )
 def test_keep_ratio_resize_matches_mmcv(size, expected):
-    assert keep_ratio_size(*size) == expected
+    assert rescale_size(*size, (2048, 512)) == expected
 
 
 def test_predict_logits_resizes_to_the_original_image():
