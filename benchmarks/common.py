@@ -8,10 +8,9 @@ import time
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.flop_counter import FlopCounterMode
-from transformers import SegformerModel
 
 from offseg_hf import OffSegForSemanticSegmentation
+from offseg_hf.hub import count_gmac  # noqa: F401  (re-exported for the benchmark scripts)
 
 
 def synchronize(device: torch.device) -> None:
@@ -40,19 +39,6 @@ def measure(models: dict[str, nn.Module], pixel_values: torch.Tensor, warmup: in
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
-
-
-def count_gmac(model: nn.Module, pixel_values: torch.Tensor) -> float:
-    """Multiply-accumulates (FLOPs / 2) that `torch.utils.flop_counter` sees in one forward pass, with eager
-    attention in the MiT encoders (the counter does not know every sdpa kernel)."""
-    encoders = [m for m in model.modules() if isinstance(m, SegformerModel)]
-    for encoder in encoders:
-        encoder.set_attn_implementation("eager")
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(pixel_values)
-    for encoder in encoders:
-        encoder.set_attn_implementation("sdpa")
-    return counter.get_total_flops() / 2e9
 
 
 def literal_offset_learning(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,104 @@
+"""push_to_hub.py --local_dir: one repo folder per variant, each loading without offseg_hf installed."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from huggingface_hub import ModelCard
+
+from offseg_hf import VARIANTS
+
+from .conftest import TINY_ENCODER
+
+SCRIPT = Path(__file__).parents[1] / "examples" / "push_to_hub.py"
+
+CHECK_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["offseg_hf"] = None  # as on a machine without the package
+    from huggingface_hub import ModelCard
+    from PIL import Image
+    from transformers import pipeline
+    report = {}
+    for folder in sys.argv[1:]:
+        segmenter = pipeline("image-segmentation", model=folder, trust_remote_code=True)
+        segments = segmenter(Image.new("RGB", (61, 47), (120, 80, 40)))
+        card = ModelCard.load(f"{folder}/README.md").data
+        report[folder] = {
+            "module": type(segmenter.model).__module__,
+            "mask_sizes": sorted({s["mask"].size for s in segments}),
+            "pipeline_tag": card.pipeline_tag,
+            "license": card.license,
+            "datasets": card.datasets,
+            "widget": bool(card.widget),
+            "eval_results": [(r.metric_name, r.metric_value) for r in (card.eval_results or [])],
+        }
+    print(json.dumps(report))
+    """
+)
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("push_to_hub_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_local_dir_makes_one_loadable_repo_per_variant(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    measured = {"mean_iou": 0.4123, "mean_accuracy": 0.5, "overall_accuracy": 0.8, "num_images": 2000}
+    (results / "offseg-t.json").write_text(json.dumps(measured))
+    overrides = {"segformer": {"encoder_config": TINY_ENCODER, "decoder_hidden_size": 32}}
+    folders = load_script().main(
+        [
+            "--local_dir",
+            str(tmp_path / "hub"),
+            "--random_init",
+            "--config_overrides",
+            json.dumps(overrides),
+            "--results_dir",
+            str(results),
+        ]
+    )
+    assert sorted(f.name for f in folders) == sorted(VARIANTS) and len(folders) == 9
+    for folder in folders:
+        names = {p.name for p in folder.iterdir()}
+        assert {
+            "model.safetensors",
+            "config.json",
+            "preprocessor_config.json",
+            "README.md",
+            "modeling_offseg.py",
+            "configuration_offseg.py",
+        } <= names
+        assert "AutoModelForSemanticSegmentation" in json.loads((folder / "config.json").read_text())["auto_map"]
+    # The card says measured results only where a result was given.
+    assert "41.23" in (tmp_path / "hub" / "offseg-t" / "README.md").read_text()
+    assert "Not evaluated yet" in ModelCard.load(tmp_path / "hub" / "offseg-b" / "README.md").text
+
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    out = subprocess.run(
+        [sys.executable, "-c", CHECK_SCRIPT, *map(str, folders)],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    for folder in folders:
+        entry = report[str(folder)]
+        assert entry["module"].startswith("transformers_modules"), entry
+        assert entry["mask_sizes"] == [[61, 47]]
+        assert entry["pipeline_tag"] == "image-segmentation" and entry["license"] == "apache-2.0"
+        assert entry["datasets"] == ["scene_parse_150"] and entry["widget"]
+        expected = [["mIoU", 41.23], ["mAcc", 50.0], ["aAcc", 80.0]] if folder.name == "offseg-t" else []
+        assert entry["eval_results"] == expected, folder.name
