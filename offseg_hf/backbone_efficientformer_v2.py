@@ -19,6 +19,8 @@ from timm.models.efficientformer_v2 import Attention2d, Attention2dDownsample
 from torch import nn
 from torch.nn import functional as F
 
+from .state_dict_checks import require_fit
+
 # The official segmentation backbone's attention biases are laid out for this input size.
 BIAS_INPUT_SIZE = 512
 
@@ -152,14 +154,9 @@ class EfficientFormerV2Backbone(nn.Module):
             if key.endswith("attention_biases") and key in own and own[key].shape != value.shape:
                 unused.append(key)
                 del selected[key]
-        skipped_biases = [k for k in unused if k.endswith("attention_biases")]
-        missing = [k for k in own if k not in selected and k not in skipped_biases]
-        unexpected = [k for k in selected if k not in own]
-        mismatched = [k for k in selected if k in own and own[k].shape != selected[k].shape]
-        if missing or unexpected or mismatched:
-            raise ValueError(
-                f"State dict does not fit the EfficientFormerV2 backbone: missing {missing[:10]}, "
-                f"unexpected {unexpected[:10]}, shape mismatch {mismatched[:10]}."
-            )
+        skipped_biases = {k for k in unused if k.endswith("attention_biases")}
+        require_fit(
+            own, selected, "State dict does not fit the EfficientFormerV2 backbone", skipped_biases.__contains__
+        )
         self.load_state_dict(selected, strict=False)
         return unused

@@ -27,6 +27,7 @@ import torch
 from .configuration_offseg import VARIANTS, OffSegConfig
 from .image_processing_offseg import OffSegImageProcessor
 from .modeling_offseg import OffSegForSemanticSegmentation
+from .state_dict_checks import require_fit
 
 Tensor = torch.Tensor
 
@@ -273,15 +274,7 @@ def load_official_checkpoint(path: str, variant: str, **config_overrides) -> Off
     num_labels = converted["classifier.class_embeddings"].shape[0]
     config = OffSegConfig.from_variant(variant, **{"num_labels": num_labels, **config_overrides})
     model = OffSegForSemanticSegmentation(config)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in converted and not k.endswith("attention_bias_idxs")]
-    unexpected = [k for k in converted if k not in expected]
-    mismatched = [k for k in converted if k in expected and converted[k].shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"Converted checkpoint does not fit {variant!r}: missing {missing[:20]}, unexpected {unexpected[:20]}, "
-            f"shape mismatch {mismatched[:20]}."
-        )
+    require_fit(model.state_dict(), converted, f"Converted checkpoint does not fit {variant!r}")
     model.load_state_dict(converted, strict=False)
     return model.eval()
 
