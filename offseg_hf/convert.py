@@ -18,13 +18,17 @@ convolutions where transformers uses Linear layers; EfficientFormerV2 layer scal
 from __future__ import annotations
 
 import argparse
+import copyreg
+import pickle
 import re
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from .configuration_offseg import VARIANTS, OffSegConfig
+from .data import ADE20K_CLASSES
 from .image_processing_offseg import OffSegImageProcessor
 from .modeling_offseg import OffSegForSemanticSegmentation
 from .state_dict_checks import require_fit
@@ -267,11 +271,93 @@ def strip_checkpoint(checkpoint) -> dict[str, Tensor]:
     return {k.removeprefix("module."): v for k, v in checkpoint.items()}
 
 
+class _AbsentType(type):
+    def __getattr__(cls, name: str):
+        # Pickles may reference a class's methods too (mmengine pickles `getattr(HistoryBuffer, "min")`).
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return f"<{cls.__module__}.{cls.__name__}.{name}>"
+
+
+class _Absent(metaclass=_AbsentType):
+    """Stands in for an object whose class lives in a package that is not installed. Checkpoints saved by
+    mmengine's runner pickle its objects (the message hub's `HistoryBuffer`, `ConfigDict`, ...) next to the
+    weights; the converter needs only the tensors, so these load as inert placeholders instead of failing with
+    "No module named 'mmengine'"."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __setitem__(self, key, value):  # dict subclasses are pickled item by item
+        self.__dict__.setdefault("items", {})[key] = value
+
+    def append(self, value):  # and list subclasses value by value
+        self.__dict__.setdefault("values", []).append(value)
+
+    def extend(self, values):
+        for value in values:
+            self.append(value)
+
+
+def _reconstructor(cls, base, state):
+    """`copyreg._reconstructor`, which pickles of dict/list subclasses call, also for placeholder classes."""
+    if isinstance(cls, type) and issubclass(cls, _Absent):
+        return cls()
+    return copyreg._reconstructor(cls, base, state)
+
+
+class _TolerantUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("copyreg", "_reconstructor"):
+            return _reconstructor
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            return type(name, (_Absent,), {"__module__": f"absent:{module}"})
+
+
+_tolerant_pickle = types.ModuleType("offseg_tolerant_pickle")
+_tolerant_pickle.Unpickler = _TolerantUnpickler
+_tolerant_pickle.load = lambda file, **kwargs: _TolerantUnpickler(file, **kwargs).load()
+
+
+def read_official_checkpoint(path: str) -> tuple[dict[str, Tensor], list[str] | None]:
+    """The state dict of an official checkpoint and, where mmengine recorded them, its class names.
+
+    Tries torch's safe loader first (weights_only). A checkpoint saved by mmengine's runner also pickles
+    mmengine/numpy objects; it is then read with the full unpickler (as `torch.load(weights_only=False)`: open
+    only files you trust), with classes of packages that are not installed replaced by inert placeholders, so
+    neither mmengine nor mmseg is needed.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_tolerant_pickle)
+    class_names = None
+    meta = checkpoint.get("meta") if isinstance(checkpoint, dict) else None
+    dataset_meta = meta.get("dataset_meta") if isinstance(meta, dict) else None
+    if isinstance(dataset_meta, dict) and isinstance(dataset_meta.get("classes"), (list, tuple)):
+        class_names = [str(name) for name in dataset_meta["classes"]]
+    return strip_checkpoint(checkpoint), class_names
+
+
 def load_official_checkpoint(path: str, variant: str, **config_overrides) -> OffSegForSemanticSegmentation:
-    """Build `variant` (num_labels from the checkpoint) and fill it from an official checkpoint, strictly."""
-    official = strip_checkpoint(torch.load(path, map_location="cpu", weights_only=False))
+    """Build `variant` (num_labels from the checkpoint) and fill it from an official checkpoint, strictly.
+
+    Class names (`id2label`), unless given: the ones mmengine stored in the checkpoint's `meta["dataset_meta"]`,
+    else ADE20K's 150 for a 150-class checkpoint (every official 150-class config is ADE20K), else `LABEL_i`.
+    """
+    official, class_names = read_official_checkpoint(path)
     converted = convert_state_dict(official, variant)
     num_labels = converted["classifier.class_embeddings"].shape[0]
+    if "id2label" not in config_overrides:
+        if class_names is None and num_labels == len(ADE20K_CLASSES):
+            class_names = list(ADE20K_CLASSES)
+        if class_names is not None and len(class_names) == num_labels:
+            config_overrides["id2label"] = dict(enumerate(class_names))
     config = OffSegConfig.from_variant(variant, **{"num_labels": num_labels, **config_overrides})
     model = OffSegForSemanticSegmentation(config)
     require_fit(model.state_dict(), converted, f"Converted checkpoint does not fit {variant!r}")
@@ -284,7 +370,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", required=True, help="Official mmseg checkpoint (.pth).")
     parser.add_argument("--variant", required=True, choices=sorted(VARIANTS))
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--id2label", default=None, help="JSON file mapping class ids to names (e.g. ADE20K's).")
+    parser.add_argument(
+        "--id2label",
+        default=None,
+        help="JSON file mapping class ids to names (default: the names mmengine stored in the checkpoint, else "
+        "ADE20K's for a 150-class checkpoint).",
+    )
     args = parser.parse_args(argv)
     overrides = {}
     if args.id2label:

@@ -2,11 +2,22 @@
 code's module structure (mmseg MixVisionTransformer + SegformerHeadOffsetLearning; the OffSeg repo's
 EfficientFormerV2 `*_feat` backbones + OffSegHead + FreqFusion), not derived from this package's models."""
 
+import io
+import sys
+import types
+
+import numpy as np
 import pytest
 import torch
 
 from offseg_hf import VARIANTS, OffSegConfig, OffSegForSemanticSegmentation
-from offseg_hf.convert import convert_state_dict, load_official_checkpoint, main, to_official_state_dict
+from offseg_hf.convert import (
+    convert_state_dict,
+    load_official_checkpoint,
+    main,
+    read_official_checkpoint,
+    to_official_state_dict,
+)
 
 from .conftest import randomize_attention_biases, randomize_norms
 
@@ -164,3 +175,67 @@ def test_unknown_and_missing_keys_are_listed():
         convert_state_dict({**official, "backbone.extra.weight": torch.zeros(1)}, "segformer-b0-offset")
     with pytest.raises(ValueError, match="Unknown OffSeg variant"):
         convert_state_dict(official, "segformer-b9-offset")
+
+
+def _checkpoint_with_objects_of_an_absent_package(state_dict, class_names):
+    """What mmengine's runner saves: the weights plus pickled objects of mmengine (message hub buffers whose
+    methods are pickled as `getattr(cls, name)`, dict subclasses) and numpy values. The package is importable only
+    while saving, as on a machine with mmengine, and absent when the converter reads the file."""
+    module = types.ModuleType("absent_mmengine_for_offseg_tests")
+
+    class HistoryBuffer:
+        def __init__(self):
+            self._log_history = np.array([1.5, 0.5])
+            self.statistics_methods = {"min": HistoryBuffer.min}
+
+        def min(self):
+            return self._log_history.min()
+
+    class ConfigDict(dict):
+        pass
+
+    for cls in (HistoryBuffer, ConfigDict):
+        cls.__module__, cls.__qualname__ = module.__name__, cls.__name__
+        setattr(module, cls.__name__, cls)
+    HistoryBuffer.min.__module__, HistoryBuffer.min.__qualname__ = module.__name__, "HistoryBuffer.min"
+    config = ConfigDict(crop_size=(512, 512))
+    config["model"] = ConfigDict(type="EncoderDecoder")
+    meta = {"dataset_meta": {"classes": tuple(class_names), "palette": [[0, 0, 0]] * len(class_names)}, "cfg": config}
+    sys.modules[module.__name__] = module
+    try:
+        buffer = io.BytesIO()
+        torch.save({"meta": meta, "state_dict": state_dict, "message_hub": {"loss": HistoryBuffer()}}, buffer)
+    finally:
+        del sys.modules[module.__name__]
+    return buffer.getvalue()
+
+
+def test_mmengine_checkpoints_load_without_mmengine_and_keep_their_class_names(tmp_path):
+    variant = "segformer-b0-offset"
+    torch.manual_seed(0)
+    model = OffSegForSemanticSegmentation(OffSegConfig.from_variant(variant, num_labels=3)).eval()
+    official = to_official_state_dict(model.state_dict(), variant, official_keys(variant))
+    path = tmp_path / "iter_160000.pth"
+    path.write_bytes(_checkpoint_with_objects_of_an_absent_package(official, ["road", "car", "sky"]))
+    with pytest.raises(ModuleNotFoundError):
+        torch.load(path, weights_only=False)  # what a plain load does without the package
+    state_dict, class_names = read_official_checkpoint(str(path))
+    assert class_names == ["road", "car", "sky"] and state_dict.keys() == official.keys()
+    loaded = load_official_checkpoint(str(path), variant)
+    assert loaded.config.id2label == {0: "road", 1: "car", 2: "sky"}
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_class_names_default_to_ade20k_for_150_classes_and_can_be_given(tmp_path):
+    variant = "segformer-b0-offset"
+    with torch.device("meta"):
+        ours = OffSegForSemanticSegmentation(OffSegConfig.from_variant(variant, num_labels=150)).state_dict()
+    official = {
+        k: torch.zeros(v.shape) for k, v in to_official_state_dict(ours, variant, official_keys(variant)).items()
+    }
+    torch.save({"state_dict": official}, tmp_path / "plain.pth")  # no meta: a stripped checkpoint
+    assert load_official_checkpoint(str(tmp_path / "plain.pth"), variant).config.id2label[0] == "wall"
+    names = {i: f"class {i}" for i in range(150)}
+    given = load_official_checkpoint(str(tmp_path / "plain.pth"), variant, id2label=names)
+    assert given.config.id2label[149] == "class 149"
