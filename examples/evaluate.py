@@ -7,8 +7,9 @@
 Each image is resized keeping its aspect ratio to the `--scale` (2048, 512), normalised, and run whole or in
 sliding windows (`--mode slide`, crop 512, stride 480, overlapping logits averaged); the logits are resized to
 the original image before the argmax. mIoU / mAcc / aAcc come from one confusion matrix over the whole split
-(`offseg_hf.metrics`). Prints a per-class table, writes JSON, and can write the result into a model card's
-`model-index` metadata.
+(`offseg_hf.metrics`). Consecutive images of equal size after the resize run in one batch (`--batch_size`;
+windows of one image batch too). Prints a per-class table, writes JSON (with `weights_sha256`, the fingerprint of
+the evaluated weights that `push_to_hub.py` checks), and can write the result into a model card's `model-index`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from transformers import AutoModelForSemanticSegmentation
 
 import offseg_hf  # noqa: F401  (registers OffSeg with the Auto classes)
 from offseg_hf.data import SegmentationDataset, labels_need_reducing, load_segmentation_splits
-from offseg_hf.inference import DEFAULT_CROP, DEFAULT_SCALE, DEFAULT_STRIDE, predict_logits
+from offseg_hf.hub import weights_fingerprint
+from offseg_hf.inference import DEFAULT_CROP, DEFAULT_SCALE, DEFAULT_STRIDE, predict_labels
 from offseg_hf.metrics import SegmentationMetrics
 from offseg_hf.training import RECIPES
 from offseg_hf.transforms import EvalTransform
@@ -62,6 +64,10 @@ def parse_args(argv=None):
     protocol.add_argument("--crop_size", type=int, nargs=2, default=list(DEFAULT_CROP))
     protocol.add_argument("--stride", type=int, nargs=2, default=list(DEFAULT_STRIDE))
     protocol.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    protocol.add_argument(
+        "--batch_size", type=int, default=4, help="Images per forward pass (consecutive images of equal size)."
+    )
+    protocol.add_argument("--num_workers", type=int, default=2, help="DataLoader workers decoding images.")
     output = parser.add_argument_group("output")
     output.add_argument("--output_file", default=None, help="Write the results as JSON here.")
     output.add_argument("--model_card", default=None, help="README.md whose model-index metadata gets the result.")
@@ -99,17 +105,39 @@ def load_split(args, num_labels: int):
     return split, id2label, reduce
 
 
+def same_size_batches(dataset, batch_size: int, num_workers: int):
+    """Samples in order, consecutive ones of equal size after the resize grouped into batches of up to
+    `batch_size` (most ADE20K images are 4:3 and all become 512x683). Images decode in `num_workers` workers."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers)
+    batch = []
+    for sample in loader:
+        if batch and (len(batch) == batch_size or sample["pixel_values"].shape != batch[0]["pixel_values"].shape):
+            yield batch
+            batch = []
+        batch.append(sample)
+    if batch:
+        yield batch
+
+
 def evaluate(model, dataset, args, num_labels: int) -> dict:
     metrics = SegmentationMetrics(num_labels=num_labels, ignore_index=model.config.semantic_loss_ignore_index)
     start = time.perf_counter()
-    for index in tqdm(range(len(dataset)), desc=f"{args.mode} inference"):
-        sample = dataset[index]
-        pixel_values = sample["pixel_values"][None].to(args.device)
-        labels = sample["labels"]
-        logits = predict_logits(
-            model, pixel_values, tuple(labels.shape), args.mode, num_labels, tuple(args.crop_size), tuple(args.stride)
+    progress = tqdm(total=len(dataset), desc=f"{args.mode} inference", unit="img")
+    for batch in same_size_batches(dataset, args.batch_size, args.num_workers):
+        pixel_values = torch.stack([sample["pixel_values"] for sample in batch]).to(args.device)
+        predictions = predict_labels(
+            model,
+            pixel_values,
+            [tuple(sample["labels"].shape) for sample in batch],
+            args.mode,
+            num_labels,
+            tuple(args.crop_size),
+            tuple(args.stride),
         )
-        metrics.update(logits.argmax(dim=1)[0].cpu(), labels)
+        for prediction, sample in zip(predictions, batch, strict=True):
+            metrics.update(prediction.cpu(), sample["labels"])
+        progress.update(len(batch))
+    progress.close()
     result = metrics.compute()
     result["num_images"] = len(dataset)
     result["seconds"] = time.perf_counter() - start
@@ -182,6 +210,7 @@ def main(argv=None) -> dict:
     print_table(result, {int(k): v for k, v in names.items()})
     result |= {
         "model": args.model_name_or_path,
+        "weights_sha256": weights_fingerprint(model),  # push_to_hub.py checks results against the weights
         "mode": args.mode,
         "scale": args.scale,
         "crop_size": args.crop_size,

@@ -73,6 +73,15 @@ def slide_inference(
     return summed / counts
 
 
+def _logits_at_input_size(model, pixel_values, mode, num_labels, crop_size, stride) -> torch.Tensor:
+    if mode == "slide":
+        num_labels = num_labels or model.config.num_labels
+        return slide_inference(model, pixel_values, num_labels, crop_size, stride)
+    if mode == "whole":
+        return whole_inference(model, pixel_values)
+    raise ValueError(f"Unknown inference mode {mode!r}; use 'slide' or 'whole'.")
+
+
 @torch.no_grad()
 def predict_logits(
     model: nn.Module,
@@ -84,14 +93,32 @@ def predict_logits(
     stride: tuple[int, int] = DEFAULT_STRIDE,
 ) -> torch.Tensor:
     """Logits at `original_size` for images already resized (e.g. by `rescale_size`) and normalised."""
-    if mode == "slide":
-        num_labels = num_labels or model.config.num_labels
-        logits = slide_inference(model, pixel_values, num_labels, crop_size, stride)
-    elif mode == "whole":
-        logits = whole_inference(model, pixel_values)
-    else:
-        raise ValueError(f"Unknown inference mode {mode!r}; use 'slide' or 'whole'.")
+    logits = _logits_at_input_size(model, pixel_values, mode, num_labels, crop_size, stride)
     return F.interpolate(logits, size=original_size, mode="bilinear", align_corners=False)
 
 
-__all__ = ["rescale_size", "predict_logits", "slide_inference", "whole_inference", "window_boxes"]
+@torch.no_grad()
+def predict_labels(
+    model: nn.Module,
+    pixel_values: torch.Tensor,
+    original_sizes: list[tuple[int, int]],
+    mode: str = "slide",
+    num_labels: int | None = None,
+    crop_size: tuple[int, int] = DEFAULT_CROP,
+    stride: tuple[int, int] = DEFAULT_STRIDE,
+) -> list[torch.Tensor]:
+    """Label maps for a batch of images resized to one common size, each at its own original size.
+
+    pixel_values (B, 3, h, w) -> logits (B, K, h, w) in one pass (slide or whole) -> per image: bilinear resize
+    to `original_sizes[i]` and argmax, as mmseg's post-processing. Returns B tensors (H_i, W_i) of class ids.
+    """
+    if len(original_sizes) != pixel_values.shape[0]:
+        raise ValueError(f"{len(original_sizes)} original sizes for a batch of {pixel_values.shape[0]} images.")
+    logits = _logits_at_input_size(model, pixel_values, mode, num_labels, crop_size, stride)
+    return [
+        F.interpolate(logits[i : i + 1], size=tuple(size), mode="bilinear", align_corners=False).argmax(dim=1)[0]
+        for i, size in enumerate(original_sizes)
+    ]
+
+
+__all__ = ["rescale_size", "predict_labels", "predict_logits", "slide_inference", "whole_inference", "window_boxes"]

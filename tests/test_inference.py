@@ -3,7 +3,14 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
-from offseg_hf.inference import predict_logits, rescale_size, slide_inference, whole_inference, window_boxes
+from offseg_hf.inference import (
+    predict_labels,
+    predict_logits,
+    rescale_size,
+    slide_inference,
+    whole_inference,
+    window_boxes,
+)
 
 
 class PixelLocal(nn.Module):
@@ -80,3 +87,16 @@ def test_predict_logits_resizes_to_the_original_image():
     assert logits.shape == (1, 4, 81, 123)
     with pytest.raises(ValueError, match="slide' or 'whole"):
         predict_logits(model, torch.randn(1, 3, 8, 8), (8, 8), mode="grid")
+
+
+def test_predict_labels_gives_each_image_its_own_size():
+    model = PixelLocal()
+    images = torch.randn(2, 3, 40, 60)
+    sizes = [(81, 123), (20, 30)]
+    with torch.no_grad():
+        labels = predict_labels(model, images, sizes, mode="slide", num_labels=4, crop_size=(32, 32), stride=(24, 24))
+        for i, size in enumerate(sizes):
+            expected = predict_logits(model, images[i : i + 1], size, "slide", 4, (32, 32), (24, 24)).argmax(1)[0]
+            assert labels[i].shape == size and torch.equal(labels[i], expected)
+    with pytest.raises(ValueError, match="original sizes"):
+        predict_labels(model, images, sizes[:1])
