@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from offseg_hf import VARIANTS, OffSegConfig, OffSegForSemanticSegmentation, OffSegImageProcessor
-from offseg_hf.hub import count_gmac, render_card
+from offseg_hf.hub import check_measured_on, count_gmac, render_card
 
 
 def parse_args(argv=None):
@@ -35,7 +35,11 @@ def parse_args(argv=None):
         default=None,
         help='JSON {"segformer": {...}, "offseg": {...}} applied to --random_init models.',
     )
-    parser.add_argument("--results_dir", default=None, help="evaluate.py JSON per variant: DIR/<variant>.json.")
+    parser.add_argument(
+        "--results_dir",
+        default=None,
+        help="evaluate.py JSON per variant: DIR/<variant>.json, measured on the same weights (checked by fingerprint).",
+    )
     parser.add_argument("--dataset_id", default="scene_parse_150", help="Hub id of the training data set.")
     parser.add_argument("--dataset_name", default="ADE20K")
     parser.add_argument("--namespace", default=None, help="Upload to <namespace>/<variant> (needs a network).")
@@ -61,11 +65,13 @@ def build_folder(args, variant: str, template: str) -> Path:
     model, weights_source = build_model(args, variant)
     repo_id = f"{args.namespace or 'offseg-hf'}/{variant}"
     out = Path(args.local_dir) / variant
+    result = None
+    results_file = Path(args.results_dir) / f"{variant}.json" if args.results_dir else None
+    if results_file is not None and results_file.exists():
+        result = json.loads(results_file.read_text())
+        check_measured_on(result, model, str(results_file))  # model-index only for these very weights
     model.save_pretrained(out)  # safetensors + config.json with auto_map + modeling code
     OffSegImageProcessor().save_pretrained(out)
-    result = None
-    if args.results_dir and (Path(args.results_dir) / f"{variant}.json").exists():
-        result = json.loads((Path(args.results_dir) / f"{variant}.json").read_text())
     card = render_card(
         template,
         variant,

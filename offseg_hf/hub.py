@@ -3,6 +3,7 @@ image processor config and a README rendered from MODEL_CARD.md."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import torch
@@ -23,6 +24,28 @@ def variant_description(variant: str) -> str:
     family = VARIANTS[variant]["decode_head"]
     size = variant.split("-")[1].upper()
     return DESCRIPTIONS[family].format(size=size)
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of the model's state dict (names, dtypes, shapes and values, in name order). `examples/evaluate.py`
+    records it with its results; `examples/push_to_hub.py` writes a `model-index` only from results whose
+    fingerprint is that of the weights it publishes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_measured_on(result: dict, model: nn.Module, source: str) -> None:
+    """Raise `ValueError` unless `result` (an evaluate.py JSON) was measured on exactly `model`'s weights."""
+    expected, recorded = weights_fingerprint(model), result.get("weights_sha256")
+    if recorded != expected:
+        raise ValueError(
+            f"{source} was not measured on these weights (its weights_sha256 is {recorded}, these weights' is "
+            f"{expected}). Evaluate the weights being published with examples/evaluate.py, or leave the result out."
+        )
 
 
 def count_gmac(model: nn.Module, pixel_values: torch.Tensor | None = None) -> float:

@@ -8,9 +8,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+import torch
 from huggingface_hub import ModelCard
 
-from offseg_hf import VARIANTS
+from offseg_hf import VARIANTS, OffSegConfig, OffSegForSemanticSegmentation
+from offseg_hf.hub import weights_fingerprint
 
 from .conftest import TINY_ENCODER
 
@@ -53,6 +56,10 @@ def test_local_dir_makes_one_loadable_repo_per_variant(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
     measured = {"mean_iou": 0.4123, "mean_accuracy": 0.5, "overall_accuracy": 0.8, "num_images": 2000}
+    torch.manual_seed(0)  # the script's --random_init model for offseg-t, whose weights these results describe
+    measured["weights_sha256"] = weights_fingerprint(
+        OffSegForSemanticSegmentation(OffSegConfig.from_variant("offseg-t"))
+    )
     (results / "offseg-t.json").write_text(json.dumps(measured))
     overrides = {"segformer": {"encoder_config": TINY_ENCODER, "decoder_hidden_size": 32}}
     folders = load_script().main(
@@ -102,3 +109,17 @@ def test_local_dir_makes_one_loadable_repo_per_variant(tmp_path):
         assert entry["datasets"] == ["scene_parse_150"] and entry["widget"]
         expected = [["mIoU", 41.23], ["mAcc", 50.0], ["aAcc", 80.0]] if folder.name == "offseg-t" else []
         assert entry["eval_results"] == expected, folder.name
+
+
+def test_results_measured_on_other_weights_are_refused(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    tiny = {"segformer": {"encoder_config": TINY_ENCODER, "decoder_hidden_size": 32}}
+    base = ["--variants", "segformer-b0-offset", "--random_init", "--config_overrides", json.dumps(tiny)]
+    base += ["--results_dir", str(results)]
+    measured = {"mean_iou": 0.4, "mean_accuracy": 0.5, "overall_accuracy": 0.8}
+    for recorded in (None, "0" * 64):  # no fingerprint, or another model's
+        (results / "segformer-b0-offset.json").write_text(json.dumps({**measured, "weights_sha256": recorded}))
+        with pytest.raises(ValueError, match="not measured on these weights"):
+            load_script().main(["--local_dir", str(tmp_path / "hub"), *base])
+        assert not (tmp_path / "hub" / "segformer-b0-offset").exists()
