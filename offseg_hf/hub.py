@@ -20,6 +20,54 @@ DESCRIPTIONS = {
 }
 
 
+# Multiply-adds of the official mmseg modules (github.com/HVision-NKU/OffSeg) at 512x512 with 150 classes, counted
+# by `torch.utils.flop_counter` on those modules themselves (CARAFE's multiply-adds, an mmcv op, not included).
+OFFICIAL_GMAC_150 = {
+    "segformer-b0-offset": 8.67,
+    "segformer-b1-offset": 16.16,
+    "segformer-b2-offset": 25.96,
+    "segformer-b3-offset": 42.58,
+    "segformer-b4-offset": 59.19,
+    "segformer-b5-offset": 75.13,
+    "offseg-t": 9.39,
+    "offseg-b": 14.66,
+    "offseg-l": 21.80,
+}
+
+FLOPS_NOTES = {
+    "segformer": (
+        "This implementation computes the official model's function with fewer multiply-adds: the SegFormer "
+        "head's 1x1 fusion convolution is applied to each stage before upsampling instead of to the concatenated "
+        "upsampled maps, and offset learning's feature-offset term goes through a K x K matrix."
+    ),
+    "offseg": (
+        "The paper's FLOPs leave out most of offset learning's matrix products, which OffSeg runs at 1/4 "
+        "resolution (0.63 GMAC each at 512x512 and 150 classes); the count above includes every one. This "
+        "implementation evaluates the feature-offset term through a K x K matrix. Neither count includes CARAFE's "
+        "multiply-adds (about 0.1-0.2 GMAC)."
+    ),
+}
+
+
+def flops_note(variant: str, num_labels: int) -> str:
+    """Why the counted multiply-adds differ from the paper's FLOPs, with the official modules' count."""
+    note = FLOPS_NOTES[VARIANTS[variant]["decode_head"]]
+    official = OFFICIAL_GMAC_150.get(variant)
+    if official is not None and num_labels == 150:
+        note += f" The official modules count {official:.2f} GMAC at 512x512 with 150 classes."
+    return note
+
+
+def paper_section(variant: str) -> str:
+    paper = PAPER_FIGURES.get(variant)
+    if paper is None:
+        return "The paper reports no figures for this variant."
+    return (
+        f"{paper['ade20k_miou']} mIoU on ADE20K (single scale, sliding window), {paper['params_m']} M parameters, "
+        f"{paper['gflops']} GFLOPs. These are the paper's numbers, not measurements of the weights in this repository."
+    )
+
+
 def variant_description(variant: str) -> str:
     family = VARIANTS[variant]["decode_head"]
     size = variant.split("-")[1].upper()
@@ -103,15 +151,21 @@ def render_card(
     result: dict | None = None,
 ) -> ModelCard:
     """The model card of one variant. `model-index` is written only from `result` (measured on these weights)."""
-    paper = PAPER_FIGURES[variant]
+    paper = PAPER_FIGURES.get(variant, {})
     if result is None:
         results_section = "Not evaluated yet: no measurement on these weights is claimed here."
     else:
         results_section = (
             f"mIoU {100 * result['mean_iou']:.2f}, mAcc {100 * result['mean_accuracy']:.2f}, "
             f"aAcc {100 * result['overall_accuracy']:.2f} on {dataset_name} validation "
-            f"({result.get('num_images', '?')} images, {result.get('mode', 'slide')} inference, single scale), "
-            "measured with offseg-hf's `examples/evaluate.py`."
+            f"({result.get('num_images', '?')} images, {result.get('mode', 'slide')} inference, single scale"
+            + (f", keep-ratio resize to {tuple(result['scale'])}" if result.get("scale") else "")
+            + (
+                f", windows {tuple(result['crop_size'])} every {tuple(result['stride'])}"
+                if result.get("mode", "slide") == "slide" and result.get("crop_size") and result.get("stride")
+                else ""
+            )
+            + "), measured with offseg-hf's `examples/evaluate.py`."
         )
     text = render_template(
         template,
@@ -121,10 +175,11 @@ def render_card(
             "repo_id": repo_id,
             "variant": variant,
             "params_m": f"{params_m:.2f}",
-            "paper_params_m": paper["params_m"],
+            "paper_params_m": paper.get("params_m", "n/a"),
             "gmac": f"{gmac:.2f}",
-            "paper_gflops": paper["gflops"],
-            "paper_miou": paper["ade20k_miou"],
+            "paper_gflops": paper.get("gflops", "n/a"),
+            "paper_section": paper_section(variant),
+            "flops_note": flops_note(variant, num_labels),
             "num_labels": num_labels,
             "dataset_id": dataset_id,
             "dataset_name": dataset_name,

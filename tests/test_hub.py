@@ -123,3 +123,41 @@ def test_results_measured_on_other_weights_are_refused(tmp_path):
         with pytest.raises(ValueError, match="not measured on these weights"):
             load_script().main(["--local_dir", str(tmp_path / "hub"), *base])
         assert not (tmp_path / "hub" / "segformer-b0-offset").exists()
+
+
+def test_new_presets_are_picked_up_and_cards_say_whose_figures_they_show(tmp_path, monkeypatch):
+    # A preset added to VARIANTS later (as OffSeg-T/B/L were) is published with no code change; with no paper
+    # figures for it, the card claims none.
+    preset = {
+        **VARIANTS["segformer-b0-offset"],
+        "encoder_config": {**VARIANTS["segformer-b0-offset"]["encoder_config"]},
+    }
+    preset["encoder_config"].update(TINY_ENCODER)
+    monkeypatch.setitem(VARIANTS, "segformer-tiny-offset", preset)
+    script = load_script()
+    args = ["--local_dir", str(tmp_path / "hub"), "--random_init"]
+    assert "segformer-tiny-offset" in script.parse_args(args).variants
+    (folder,) = script.main([*args, "--variants", "segformer-tiny-offset"])
+    card = ModelCard.load(folder / "README.md")
+    assert "The paper reports no figures for this variant." in card.text
+    assert card.data.eval_results is None and card.data.pipeline_tag == "image-segmentation"
+
+
+def test_card_figures_are_labelled_and_results_carry_the_protocol():
+    from offseg_hf.hub import render_card
+
+    template = (Path(__file__).parents[1] / "MODEL_CARD.md").read_text()
+    result = {"mean_iou": 0.44, "mean_accuracy": 0.55, "overall_accuracy": 0.8, "num_images": 2000, "mode": "slide"}
+    result |= {"scale": [2048, 512], "crop_size": [512, 512], "stride": [480, 480]}
+    card = render_card(template, "offseg-t", "org/offseg-t", 6.18, 8.07, 150, "scene_parse_150", "ADE20K", "x", result)
+    text = card.text
+    assert "44.2 mIoU on ADE20K (single scale, sliding window)" in text and "These are the paper's numbers" in text
+    assert "The official modules count 9.39 GMAC" in text
+    assert "mIoU 44.00" in text and "keep-ratio resize to (2048, 512), windows (512, 512) every (480, 480)" in text
+    assert [(r.metric_name, r.metric_value) for r in card.data.eval_results] == [
+        ("mIoU", 44.0),
+        ("mAcc", 55.0),
+        ("aAcc", 80.0),
+    ]
+    segformer = render_card(template, "segformer-b0-offset", "o/b0", 3.9, 5.48, 19, "cityscapes", "Cityscapes", "x")
+    assert "fewer multiply-adds" in segformer.text and "official modules count" not in segformer.text  # not 150
