@@ -15,5 +15,16 @@ class OffSegImageProcessor(SegformerImageProcessor):
 
     do_convert_rgb = True
 
+    def to_dict(self) -> dict:
+        # The class is named by the model's config.json (`auto_map["AutoImageProcessor"]`, written by
+        # OffSegPreTrainedModel.save_pretrained), not here: transformers derives a *video* processor from an
+        # `auto_map` found in preprocessor_config.json, which makes `pipeline(...)` on a saved folder ask whether to
+        # run custom code. Without a type here, AutoImageProcessor reads config.json (locally registered class, or
+        # the folder's code with `trust_remote_code=True`).
+        output = super().to_dict()
+        output.pop("auto_map", None)
+        output.pop("image_processor_type", None)
+        return output
+
 
 __all__ = ["OffSegImageProcessor"]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import timm
 import torch
@@ -69,13 +71,19 @@ class OffSegPreTrainedModel(PreTrainedModel):
             ) from error
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        # Both Auto classes resolve to this code in the saved folder (transformers records only the saved class).
+        # Both Auto classes resolve to this code in the saved folder (transformers records only the saved class),
+        # and so does AutoImageProcessor (see OffSegImageProcessor.to_dict), whose module travels with the model.
         self.config.auto_map = {
             **(getattr(self.config, "auto_map", None) or {}),
             "AutoModel": "modeling_offseg.OffSegModel",
             "AutoModelForSemanticSegmentation": "modeling_offseg.OffSegForSemanticSegmentation",
+            "AutoImageProcessor": "image_processing_offseg.OffSegImageProcessor",
         }
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        processor_module = Path(__file__).with_name("image_processing_offseg.py")
+        if processor_module.exists():
+            shutil.copyfile(processor_module, Path(save_directory) / processor_module.name)
+        return result
 
     def _init_weights(self, module):
         std = self.config.initializer_range

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -215,6 +216,21 @@ def test_pipeline_masks_match_image_size(any_model, tmp_path, mode):
         assert r["mask"].size == (517, 333)
         mask = np.array(r["mask"]) > 0
         assert np.array_equal(mask, (seg == any_model.config.label2id[r["label"]]).numpy())
+
+
+def test_pipeline_on_a_saved_folder_asks_nothing(any_model, tmp_path, monkeypatch):
+    """With offseg_hf installed, loading a saved folder must not prompt about custom code (transformers derives a
+    video processor from a processor-side auto_map and would ask in an interactive terminal)."""
+    save_folder(any_model, tmp_path)
+
+    def no_prompt(*_):
+        raise AssertionError("transformers asked whether to run custom code")
+
+    monkeypatch.setattr("builtins.input", no_prompt)
+    segmenter = pipeline("image-segmentation", model=str(tmp_path))
+    assert isinstance(segmenter.image_processor, OffSegImageProcessor)
+    assert isinstance(segmenter.model, OffSegForSemanticSegmentation)
+    assert "auto_map" not in json.loads((tmp_path / "preprocessor_config.json").read_text())
 
 
 def test_image_processor_converts_to_rgb_and_post_processes_to_any_size(tiny_model):
