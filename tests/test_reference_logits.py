@@ -1,0 +1,28 @@
+"""Every preset still computes what it computed when the reference fixture was written (before the encoder
+refactor): logits of name-seeded weights on a fixed input, compared with tests/fixtures/reference_logits.safetensors.
+The fixture was written by tests/fixtures/make_reference_logits.py on the earlier code and is not regenerated here."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+FIXTURES = Path(__file__).with_name("fixtures")
+sys.path.insert(0, str(FIXTURES))
+from make_reference_logits import CASES, build, input_pixels  # noqa: E402
+
+REFERENCE = load_file(str(FIXTURES / "reference_logits.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_the_reference_fixture(case):
+    # float64 leaves only summation-order differences (kernels may pick another order on another CPU), far below
+    # any change of function; float32 is checked at its own rounding level.
+    for dtype, tag, tolerance in ((torch.float64, "fp64", 1e-9), (torch.float32, "fp32", 2e-4)):
+        model = build(case, dtype)
+        with torch.no_grad():
+            logits = model(input_pixels().to(dtype)).logits
+        torch.testing.assert_close(logits, REFERENCE[f"{case}:{tag}"], rtol=0, atol=tolerance)
