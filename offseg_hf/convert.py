@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copyreg
+import functools
 import pickle
 import re
 import types
@@ -144,8 +145,13 @@ OFFSEG_HEAD_RULES = [
 ]
 
 # EfficientFormerV2: the official `network` list alternates block stages (even indices 0, 2, 4, 6 -> timm's
-# stages 0-3) and embeddings (odd indices 1, 3, 5 -> the downsample of timm's stages 1-3).
-_NET = r"backbone\.network\.(\d+)"
+# stages 0-3) and embeddings (odd indices 1, 3, 5 -> the downsample of timm's stages 1-3). The embeddings at 1 and
+# 3 are a plain conv + norm (`proj`, `norm`); the one at 5 adds an attention downsample (`attn`, `conv`, `bn`), as
+# the official code builds it with `asub=True` from its third stage on. The patterns spell these indices out so
+# that every key of ours names exactly one official key (`official_key`).
+_NET = r"backbone\.network\.([0246])"
+_PLAIN_EMBEDDING = r"backbone\.network\.([13])"
+_ATTENTION_EMBEDDING = r"backbone\.network\.(5)"
 _CONV_NORM = r"(q|k|v|v_local|stride_conv)"  # Sequential(conv, BatchNorm) in the official code, ConvNorm in timm
 
 
@@ -162,8 +168,8 @@ def _layer_scale(name: str, ours: str) -> Rule:
     )
 
 
-def _downsample(official_rest: str, ours_rest: str) -> Rule:
-    return _same(rf"{_NET}\.{official_rest}", rf"{_ENC}.stages.<stage>.downsample.{ours_rest}")
+def _downsample(official_rest: str, ours_rest: str, embedding: str = _ATTENTION_EMBEDDING) -> Rule:
+    return _same(rf"{embedding}\.{official_rest}", rf"{_ENC}.stages.<stage>.downsample.{ours_rest}")
 
 
 EFFICIENTFORMER_V2_RULES = [
@@ -185,8 +191,10 @@ EFFICIENTFORMER_V2_RULES = [
     _block(rf"token_mixer\.proj\.2\.{_W}", r"token_mixer.proj.bn.\3"),
     _block(rf"token_mixer\.(talking_head1|talking_head2)\.{_W}", r"token_mixer.\3.\4"),
     _block(r"token_mixer\.attention_biases_seg", r"token_mixer.attention_biases"),
-    _downsample(rf"(proj|conv)\.{_W}", r"conv.conv.\3"),
-    _downsample(rf"(norm|bn)\.{_W}", r"conv.bn.\3"),
+    _downsample(rf"proj\.{_W}", r"conv.conv.\2", _PLAIN_EMBEDDING),
+    _downsample(rf"norm\.{_W}", r"conv.bn.\2", _PLAIN_EMBEDDING),
+    _downsample(rf"conv\.{_W}", r"conv.conv.\2"),
+    _downsample(rf"bn\.{_W}", r"conv.bn.\2"),
     _downsample(rf"attn\.q\.local\.0\.{_W}", r"attn.q.local.\2"),
     _downsample(rf"attn\.q\.proj\.0\.{_W}", r"attn.q.proj.conv.\2"),
     _downsample(rf"attn\.q\.proj\.1\.{_W}", r"attn.q.proj.bn.\2"),
@@ -226,6 +234,17 @@ def _fill(template: str, match: re.Match) -> str:
     return key
 
 
+def _official_rule(key: str, rules: list[Rule]) -> tuple[Rule, re.Match] | None:
+    """The rule that converts official `key` (the first whose pattern matches), or None if it is ignored/unknown."""
+    if any(re.fullmatch(pattern, key) for pattern in IGNORED):
+        return None
+    for rule in rules:
+        match = re.fullmatch(rule.official, key)
+        if match:
+            return rule, match
+    return None
+
+
 def convert_state_dict(official: dict[str, Tensor], variant: str) -> dict[str, Tensor]:
     """Official (mmseg) state dict -> ours. Raises `ValueError` listing unmapped official keys."""
     rules = _family(variant)
@@ -233,34 +252,154 @@ def convert_state_dict(official: dict[str, Tensor], variant: str) -> dict[str, T
     for key, tensor in official.items():
         if any(re.fullmatch(pattern, key) for pattern in IGNORED):
             continue
-        for rule in rules:
-            match = re.fullmatch(rule.official, key)
-            if match:
-                for template, value in zip(rule.ours, rule.to_ours(tensor), strict=True):
-                    ours[_fill(template, match)] = value.clone()
-                break
-        else:
+        found = _official_rule(key, rules)
+        if found is None:
             unmapped.append(key)
+            continue
+        rule, match = found
+        for template, value in zip(rule.ours, rule.to_ours(tensor), strict=True):
+            ours[_fill(template, match)] = value.clone()
     if unmapped:
         raise ValueError(f"{len(unmapped)} official keys have no mapping for {variant!r}: {unmapped[:20]}")
     return ours
 
 
-def to_official_state_dict(ours: dict[str, Tensor], variant: str, official_keys: list[str]) -> dict[str, Tensor]:
-    """Ours -> official names, for the given official key list (the inverse of `convert_state_dict`)."""
+# The inverse mapping (ours -> official) is derived from the same rules: each `ours` template becomes a regex
+# over our keys (a group reference matches what that group of the official pattern matches; `<stage>` any number),
+# and the official pattern, whose only regex syntax outside its groups is escaped literals, is filled back in
+# with the captured values. Every candidate is checked by running the forward rule on it.
+
+
+def _capturing_groups(pattern: str) -> list[tuple[int, int]]:
+    """(start, end) of the text inside each capturing group of `pattern`, in group-number order."""
+    spans: dict[int, tuple[int, int]] = {}
+    stack: list[tuple[int | None, int]] = []
+    count, i = 0, 0
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\":
+            i += 1
+        elif char == "[":
+            i = pattern.index("]", i + 2)  # a class never starts with "]" in these patterns
+        elif char == "(":
+            capturing = not pattern.startswith("(?", i) or pattern.startswith("(?P<", i)
+            if capturing:
+                count += 1
+            stack.append((count if capturing else None, i + 1))
+        elif char == ")":
+            number, start = stack.pop()
+            if number is not None:
+                spans[number] = (start, i)
+        i += 1
+    return [spans[number] for number in range(1, count + 1)]
+
+
+@dataclass(frozen=True)
+class _Inverse:
+    """One `ours` template of a rule, as a regex over our keys, with the official key as literal pieces and
+    group numbers."""
+
+    rule: Rule
+    ours: re.Pattern
+    official: tuple[str | int, ...]
+
+
+def _inverse(rule: Rule, template: str) -> _Inverse:
+    groups = _capturing_groups(rule.official)
+    official: list[str | int] = []
+    i = 0
+    while i < len(rule.official):
+        number = next((n for n, (start, _) in enumerate(groups, 1) if start == i + 1), None)
+        if number is not None:
+            end = groups[number - 1][1]
+            if any(start < end for start, _ in groups[number:]):  # a group opened inside this one
+                raise ValueError(f"Nested groups are not invertible: {rule.official!r}")
+            official.append(number)
+            i = end + 1
+        elif rule.official[i] == "\\" and not rule.official[i + 1].isalnum():
+            official.append(rule.official[i + 1])
+            i += 2
+        elif rule.official[i] in "\\.^$*+?{}[]|()":
+            raise ValueError(f"Regex syntax outside a group is not invertible: {rule.official!r}")
+        else:
+            official.append(rule.official[i])
+            i += 1
+    parts, seen = [], set()
+    for piece in re.split(r"(\\\d+|<stage>)", template):
+        if piece == "<stage>":
+            parts.append(r"(?P<stage>\d+)")
+        elif piece.startswith("\\"):
+            number = int(piece[1:])
+            start, end = groups[number - 1]
+            parts.append(f"(?P=g{number})" if number in seen else f"(?P<g{number}>{rule.official[start:end]})")
+            seen.add(number)
+        else:
+            parts.append(re.escape(piece))
+    # `<stage>` stands for group 1 (the official `network` index); any other group must appear in the template.
+    undetermined = {p for p in official if isinstance(p, int)} - seen - ({1} if "<stage>" in template else set())
+    if undetermined:
+        raise ValueError(f"{template!r} does not determine groups {sorted(undetermined)} of {rule.official!r}")
+    return _Inverse(rule, re.compile("".join(parts)), tuple(official))
+
+
+@functools.cache
+def _inverses(family: str) -> tuple[_Inverse, ...]:
+    return tuple(_inverse(rule, template) for rule in FAMILIES[family] for template in rule.ours)
+
+
+def official_key(key: str, family: str) -> str | None:
+    """The official (mmseg) key whose conversion produces our `key`, or None if no rule produces it.
+
+    `family` is a key of `FAMILIES` ("segformer", "offseg") or a variant name. The q/k/v projections of a MiT
+    block all come from one packed official `in_proj_weight`/`in_proj_bias`, which is returned for each.
+    """
+    if family in VARIANTS:
+        family = VARIANTS[family]["decode_head"]
+    if family not in FAMILIES:
+        raise ValueError(f"Unknown model family {family!r}: one of {sorted(FAMILIES)} or a variant name.")
+    rules = FAMILIES[family]
+    for inverse in _inverses(family):
+        match = inverse.ours.fullmatch(key)
+        if match is None:
+            continue
+        values = {int(name[1:]): value for name, value in match.groupdict().items() if name.startswith("g")}
+        # An EfficientFormerV2 stage's blocks sit at official index 2 * stage, its downsample at 2 * stage - 1.
+        stage = match.groupdict().get("stage")
+        for network_index in [None] if stage is None else [2 * int(stage), 2 * int(stage) - 1]:
+            if network_index is not None:
+                values[1] = str(network_index)
+            candidate = "".join(values[p] if isinstance(p, int) else p for p in inverse.official)
+            found = _official_rule(candidate, rules)
+            if found and found[0] is inverse.rule and key in (_fill(t, found[1]) for t in inverse.rule.ours):
+                return candidate
+    return None
+
+
+def to_official_state_dict(
+    ours: dict[str, Tensor], variant: str, official_keys: list[str] | None = None
+) -> dict[str, Tensor]:
+    """Ours -> official names (the inverse of `convert_state_dict`).
+
+    Without `official_keys`, the keys are the `official_key` of each of ours, in our order (q/k/v packed back into
+    one tensor); a key of ours that no official key produces raises `ValueError`.
+    """
     rules = _family(variant)
+    if official_keys is None:
+        family = VARIANTS[variant]["decode_head"]
+        names = {key: official_key(key, family) for key in ours}
+        unmapped = [key for key, name in names.items() if name is None]
+        if unmapped:
+            raise ValueError(f"{len(unmapped)} keys have no official name for {variant!r}: {unmapped[:20]}")
+        official_keys = list(dict.fromkeys(names.values()))
     result = {}
     for key in official_keys:
         if any(re.fullmatch(pattern, key) for pattern in IGNORED):
             continue
-        for rule in rules:
-            match = re.fullmatch(rule.official, key)
-            if match:
-                parts = [ours[_fill(template, match)] for template in rule.ours]
-                result[key] = rule.to_official(*parts)
-                break
-        else:
+        found = _official_rule(key, rules)
+        if found is None:
             raise ValueError(f"Official key {key!r} has no mapping for {variant!r}.")
+        rule, match = found
+        result[key] = rule.to_official(*[ours[_fill(template, match)] for template in rule.ours])
     return result
 
 

@@ -15,6 +15,7 @@ from offseg_hf.convert import (
     convert_state_dict,
     load_official_checkpoint,
     main,
+    official_key,
     read_official_checkpoint,
     to_official_state_dict,
 )
@@ -135,6 +136,88 @@ def test_official_key_set_maps_onto_ours_exactly(variant):
     assert set(back) == set(ours)
     for key in back:
         assert back[key].shape == ours[key].shape, key
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_official_key_names_every_parameter_and_buffer_by_its_official_key(variant):
+    with torch.device("meta"):
+        model = OffSegForSemanticSegmentation(OffSegConfig.from_variant(variant, num_labels=150))
+    keys = official_keys(variant)
+    expected = {k for k in keys if not is_ignored(k)}
+    family = VARIANTS[variant]["decode_head"]
+    names = {key: official_key(key, family) for key in model.state_dict()}
+    assert set(dict(model.named_parameters())) <= set(names)
+    assert {key: name for key, name in names.items() if name not in expected} == {}
+    assert set(names.values()) == expected  # every official key is produced, none of the ignored ones
+    assert all(official_key(key, variant) == name for key, name in names.items())
+    with_list = to_official_state_dict(model.state_dict(), variant, keys)
+    without_list = to_official_state_dict(model.state_dict(), variant)
+    assert list(with_list) == [k for k in keys if k in without_list] and with_list.keys() == without_list.keys()
+    for key, value in with_list.items():
+        assert without_list[key].shape == value.shape, key
+
+
+@pytest.mark.parametrize(
+    ("family", "ours", "official"),
+    [
+        ("segformer", "offseg.encoder.stages.0.blocks.1.layernorm_before.weight", "backbone.layers.0.1.1.norm1.weight"),
+        (
+            "segformer",
+            "offseg.encoder.stages.2.blocks.0.attention.k_proj.bias",
+            "backbone.layers.2.1.0.attn.attn.in_proj_bias",
+        ),
+        ("segformer", "offseg.encoder.stages.1.blocks.0.mlp.fc2.weight", "backbone.layers.1.1.0.ffn.layers.4.weight"),
+        ("segformer-b2-offset", "classifier.class_embeddings", "decode_head.offset_learning.cls_repr"),
+        ("offseg", "offseg.encoder.stages.2.blocks.3.ls1.gamma", "backbone.network.4.3.layer_scale_1"),
+        ("offseg", "offseg.encoder.stages.1.downsample.conv.bn.running_var", "backbone.network.1.norm.running_var"),
+        ("offseg", "offseg.encoder.stages.2.downsample.conv.conv.weight", "backbone.network.3.proj.weight"),
+        ("offseg", "offseg.encoder.stages.3.downsample.conv.bn.weight", "backbone.network.5.bn.weight"),
+        (
+            "offseg-t",
+            "offseg.encoder.stages.3.downsample.attn.attention_biases",
+            "backbone.network.5.attn.attention_biases_seg",
+        ),
+        (
+            "offseg",
+            "offseg.decode_head.fusions.2.resampler.hr_offset.bias",
+            "decode_head.freqfusions.2.dysampler.hr_offset.bias",
+        ),
+        ("offseg", "offseg.encoder.stages.0.blocks.0.layernorm_before.weight", None),
+        ("segformer", "offseg.encoder.stem.conv1.conv.weight", None),
+        ("segformer", "offseg.encoder.stages.0.blocks.1.layernorm_before.weight.extra", None),
+    ],
+)
+def test_official_key_examples(family, ours, official):
+    assert official_key(ours, family) == official
+
+
+def test_official_key_rejects_unknown_families():
+    with pytest.raises(ValueError, match="Unknown model family"):
+        official_key("classifier.class_embeddings", "mask2former")
+
+
+@pytest.mark.parametrize("variant", ["segformer-b0-offset", "offseg-t"])
+def test_to_official_state_dict_without_key_list_equals_the_listed_one(variant):
+    torch.manual_seed(0)
+    model = OffSegForSemanticSegmentation(OffSegConfig.from_variant(variant, num_labels=4))
+    randomize_norms(model)
+    randomize_attention_biases(model)
+    ours = model.state_dict()
+    with_list = to_official_state_dict(ours, variant, official_keys(variant))
+    without_list = to_official_state_dict(ours, variant)
+    assert with_list.keys() == without_list.keys()
+    for key, value in with_list.items():
+        assert torch.equal(without_list[key], value), key
+    with pytest.raises(ValueError, match="no official name"):
+        to_official_state_dict({**ours, "offseg.extra.weight": torch.zeros(1)}, variant)
+
+
+def test_to_official_state_dict_without_key_list_packs_qkv_in_order():
+    torch.manual_seed(0)
+    ours = OffSegForSemanticSegmentation(OffSegConfig.from_variant("segformer-b0-offset", num_labels=4)).state_dict()
+    packed = to_official_state_dict(ours, "segformer-b0-offset")["backbone.layers.0.1.0.attn.attn.in_proj_weight"]
+    prefix = "offseg.encoder.stages.0.blocks.0.attention"
+    assert torch.equal(packed, torch.cat([ours[f"{prefix}.{name}_proj.weight"] for name in "qkv"]))
 
 
 @pytest.mark.parametrize("variant", ["segformer-b0-offset", "offseg-t"])
