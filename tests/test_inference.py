@@ -1,9 +1,14 @@
+import contextlib
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from offseg_hf.inference import (
+    evaluate_dataset,
     predict_labels,
     predict_logits,
     rescale_size,
@@ -100,3 +105,130 @@ def test_predict_labels_gives_each_image_its_own_size():
             assert labels[i].shape == size and torch.equal(labels[i], expected)
     with pytest.raises(ValueError, match="original sizes"):
         predict_labels(model, images, sizes[:1])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# evaluate_dataset
+
+
+class QuarterResolution(nn.Module):
+    """A per-pixel linear map to K classes, then 4x4 average pooling: logits at 1/4 resolution, as a real model's.
+    Written elementwise in float64 so an image's logits do not depend on the batch it runs in."""
+
+    def __init__(self, num_labels=3):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.weight = nn.Parameter(torch.randn(num_labels, 3, generator=generator, dtype=torch.float64))
+        self.batch_sizes, self.modes_seen = [], []
+
+    def forward(self, pixel_values):
+        self.batch_sizes.append(pixel_values.shape[0])
+        self.modes_seen.append(self.training)
+        w = self.weight[None, :, :, None, None]  # (1, K, 3, 1, 1)
+        x = pixel_values[:, None]  # (B, 1, 3, h, w)
+        per_pixel = x[:, :, 0] * w[:, :, 0] + x[:, :, 1] * w[:, :, 1] + x[:, :, 2] * w[:, :, 2]  # (B, K, h, w)
+        return SemanticSegmenterOutput(logits=F.avg_pool2d(per_pixel, 4))
+
+
+def eval_samples(num_labels=3):
+    """Resized inputs (24x32 but for one 32x24) with labels at various original sizes, some pixels ignored."""
+    generator = torch.Generator().manual_seed(1)
+    shapes = [((24, 32), (30, 40)), ((24, 32), (27, 36)), ((24, 32), (24, 32)), ((24, 32), (48, 64))]
+    shapes += [((32, 24), (40, 30)), ((24, 32), (33, 44)), ((24, 32), (21, 28))]
+    samples = []
+    for resized, original in shapes:
+        labels = torch.randint(0, num_labels, original, generator=generator)
+        labels[torch.rand(original, generator=generator) < 0.1] = 255
+        samples.append({"pixel_values": torch.randn(3, *resized, generator=generator), "labels": labels})
+    return samples
+
+
+def reference_confusion(model, samples, num_labels=3):
+    """mmseg's whole-image protocol written out: logits -> input size -> original size -> argmax -> counts."""
+    confusion = np.zeros((num_labels, num_labels), dtype=np.int64)
+    with torch.no_grad():
+        for sample in samples:
+            pixel_values = sample["pixel_values"][None].double()
+            logits = model(pixel_values=pixel_values).logits
+            logits = F.interpolate(logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
+            logits = F.interpolate(logits, size=sample["labels"].shape, mode="bilinear", align_corners=False)
+            prediction, labels = logits.argmax(1)[0].numpy().ravel(), sample["labels"].numpy().ravel()
+            keep = labels != 255
+            np.add.at(confusion, (labels[keep], prediction[keep]), 1)
+    return confusion
+
+
+def test_evaluate_dataset_equals_the_protocol_written_out_at_any_batch_size():
+    model, samples = QuarterResolution(), eval_samples()
+    expected = reference_confusion(model, samples)
+    assert expected.sum() > 0.8 * sum(s["labels"].numel() for s in samples)  # a real check: ~90% labelled
+    for batch_size in (1, 3, 8):
+        model.batch_sizes.clear()
+        metrics = evaluate_dataset(model, samples, 3, batch_size=batch_size)
+        np.testing.assert_array_equal(metrics.confusion.numpy(), expected)
+        # Consecutive samples of equal resized size share a pass; the 32x24 one breaks the run.
+        assert model.batch_sizes == {1: [1] * 7, 3: [3, 1, 1, 2], 8: [4, 1, 2]}[batch_size]
+
+
+def test_shards_of_two_processes_sum_to_the_whole_set():
+    model, samples = QuarterResolution(), eval_samples()
+    shards = [evaluate_dataset(model, samples, 3, shard=(rank, 2), batch_size=2).confusion for rank in (0, 1)]
+    np.testing.assert_array_equal(shards[1].numpy(), reference_confusion(model, samples[1::2]))
+    np.testing.assert_array_equal(shards[0].numpy(), reference_confusion(model, samples[0::2]))
+    whole = evaluate_dataset(model, samples, 3, batch_size=2).confusion
+    assert torch.equal(shards[0] + shards[1], whole)
+    with pytest.raises(ValueError, match="shard"):
+        evaluate_dataset(model, samples, 3, shard=(2, 2))
+
+
+def test_protocol_arguments_reach_predict_labels_and_autocast_wraps_each_forward(monkeypatch):
+    from offseg_hf import inference
+
+    calls, entered = [], []
+    real = inference.predict_labels
+
+    def spy(model, pixel_values, original_sizes, **kwargs):
+        calls.append(kwargs)
+        return real(model, pixel_values, original_sizes, **kwargs)
+
+    @contextlib.contextmanager
+    def autocast():
+        entered.append(True)
+        yield
+
+    monkeypatch.setattr(inference, "predict_labels", spy)
+    model, samples = QuarterResolution(), eval_samples()[:2]
+    evaluate_dataset(model, samples, 3, mode="slide", crop_size=[16, 16], stride=(12, 12), autocast=autocast)
+    assert calls == [{"mode": "slide", "num_labels": 3, "crop_size": (16, 16), "stride": (12, 12)}] * 2
+    # A 24x32 input in windows of 16 every 12: 2 x 3 windows, batched into one forward pass per image.
+    assert len(entered) == len(model.batch_sizes) == 2 and model.batch_sizes == [6, 6]
+
+
+def test_eval_mode_meanwhile_and_every_modules_mode_restored():
+    model = nn.Sequential(QuarterResolution())
+    model.extra = nn.BatchNorm2d(3).eval()  # e.g. a backbone kept in eval mode (norm_eval) inside a training model
+    model.train()
+    model.extra.eval()
+    evaluate_dataset(model[0], eval_samples()[:1], 3)  # the inner module alone
+    evaluate_dataset(model, [], 3)
+    assert model.training and model[0].training and not model.extra.training
+    inner = model[0]
+    inner.train()
+    evaluate_dataset(inner, eval_samples()[:2], 3)
+    assert inner.modes_seen[-2:] == [False, False] and inner.training
+
+    def broken(pixel_values):
+        raise RuntimeError("out of memory")
+
+    inner.forward = broken
+    with pytest.raises(RuntimeError, match="out of memory"):
+        evaluate_dataset(inner, eval_samples()[:1], 3)
+    assert inner.training
+
+
+def test_half_precision_logits_are_resized_in_float32():
+    class HalfLogits(nn.Module):
+        def forward(self, pixel_values):
+            return SemanticSegmenterOutput(logits=torch.ones(pixel_values.shape[0], 2, 3, 4, dtype=torch.bfloat16))
+
+    assert whole_inference(HalfLogits(), torch.zeros(1, 3, 12, 16)).dtype == torch.float32
