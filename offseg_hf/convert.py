@@ -4,7 +4,16 @@
     python -m offseg_hf.convert --checkpoint offseg_t_ade20k.pth --variant offseg-t --output_dir out/
 
 From Python: `convert_state_dict(official_state_dict, variant)` returns our state dict, `to_official_state_dict`
-goes back, and `load_official_checkpoint(path, variant, **config_overrides)` returns a ready model.
+goes back, `official_key(name, family)` gives the official name of one of our parameters/buffers, and
+`load_official_checkpoint(path, variant, **config_overrides)` returns a ready model.
+
+Reading a checkpoint never runs code from it, so files from file-sharing links are safe to convert. A `.pth` is a
+pickle, and a plain `torch.load(weights_only=False)` runs whatever callables the pickle names (`os.system`, ...).
+`read_official_checkpoint` uses torch's restricted loader (`weights_only=True`: tensors, containers, numpy values)
+and, for mmengine runner checkpoints that also pickle mmengine objects, `offseg_hf.safe_pickle`: an unpickler that
+resolves only an allowlist of inert torch/numpy/builtin names, turns every other name into an inert placeholder
+(never imported, even when installed) and checks every opcode that can call something. There is no fallback to an
+unrestricted unpickler. What it does not bound is memory: a hostile file can still ask for huge arrays.
 
 Strict: every official key is used or explicitly ignored (mmseg's unused `conv_seg`, EfficientFormerV2's
 ImageNet-sized attention-bias buffers and index tables, FreqFusion's constant hamming windows and initial sampling
@@ -18,20 +27,20 @@ convolutions where transformers uses Linear layers; EfficientFormerV2 layer scal
 from __future__ import annotations
 
 import argparse
-import copyreg
 import functools
 import pickle
 import re
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from . import safe_pickle
 from .configuration_offseg import VARIANTS, OffSegConfig
 from .data import ADE20K_CLASSES
 from .image_processing_offseg import OffSegImageProcessor
 from .modeling_offseg import OffSegForSemanticSegmentation
+from .safe_pickle import ALLOWED_GLOBALS
 from .state_dict_checks import require_fit
 
 Tensor = torch.Tensor
@@ -407,79 +416,46 @@ def strip_checkpoint(checkpoint) -> dict[str, Tensor]:
     """The state dict of an mmseg checkpoint (`{"state_dict": ..., "meta": ...}`) or a bare state dict."""
     if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
         checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict) or not all(isinstance(key, str) for key in checkpoint):
+        raise ValueError(f"Not a state dict: a {type(checkpoint).__name__} (expected a dict of name -> tensor).")
+    not_tensors = {key: type(value).__name__ for key, value in checkpoint.items() if not isinstance(value, Tensor)}
+    if not_tensors:
+        raise ValueError(
+            f"{len(not_tensors)} state dict entries are not tensors: {dict(list(not_tensors.items())[:20])}"
+        )
     return {k.removeprefix("module."): v for k, v in checkpoint.items()}
 
 
-class _AbsentType(type):
-    def __getattr__(cls, name: str):
-        # Pickles may reference a class's methods too (mmengine pickles `getattr(HistoryBuffer, "min")`).
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return f"<{cls.__module__}.{cls.__name__}.{name}>"
-
-
-class _Absent(metaclass=_AbsentType):
-    """Stands in for an object whose class lives in a package that is not installed. Checkpoints saved by
-    mmengine's runner pickle its objects (the message hub's `HistoryBuffer`, `ConfigDict`, ...) next to the
-    weights; the converter needs only the tensors, so these load as inert placeholders instead of failing with
-    "No module named 'mmengine'"."""
-
-    def __init__(self, *args, **kwargs):
-        self.args, self.kwargs = args, kwargs
-
-    def __setstate__(self, state):
-        self.state = state
-
-    def __setitem__(self, key, value):  # dict subclasses are pickled item by item
-        self.__dict__.setdefault("items", {})[key] = value
-
-    def append(self, value):  # and list subclasses value by value
-        self.__dict__.setdefault("values", []).append(value)
-
-    def extend(self, values):
-        for value in values:
-            self.append(value)
-
-
-def _reconstructor(cls, base, state):
-    """`copyreg._reconstructor`, which pickles of dict/list subclasses call, also for placeholder classes."""
-    if isinstance(cls, type) and issubclass(cls, _Absent):
-        return cls()
-    return copyreg._reconstructor(cls, base, state)
-
-
-class _TolerantUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if (module, name) == ("copyreg", "_reconstructor"):
-            return _reconstructor
-        try:
-            return super().find_class(module, name)
-        except (ImportError, AttributeError):
-            return type(name, (_Absent,), {"__module__": f"absent:{module}"})
-
-
-_tolerant_pickle = types.ModuleType("offseg_tolerant_pickle")
-_tolerant_pickle.Unpickler = _TolerantUnpickler
-_tolerant_pickle.load = lambda file, **kwargs: _TolerantUnpickler(file, **kwargs).load()
+def _numpy_globals() -> list[tuple[object, str]]:
+    """The numpy names of the restricted unpickler's allowlist, in the form `torch.serialization.safe_globals`
+    takes (object, "module.name"), so that files whose only extras are numpy values load with torch's own loader."""
+    return [(obj, f"{module}.{name}") for (module, name), obj in ALLOWED_GLOBALS.items() if module.startswith("numpy")]
 
 
 def read_official_checkpoint(path: str) -> tuple[dict[str, Tensor], list[str] | None]:
     """The state dict of an official checkpoint and, where mmengine recorded them, its class names.
 
-    Tries torch's safe loader first (weights_only). A checkpoint saved by mmengine's runner also pickles
-    mmengine/numpy objects; it is then read with the full unpickler (as `torch.load(weights_only=False)`: open
-    only files you trust), with classes of packages that are not installed replaced by inert placeholders, so
-    neither mmengine nor mmseg is needed.
+    Never runs code from the file. First torch's own restricted loader (`weights_only=True`, numpy values
+    allowed); a checkpoint saved by mmengine's runner also pickles mmengine objects, which that loader refuses
+    (`UnpicklingError`), so it is then read with `offseg_hf.safe_pickle`: the same kind of allowlist, but every
+    other global becomes an inert placeholder instead of an error, so neither mmengine nor mmseg is needed (and
+    neither is imported if installed). Only that refusal leads to the second reader: anything else torch rejects
+    up front, such as a TorchScript archive (which `weights_only=False` would hand to `torch.jit.load`), is
+    raised. Raises `ValueError` if the state dict holds anything but tensors.
     """
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_tolerant_pickle)
+    with open(path, "rb") as handle:  # one open file for both readers: both see the same bytes
+        try:
+            with torch.serialization.safe_globals(_numpy_globals()):
+                checkpoint = torch.load(handle, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            handle.seek(0)
+            checkpoint = torch.load(handle, map_location="cpu", weights_only=False, pickle_module=safe_pickle)
     class_names = None
     meta = checkpoint.get("meta") if isinstance(checkpoint, dict) else None
     dataset_meta = meta.get("dataset_meta") if isinstance(meta, dict) else None
-    if isinstance(dataset_meta, dict) and isinstance(dataset_meta.get("classes"), (list, tuple)):
-        class_names = [str(name) for name in dataset_meta["classes"]]
+    classes = dataset_meta.get("classes") if isinstance(dataset_meta, dict) else None
+    if isinstance(classes, (list, tuple)) and all(isinstance(name, str) for name in classes):
+        class_names = list(classes)
     return strip_checkpoint(checkpoint), class_names
 
 

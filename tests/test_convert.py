@@ -2,9 +2,9 @@
 code's module structure (mmseg MixVisionTransformer + SegformerHeadOffsetLearning; the OffSeg repo's
 EfficientFormerV2 `*_feat` backbones + OffSegHead + FreqFusion), not derived from this package's models."""
 
-import io
 import sys
 import types
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -260,11 +260,15 @@ def test_unknown_and_missing_keys_are_listed():
         convert_state_dict(official, "segformer-b9-offset")
 
 
-def _checkpoint_with_objects_of_an_absent_package(state_dict, class_names):
-    """What mmengine's runner saves: the weights plus pickled objects of mmengine (message hub buffers whose
-    methods are pickled as `getattr(cls, name)`, dict subclasses) and numpy values. The package is importable only
-    while saving, as on a machine with mmengine, and absent when the converter reads the file."""
-    module = types.ModuleType("absent_mmengine_for_offseg_tests")
+FAKE_MMENGINE = "absent_mmengine_for_offseg_tests"
+
+
+def fake_mmengine(marker) -> types.ModuleType:
+    """A stand-in for mmengine with the kinds of objects its runner pickles next to the weights: message hub
+    buffers (methods pickled as `getattr(cls, name)`), dict subclasses (configs) and objects rebuilt by calling
+    their class (hooks). Their own code writes `marker` wherever a plain unpickler would run it: `__setstate__`,
+    `__setitem__`, `__init__`."""
+    module = types.ModuleType(FAKE_MMENGINE)
 
     class HistoryBuffer:
         def __init__(self):
@@ -274,23 +278,51 @@ def _checkpoint_with_objects_of_an_absent_package(state_dict, class_names):
         def min(self):
             return self._log_history.min()
 
-    class ConfigDict(dict):
-        pass
+        def __setstate__(self, state):
+            open(marker, "w").close()
 
-    for cls in (HistoryBuffer, ConfigDict):
+    class ConfigDict(dict):
+        def __setitem__(self, key, value):
+            open(marker, "w").close()
+
+    class Hook:
+        def __init__(self, name):
+            open(marker, "w").close()
+
+        def __reduce__(self):
+            return Hook, ("checkpoint",)
+
+    for cls in (HistoryBuffer, ConfigDict, Hook):
         cls.__module__, cls.__qualname__ = module.__name__, cls.__name__
         setattr(module, cls.__name__, cls)
     HistoryBuffer.min.__module__, HistoryBuffer.min.__qualname__ = module.__name__, "HistoryBuffer.min"
-    config = ConfigDict(crop_size=(512, 512))
-    config["model"] = ConfigDict(type="EncoderDecoder")
-    meta = {"dataset_meta": {"classes": tuple(class_names), "palette": [[0, 0, 0]] * len(class_names)}, "cfg": config}
-    sys.modules[module.__name__] = module
-    try:
-        buffer = io.BytesIO()
-        torch.save({"meta": meta, "state_dict": state_dict, "message_hub": {"loss": HistoryBuffer()}}, buffer)
-    finally:
-        del sys.modules[module.__name__]
-    return buffer.getvalue()
+    return module
+
+
+def runner_checkpoint(module, state_dict, class_names) -> dict:
+    """What mmengine's runner saves: the weights, numpy values and objects of `module` (see `fake_mmengine`)."""
+    config = module.ConfigDict()
+    dict.__setitem__(config, "crop_size", (512, 512))  # not the overridden __setitem__, which writes the marker
+    palette = [[128, 64, 128], [0, 0, 142], [70, 130, 180]][: len(class_names)]
+    meta = {
+        "dataset_meta": {"classes": tuple(class_names), "palette": palette},
+        "mmengine_version": "0.10.4",
+        "seed": np.int64(1234),
+        "experiment_name": "segformer_b0_offset_20250101",
+        "time": np.float64(0.25),
+        "iter_times": np.array([0.5, 0.25], dtype=np.float32),
+        "cfg": config,
+    }
+    return {
+        "meta": meta,
+        "state_dict": OrderedDict(state_dict),
+        "message_hub": {"log_scalars": {"train/loss": module.HistoryBuffer()}, "runtime_info": {"iter": 160000}},
+        "optimizer": {
+            "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(2)}},
+            "param_groups": [{"lr": 6e-5, "betas": (0.9, 0.999), "params": [0]}],
+        },
+        "hooks": [object.__new__(module.Hook)],  # without running __init__
+    }
 
 
 def test_mmengine_checkpoints_load_without_mmengine_and_keep_their_class_names(tmp_path):
@@ -298,8 +330,13 @@ def test_mmengine_checkpoints_load_without_mmengine_and_keep_their_class_names(t
     torch.manual_seed(0)
     model = OffSegForSemanticSegmentation(OffSegConfig.from_variant(variant, num_labels=3)).eval()
     official = to_official_state_dict(model.state_dict(), variant, official_keys(variant))
-    path = tmp_path / "iter_160000.pth"
-    path.write_bytes(_checkpoint_with_objects_of_an_absent_package(official, ["road", "car", "sky"]))
+    path, marker = tmp_path / "iter_160000.pth", tmp_path / "ran"
+    module = fake_mmengine(marker)
+    sys.modules[module.__name__] = module  # importable while saving, as on a machine with mmengine
+    try:
+        torch.save(runner_checkpoint(module, official, ["road", "car", "sky"]), path)
+    finally:
+        del sys.modules[module.__name__]
     with pytest.raises(ModuleNotFoundError):
         torch.load(path, weights_only=False)  # what a plain load does without the package
     state_dict, class_names = read_official_checkpoint(str(path))
@@ -308,6 +345,7 @@ def test_mmengine_checkpoints_load_without_mmengine_and_keep_their_class_names(t
     assert loaded.config.id2label == {0: "road", 1: "car", 2: "sky"}
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+    assert not marker.exists()
 
 
 def test_class_names_default_to_ade20k_for_150_classes_and_can_be_given(tmp_path):

@@ -1,0 +1,310 @@
+"""A pickle reader that never runs code from the file, for checkpoints of unknown origin.
+
+A pickle is a small program: GLOBAL names any importable object and REDUCE calls it, so a `.pth` whose pickle says
+`os.system("...")` runs that command under a plain `pickle.load` / `torch.load(weights_only=False)`. This module
+is a `pickle_module` for `torch.load` that gives the file no way to name or call anything outside a fixed list:
+
+    torch.load(path, map_location="cpu", weights_only=False, pickle_module=offseg_hf.safe_pickle)
+
+Names (`find_class`, never imports): an exact (module, name) allowlist -- the rebuild functions `torch.save`
+writes for plain tensors and parameters, `torch.Size`, torch dtypes, `collections.OrderedDict`, a few inert
+builtins, the numpy pieces that arrays, scalars and dtypes pickle to -- plus three stand-ins: `builtins.getattr`
+(answers only for placeholder classes), `copyreg._reconstructor` (builds only placeholders and OrderedDicts) and
+`_codecs.encode` (latin-1 only, which is how protocol 2 stores bytes). Every other name becomes a `Placeholder`
+subclass named after it, whatever is installed: calling it records the arguments and does nothing else.
+
+Every opcode that can call something is checked here, not left to the object:
+- REDUCE, INST, OBJ call only allowlisted callables and placeholder classes; NEWOBJ/NEWOBJ_EX call `__new__` of
+  allowlisted classes and placeholder classes only.
+- BUILD stores the state in a placeholder, sets plain attributes of an OrderedDict (`state_dict()._metadata`), or
+  runs numpy's own `__setstate__` on an array/dtype; any other target (a class, a function, a tensor) is refused,
+  so a pickle cannot rebind attributes of torch's functions.
+- SETITEM(S), APPEND(S), ADDITEMS act only on plain dicts/lists/sets and placeholders.
+- EXT1/2/4 (the `copyreg` extension registry) are refused.
+- PERSID/BINPERSID pass only `("storage", <storage type>, key, location, numel, ...)` ids to torch's storage
+  loader (set by `torch.load`); others (the legacy format's pickled module sources) are refused.
+
+It does not bound memory: a hostile file can still ask for a huge array. Refusals raise `pickle.UnpicklingError`.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import collections
+import functools
+import io
+import pickle
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["Placeholder", "Unpickler", "load", "loads"]
+
+UnpicklingError = pickle.UnpicklingError
+
+
+class Placeholder:
+    """Stands in for every object the allowlist does not name: classes of packages that may not even be installed
+    (mmengine's `HistoryBuffer`, `ConfigDict`, ...) and anything a hostile file names (`os.system`). Subclasses
+    carry the original module and qualified name. Instances keep what the pickle gave them, inert: `args`/`kwargs`
+    (the call), `state` (BUILD), `items` (dict subclasses are pickled item by item), `values` (list subclasses)."""
+
+    def __new__(cls, *args, **kwargs):
+        instance = super().__new__(cls)
+        instance.args, instance.kwargs = args, kwargs
+        return instance
+
+    def __init__(self, *args, **kwargs):
+        pass  # __new__ kept the arguments; NEWOBJ calls only __new__
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __setitem__(self, key, value):
+        self.__dict__.setdefault("items", {})[key] = value
+
+    def append(self, value):
+        self.__dict__.setdefault("values", []).append(value)
+
+    def extend(self, values):
+        for value in values:
+            self.append(value)
+
+    def __repr__(self) -> str:
+        return f"<placeholder {type(self).__module__}.{type(self).__qualname__}>"
+
+
+@functools.cache
+def placeholder_class(module: str, qualname: str) -> type[Placeholder]:
+    """The placeholder class for global `module.qualname` (one per name, so identical globals stay identical)."""
+    if not isinstance(module, str) or not isinstance(qualname, str):
+        raise UnpicklingError("A global's module and name must be strings.")
+    try:
+        return type(qualname.rpartition(".")[2], (Placeholder,), {"__module__": module, "__qualname__": qualname})
+    except (TypeError, ValueError) as error:  # e.g. a NUL in the name
+        raise UnpicklingError(f"Unusable global name {module!r}.{qualname!r}: {error}") from None
+
+
+def _is_placeholder_class(obj: Any) -> bool:
+    return isinstance(obj, type) and issubclass(obj, Placeholder)
+
+
+def _placeholder_getattr(obj: Any, name: Any, *default: Any) -> type[Placeholder]:
+    """`builtins.getattr` as pickles use it: protocol 2 writes a method `Class.method` as `getattr(Class, "method")`
+    (mmengine's `HistoryBuffer` keeps such references). Answered only for placeholder classes, with another
+    placeholder; a real getattr on an allowed object could walk from a function to its module's globals."""
+    if _is_placeholder_class(obj) and isinstance(name, str) and not default:
+        return placeholder_class(obj.__module__, f"{obj.__qualname__}.{name}")
+    raise UnpicklingError(f"Refused getattr({type(obj).__name__} object, {name!r}): only placeholders answer it.")
+
+
+def _reconstructor(cls: Any, base: Any, state: Any) -> Any:
+    """`copyreg._reconstructor` (protocols 0 and 1 rebuild dict/list subclasses with it), limited to building a
+    placeholder or an empty OrderedDict; the real one calls `base.__new__` and `base.__init__` of any class."""
+    if _is_placeholder_class(cls):
+        return cls(state) if state is not None else cls()
+    if cls is collections.OrderedDict and state is None:
+        return collections.OrderedDict()
+    raise UnpicklingError(f"Refused copyreg._reconstructor for {type(cls).__name__} {getattr(cls, '__name__', '')}")
+
+
+def _latin1_encode(text: Any, encoding: Any = "latin1", errors: Any = "strict") -> bytes:
+    """`_codecs.encode`, which protocol 2 uses for bytes (`encode(str, "latin1")`). Other codecs are refused: the
+    codec registry can import modules by name."""
+    if type(text) is not str or encoding not in ("latin1", "latin-1") or errors != "strict":
+        raise UnpicklingError(f"Refused _codecs.encode with encoding {encoding!r}.")
+    return text.encode("latin1")
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    allowed: dict[tuple[str, str], Any] = {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
+        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+        ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+        ("torch", "Size"): torch.Size,
+        ("builtins", "set"): set,
+        ("builtins", "frozenset"): frozenset,
+        ("builtins", "slice"): slice,
+        ("builtins", "complex"): complex,
+        ("builtins", "bytearray"): bytearray,
+        ("builtins", "getattr"): _placeholder_getattr,
+        ("copyreg", "_reconstructor"): _reconstructor,
+        ("_codecs", "encode"): _latin1_encode,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+    # vars(), not getattr: torch's module __getattr__ imports submodules on demand.
+    for name, value in vars(torch).items():
+        if isinstance(value, torch.dtype):
+            allowed["torch", name] = value
+    # numpy 2 moved numpy.core to numpy._core; files from either version name their own.
+    core = np._core if hasattr(np, "_core") else np.core
+    for package in ("numpy.core", "numpy._core"):
+        allowed[f"{package}.multiarray", "_reconstruct"] = core.multiarray._reconstruct
+        allowed[f"{package}.multiarray", "scalar"] = core.multiarray.scalar
+        allowed[f"{package}.numeric", "_frombuffer"] = core.numeric._frombuffer  # arrays under protocol 5
+    for name, value in vars(getattr(np, "dtypes", object)).items():
+        if isinstance(value, type) and issubclass(value, np.dtype):
+            allowed["numpy.dtypes", name] = value
+    return allowed
+
+
+ALLOWED_GLOBALS = _allowed_globals()
+_ALLOWED_CALLABLES = {id(obj) for obj in ALLOWED_GLOBALS.values() if callable(obj)}
+_ALLOWED_CLASSES = {id(obj) for obj in ALLOWED_GLOBALS.values() if isinstance(obj, type)}
+
+
+def _may_call(func: Any) -> bool:
+    return _is_placeholder_class(func) or id(func) in _ALLOWED_CALLABLES
+
+
+def _call(func: Any, args: Any, kwargs: Any = None) -> Any:
+    kwargs = {} if kwargs is None else kwargs
+    if type(args) is not tuple or type(kwargs) is not dict:
+        raise UnpicklingError("Call arguments must be a tuple and a dict.")
+    if not _may_call(func):
+        raise UnpicklingError(f"Refused to call a {type(func).__name__} object (neither allowed nor a placeholder).")
+    return func(*args, **kwargs)
+
+
+def _is_storage_id(pid: Any) -> bool:
+    """torch's persistent id of a tensor storage: ("storage", StorageType, key, location, numel[, view])."""
+    return (
+        type(pid) is tuple
+        and len(pid) in (5, 6)
+        and pid[0] in ("storage", b"storage")
+        and isinstance(pid[1], torch.serialization.StorageType)
+        and type(pid[2]) is str
+        and type(pid[3]) in (str, bytes)
+        and type(pid[4]) is int
+    )
+
+
+class Unpickler(pickle._Unpickler):
+    """The pure-Python unpickler with its calling opcodes restricted (see the module docstring). Pure Python so
+    that every opcode's handler is visible and replaceable; a checkpoint's pickle holds no tensor data, only
+    its structure, so speed does not matter."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    _storage_loader = None
+
+    def find_class(self, module: str, name: str) -> Any:
+        if self.proto < 3 and self.fix_imports:  # Python 2 names (protocol 2 writes `__builtin__.set`)
+            if (module, name) in _compat_pickle.NAME_MAPPING:
+                module, name = _compat_pickle.NAME_MAPPING[module, name]
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        if (module, name) in ALLOWED_GLOBALS:
+            return ALLOWED_GLOBALS[module, name]
+        return placeholder_class(module, name)
+
+    # torch.load assigns its storage loader to `persistent_load`; only storage ids ever reach it.
+    @property
+    def persistent_load(self):
+        return self._checked_persistent_load
+
+    @persistent_load.setter
+    def persistent_load(self, loader):
+        self._storage_loader = loader
+
+    def _checked_persistent_load(self, pid: Any) -> Any:
+        if self._storage_loader is None or not _is_storage_id(pid):
+            raise UnpicklingError(f"Refused a persistent id that is not a tensor storage: {type(pid).__name__}")
+        return self._storage_loader(pid)
+
+    def _instantiate(self, klass: Any, args: list) -> None:  # INST and OBJ
+        self.append(_call(klass, tuple(args)))
+
+    def get_extension(self, code: int) -> None:  # EXT1, EXT2, EXT4
+        raise UnpicklingError(f"Refused extension code {code}: the copyreg registry can name any global.")
+
+    def _load_reduce(self) -> None:
+        args = self.stack.pop()
+        self.stack[-1] = _call(self.stack[-1], args)
+
+    def _new(self, cls: Any, args: Any, kwargs: Any) -> None:
+        if not isinstance(cls, type) or not (_is_placeholder_class(cls) or id(cls) in _ALLOWED_CLASSES):
+            raise UnpicklingError(f"Refused NEWOBJ of a {type(cls).__name__} object.")
+        if type(args) is not tuple or type(kwargs) is not dict:
+            raise UnpicklingError("NEWOBJ arguments must be a tuple and a dict.")
+        self.append(cls.__new__(cls, *args, **kwargs))
+
+    def _load_newobj(self) -> None:
+        args = self.stack.pop()
+        self._new(self.stack.pop(), args, {})
+
+    def _load_newobj_ex(self) -> None:
+        kwargs = self.stack.pop()
+        args = self.stack.pop()
+        self._new(self.stack.pop(), args, kwargs)
+
+    def _load_build(self) -> None:
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if isinstance(inst, Placeholder):
+            Placeholder.__setstate__(inst, state)
+        elif type(inst) is collections.OrderedDict:
+            if type(state) is tuple and len(state) == 2 and state[1] is None:
+                state = state[0]
+            if type(state) is not dict or not all(type(key) is str for key in state):
+                raise UnpicklingError("An OrderedDict's pickled state must be a dict of attribute names.")
+            inst.__dict__.update(state)
+        elif type(inst) is np.ndarray or isinstance(inst, np.dtype):
+            type(inst).__setstate__(inst, state)  # numpy's C implementation: data, never calls
+        else:
+            raise UnpicklingError(f"Refused BUILD on a {type(inst).__name__} object.")
+
+    def _target(self, kinds: tuple[type, ...], opcode: str) -> Any:
+        target = self.stack[-1]
+        if type(target) not in kinds and not isinstance(target, Placeholder):
+            raise UnpicklingError(f"Refused {opcode} on a {type(target).__name__} object.")
+        return target
+
+    def _load_setitem(self) -> None:
+        value = self.stack.pop()
+        key = self.stack.pop()
+        self._target((dict, collections.OrderedDict), "SETITEM")[key] = value
+
+    def _load_setitems(self) -> None:
+        items = self.pop_mark()
+        target = self._target((dict, collections.OrderedDict), "SETITEMS")
+        for index in range(0, len(items), 2):
+            target[items[index]] = items[index + 1]
+
+    def _load_append(self) -> None:
+        value = self.stack.pop()
+        self._target((list,), "APPEND").append(value)
+
+    def _load_appends(self) -> None:
+        items = self.pop_mark()
+        self._target((list,), "APPENDS").extend(items)
+
+    def _load_additems(self) -> None:
+        items = self.pop_mark()
+        target = self.stack[-1]
+        if type(target) is not set:
+            raise UnpicklingError(f"Refused ADDITEMS on a {type(target).__name__} object.")
+        target.update(items)
+
+    for _opcode, _handler in (
+        (pickle.REDUCE, _load_reduce),
+        (pickle.NEWOBJ, _load_newobj),
+        (pickle.NEWOBJ_EX, _load_newobj_ex),
+        (pickle.BUILD, _load_build),
+        (pickle.SETITEM, _load_setitem),
+        (pickle.SETITEMS, _load_setitems),
+        (pickle.APPEND, _load_append),
+        (pickle.APPENDS, _load_appends),
+        (pickle.ADDITEMS, _load_additems),
+    ):
+        dispatch[_opcode[0]] = _handler
+    del _opcode, _handler
+
+
+def load(file, **kwargs) -> Any:
+    return Unpickler(file, **kwargs).load()
+
+
+def loads(data: bytes, **kwargs) -> Any:
+    return load(io.BytesIO(data), **kwargs)
