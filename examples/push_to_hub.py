@@ -1,14 +1,19 @@
+#!/usr/bin/env python
 """Build (and upload) one Hub repo per variant: SegFormer-offset B0..B5 and OffSeg-T/B/L.
 
-    # folders only, no network: converted or trained weights from DIR/<variant>/, results from RESULTS/<variant>.json
-    python examples/push_to_hub.py --local_dir hub/ --weights_dir converted/ --results_dir results/
-    # upload (network, `huggingface-cli login` first)
-    python examples/push_to_hub.py --local_dir hub/ --weights_dir converted/ --namespace my-org
+    # folders only, no network: saved models from converted/<variant>/, results from results/<variant>/
+    python examples/push_to_hub.py --output_dir hub/ --weights_dir converted/ --results_dir results/
+    # upload (network; `hf auth login` first, or --hub_token)
+    python examples/push_to_hub.py --output_dir hub/ --weights_dir converted/ --results_dir results/ \\
+        --push_to_hub --hub_namespace my-org
 
 Each folder holds the weights as safetensors, config.json with `auto_map`, the modeling code (so
 `trust_remote_code=True` loads it without offseg-hf), preprocessor_config.json, and a README.md rendered from
-MODEL_CARD.md with Hub metadata (license, tags, datasets, pipeline_tag, widget images, and `model-index` only
-from a results JSON measured on those weights by examples/evaluate.py).
+MODEL_CARD.md with Hub metadata (license, tags, datasets, pipeline_tag, widget images, and `model-index` only from
+an eval_results.json that examples/evaluate_segmentation.py measured on those very weights).
+
+`--random_init` builds untrained repos to try the pipeline: at full size that writes about 1.1 GB for all nine
+variants (SegFormer-B5-offset alone about 330 MB); pick some with `--variants`.
 """
 
 from __future__ import annotations
@@ -22,51 +27,115 @@ import torch
 from offseg_hf import VARIANTS, OffSegConfig, OffSegForSemanticSegmentation, OffSegImageProcessor
 from offseg_hf.hub import check_measured_on, count_gmac, render_card
 
+RESULTS_FILE = "eval_results.json"  # what evaluate_segmentation.py writes into its --output_dir
 
-def parse_args(argv=None):
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--local_dir", required=True, help="Write one folder per variant here.")
-    parser.add_argument("--variants", nargs="+", default=sorted(VARIANTS), choices=sorted(VARIANTS))
+    parser.add_argument("--output_dir", required=True, help="Write one repo folder per variant here.")
+    parser.add_argument(
+        "--variants", nargs="+", default=None, metavar="VARIANT", help="Variants to build (default: all presets)."
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--weights_dir", help="Folder with one saved model per variant: DIR/<variant>/.")
-    source.add_argument("--random_init", action="store_true", help="Fresh random weights (to test the repos).")
+    source.add_argument(
+        "--random_init",
+        action="store_true",
+        help="Fresh random weights, to test the repos (about 1.1 GB for all variants at full size).",
+    )
     parser.add_argument(
         "--config_overrides",
         default=None,
-        help='JSON {"segformer": {...}, "offseg": {...}} applied to --random_init models.',
+        help='JSON {"segformer": {...}, "offseg": {...}}: config values per family for --random_init models.',
     )
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the --random_init weights.")
     parser.add_argument(
         "--results_dir",
         default=None,
-        help="evaluate.py JSON per variant: DIR/<variant>.json, measured on the same weights (checked by fingerprint).",
+        help=f"DIR/<variant>/{RESULTS_FILE} from evaluate_segmentation.py --output_dir DIR/<variant>, measured on "
+        "the same weights (checked by fingerprint); variants without one get no results on their card.",
     )
-    parser.add_argument("--dataset_id", default="scene_parse_150", help="Hub id of the training data set.")
-    parser.add_argument("--dataset_name", default="ADE20K")
-    parser.add_argument("--namespace", default=None, help="Upload to <namespace>/<variant> (needs a network).")
-    parser.add_argument("--private", action="store_true")
-    parser.add_argument("--card_template", default=str(Path(__file__).resolve().parents[1] / "MODEL_CARD.md"))
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--dataset_name", default="scene_parse_150", help="Hub id of the data set the weights were trained on."
+    )
+    parser.add_argument("--dataset_pretty_name", default="ADE20K", help="Its name as the card shows it.")
+    parser.add_argument(
+        "--card_template",
+        default=str(Path(__file__).resolve().parents[1] / "MODEL_CARD.md"),
+        help="Model card template with {placeholders}.",
+    )
+    hub = parser.add_argument_group("upload")
+    hub.add_argument("--push_to_hub", action="store_true", help="Upload each folder to <namespace>/<variant>.")
+    hub.add_argument(
+        "--hub_namespace",
+        default=None,
+        help="User or organisation of the repos (default: the logged-in user when pushing; the cards' repo ids "
+        "read offseg-hf/<variant> otherwise).",
+    )
+    hub.add_argument("--hub_private_repo", action="store_true", help="Create the repos as private.")
+    hub.add_argument("--hub_token", default=None, help="Hub token (else the logged-in one).")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check every argument before any work; a bad one ends the script with one line."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.variants = args.variants or sorted(VARIANTS)
+    unknown = [variant for variant in args.variants if variant not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant {unknown[0]!r}; known: {', '.join(sorted(VARIANTS))}.")
+    if args.weights_dir is not None:
+        missing = [variant for variant in args.variants if not (Path(args.weights_dir) / variant).is_dir()]
+        if missing:
+            parser.error(f"no saved model for {missing[0]!r}: {Path(args.weights_dir) / missing[0]} is not a folder.")
+    try:
+        overrides = json.loads(args.config_overrides or "{}")
+    except json.JSONDecodeError as error:
+        parser.error(f"--config_overrides is not JSON: {error}")
+    families = {preset["decode_head"] for preset in VARIANTS.values()}
+    if not isinstance(overrides, dict) or not set(overrides) <= families:
+        parser.error(f"--config_overrides must be a JSON object with keys among {sorted(families)}.")
+    if overrides and not args.random_init:
+        parser.error("--config_overrides applies to --random_init models.")
+    args.config_overrides = overrides
+    if args.results_dir is not None:
+        if not Path(args.results_dir).is_dir():
+            parser.error(f"--results_dir {args.results_dir} is not a folder.")
+        for variant in args.variants:
+            path = Path(args.results_dir) / variant / RESULTS_FILE
+            if path.exists() and "weights_sha256" not in _read_json(path, parser):
+                parser.error(f"{path} names no weights_sha256: write it with examples/evaluate_segmentation.py.")
+    if not Path(args.card_template).is_file():
+        parser.error(f"--card_template {args.card_template} is not a file.")
+    if (args.hub_private_repo or args.hub_namespace is not None) and not args.push_to_hub:
+        parser.error("--hub_namespace / --hub_private_repo apply with --push_to_hub.")
+    return args
+
+
+def _read_json(path: Path, parser: argparse.ArgumentParser) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        parser.error(f"{path} is not JSON: {error}")
 
 
 def build_model(args, variant: str) -> tuple[OffSegForSemanticSegmentation, str]:
     if args.random_init:
-        family = VARIANTS[variant]["decode_head"]
-        overrides = json.loads(args.config_overrides or "{}").get(family, {})
-        torch.manual_seed(0)
+        overrides = args.config_overrides.get(VARIANTS[variant]["decode_head"], {})
+        torch.manual_seed(args.seed)
         config = OffSegConfig.from_variant(variant, **overrides)
         return OffSegForSemanticSegmentation(config).eval(), "random initialisation (for testing; not trained)"
     folder = Path(args.weights_dir) / variant
-    if not folder.is_dir():
-        raise FileNotFoundError(f"No saved model for {variant!r} at {folder}.")
     return OffSegForSemanticSegmentation.from_pretrained(folder).eval(), f"from `{folder.name}`"
 
 
-def build_folder(args, variant: str, template: str) -> Path:
+def build_folder(args, variant: str, template: str, namespace: str) -> Path:
     model, weights_source = build_model(args, variant)
-    repo_id = f"{args.namespace or 'offseg-hf'}/{variant}"
-    out = Path(args.local_dir) / variant
+    repo_id = f"{namespace}/{variant}"
+    out = Path(args.output_dir) / variant
     result = None
-    results_file = Path(args.results_dir) / f"{variant}.json" if args.results_dir else None
+    results_file = Path(args.results_dir) / variant / RESULTS_FILE if args.results_dir else None
     if results_file is not None and results_file.exists():
         result = json.loads(results_file.read_text())
         check_measured_on(result, model, str(results_file))  # model-index only for these very weights
@@ -79,8 +148,8 @@ def build_folder(args, variant: str, template: str) -> Path:
         params_m=sum(p.numel() for p in model.parameters()) / 1e6,
         gmac=count_gmac(model),
         num_labels=model.config.num_labels,
-        dataset_id=args.dataset_id,
         dataset_name=args.dataset_name,
+        dataset_pretty_name=args.dataset_pretty_name,
         weights_source=weights_source,
         result=result,
     )
@@ -88,20 +157,24 @@ def build_folder(args, variant: str, template: str) -> Path:
     return out
 
 
-def main(argv=None) -> list[Path]:
+def main(argv: list[str] | None = None) -> list[Path]:
     args = parse_args(argv)
+    api = None
+    namespace = args.hub_namespace or "offseg-hf"
+    if args.push_to_hub:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=args.hub_token)
+        namespace = args.hub_namespace or api.whoami()["name"]  # the card names the repo it is uploaded to
     template = Path(args.card_template).read_text()
     folders = []
     for variant in args.variants:
-        folder = build_folder(args, variant, template)
+        folder = build_folder(args, variant, template, namespace)
         folders.append(folder)
         print(f"{variant}: {folder}")
-        if args.namespace:
-            from huggingface_hub import HfApi
-
-            api = HfApi()
-            repo_id = f"{args.namespace}/{variant}"
-            api.create_repo(repo_id, private=args.private, exist_ok=True)
+        if api is not None:
+            repo_id = f"{namespace}/{variant}"
+            api.create_repo(repo_id, private=args.hub_private_repo, exist_ok=True)
             api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=f"Upload {variant}")
             print(f"  uploaded to https://huggingface.co/{repo_id}")
     return folders

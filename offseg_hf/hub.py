@@ -75,9 +75,9 @@ def variant_description(variant: str) -> str:
 
 
 def weights_fingerprint(model: nn.Module) -> str:
-    """SHA-256 of the model's state dict (names, dtypes, shapes and values, in name order). `examples/evaluate.py`
-    records it with its results; `examples/push_to_hub.py` writes a `model-index` only from results whose
-    fingerprint is that of the weights it publishes."""
+    """SHA-256 of the model's state dict (names, dtypes, shapes and values, in name order).
+    `examples/evaluate_segmentation.py` records it with its results; `examples/push_to_hub.py` writes a
+    `model-index` only from results whose fingerprint is that of the weights it publishes."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()
@@ -87,12 +87,14 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 
 def check_measured_on(result: dict, model: nn.Module, source: str) -> None:
-    """Raise `ValueError` unless `result` (an evaluate.py JSON) was measured on exactly `model`'s weights."""
+    """Raise `ValueError` unless `result` (an evaluate_segmentation.py eval_results.json) was measured on exactly
+    `model`'s weights."""
     expected, recorded = weights_fingerprint(model), result.get("weights_sha256")
     if recorded != expected:
         raise ValueError(
             f"{source} was not measured on these weights (its weights_sha256 is {recorded}, these weights' is "
-            f"{expected}). Evaluate the weights being published with examples/evaluate.py, or leave the result out."
+            f"{expected}). Evaluate the weights being published with examples/evaluate_segmentation.py, or leave "
+            "the result out."
         )
 
 
@@ -118,14 +120,15 @@ def render_template(template: str, values: dict[str, object]) -> str:
     return re.sub(r"\{(\w+)\}", lambda m: str(values[m.group(1)]) if m.group(1) in values else m.group(0), template)
 
 
-def eval_results(result: dict, dataset_id: str, dataset_name: str) -> list[EvalResult]:
-    """model-index entries for a result of `examples/evaluate.py` (fractions -> percent)."""
+def eval_results(result: dict, dataset_name: str, dataset_pretty_name: str) -> list[EvalResult]:
+    """model-index entries for a result of `examples/evaluate_segmentation.py` (fractions -> percent) on the Hub
+    data set `dataset_name`, shown as `dataset_pretty_name`."""
     return [
         EvalResult(
             task_type="image-segmentation",
-            dataset_type=dataset_id,
-            dataset_name=dataset_name,
-            dataset_split="validation",
+            dataset_type=dataset_name,
+            dataset_name=dataset_pretty_name,
+            dataset_split=result.get("split", "validation"),
             metric_type=metric,
             metric_name=name,
             metric_value=round(100 * result[key], 2),
@@ -138,6 +141,23 @@ def eval_results(result: dict, dataset_id: str, dataset_name: str) -> list[EvalR
     ]
 
 
+def results_sentence(result: dict, dataset_pretty_name: str) -> str:
+    """The card's results line: the figures and the protocol they were measured with (`eval_protocol` of an
+    eval_results.json)."""
+    protocol = result.get("eval_protocol", {})
+    mode = protocol.get("mode", "slide")
+    details = [f"{result.get('num_images', '?')} images", f"{mode} inference", "single scale"]
+    if protocol.get("scale"):
+        details.append(f"keep-ratio resize to {tuple(protocol['scale'])}")
+    if mode == "slide" and protocol.get("crop_size") and protocol.get("stride"):
+        details.append(f"windows {tuple(protocol['crop_size'])} every {tuple(protocol['stride'])}")
+    return (
+        f"mIoU {100 * result['mean_iou']:.2f}, mAcc {100 * result['mean_accuracy']:.2f}, "
+        f"aAcc {100 * result['overall_accuracy']:.2f} on {dataset_pretty_name} {result.get('split', 'validation')} "
+        f"({', '.join(details)}), measured with offseg-hf's `examples/evaluate_segmentation.py`."
+    )
+
+
 def render_card(
     template: str,
     variant: str,
@@ -145,28 +165,19 @@ def render_card(
     params_m: float,
     gmac: float,
     num_labels: int,
-    dataset_id: str,
     dataset_name: str,
+    dataset_pretty_name: str,
     weights_source: str,
     result: dict | None = None,
 ) -> ModelCard:
-    """The model card of one variant. `model-index` is written only from `result` (measured on these weights)."""
+    """The model card of one variant, trained on the Hub data set `dataset_name` (shown as `dataset_pretty_name`).
+    `model-index` is written only from `result` (measured on these weights)."""
     paper = PAPER_FIGURES.get(variant, {})
-    if result is None:
-        results_section = "Not evaluated yet: no measurement on these weights is claimed here."
-    else:
-        results_section = (
-            f"mIoU {100 * result['mean_iou']:.2f}, mAcc {100 * result['mean_accuracy']:.2f}, "
-            f"aAcc {100 * result['overall_accuracy']:.2f} on {dataset_name} validation "
-            f"({result.get('num_images', '?')} images, {result.get('mode', 'slide')} inference, single scale"
-            + (f", keep-ratio resize to {tuple(result['scale'])}" if result.get("scale") else "")
-            + (
-                f", windows {tuple(result['crop_size'])} every {tuple(result['stride'])}"
-                if result.get("mode", "slide") == "slide" and result.get("crop_size") and result.get("stride")
-                else ""
-            )
-            + "), measured with offseg-hf's `examples/evaluate.py`."
-        )
+    results_section = (
+        "Not evaluated yet: no measurement on these weights is claimed here."
+        if result is None
+        else results_sentence(result, dataset_pretty_name)
+    )
     text = render_template(
         template,
         {
@@ -181,8 +192,8 @@ def render_card(
             "paper_section": paper_section(variant),
             "flops_note": flops_note(variant, num_labels),
             "num_labels": num_labels,
-            "dataset_id": dataset_id,
             "dataset_name": dataset_name,
+            "dataset_pretty_name": dataset_pretty_name,
             "weights_source": weights_source,
             "results_section": results_section,
         },
@@ -190,6 +201,6 @@ def render_card(
     card = ModelCard(text)
     if result is not None:
         card.data.model_name = repo_id.split("/")[-1]
-        card.data.eval_results = eval_results(result, dataset_id, dataset_name)
+        card.data.eval_results = eval_results(result, dataset_name, dataset_pretty_name)
         card = ModelCard(str(card))  # re-render so the YAML block holds model-index
     return card

@@ -1,4 +1,4 @@
-"""push_to_hub.py --local_dir: one repo folder per variant, each loading without offseg_hf installed."""
+"""push_to_hub.py: one repo folder per variant, each loading without offseg_hf installed; its arguments and upload."""
 
 import importlib.util
 import json
@@ -52,19 +52,25 @@ def load_script():
     return module
 
 
-def test_local_dir_makes_one_loadable_repo_per_variant(tmp_path):
+def write_results(results_dir: Path, variant: str, result: dict) -> None:
+    """evaluate_segmentation.py's layout: --output_dir DIR/<variant> holds eval_results.json."""
+    (results_dir / variant).mkdir(parents=True, exist_ok=True)
+    (results_dir / variant / "eval_results.json").write_text(json.dumps(result))
+
+
+@pytest.mark.slow
+def test_output_dir_gets_one_loadable_repo_per_variant(tmp_path):
     results = tmp_path / "results"
-    results.mkdir()
     measured = {"mean_iou": 0.4123, "mean_accuracy": 0.5, "overall_accuracy": 0.8, "num_images": 2000}
     torch.manual_seed(0)  # the script's --random_init model for offseg-t, whose weights these results describe
     measured["weights_sha256"] = weights_fingerprint(
         OffSegForSemanticSegmentation(OffSegConfig.from_variant("offseg-t"))
     )
-    (results / "offseg-t.json").write_text(json.dumps(measured))
+    write_results(results, "offseg-t", measured)
     overrides = {"segformer": {"encoder_config": TINY_ENCODER, "decoder_hidden_size": 32}}
     folders = load_script().main(
         [
-            "--local_dir",
+            "--output_dir",
             str(tmp_path / "hub"),
             "--random_init",
             "--config_overrides",
@@ -111,18 +117,86 @@ def test_local_dir_makes_one_loadable_repo_per_variant(tmp_path):
         assert entry["eval_results"] == expected, folder.name
 
 
-def test_results_measured_on_other_weights_are_refused(tmp_path):
+TINY_SEGFORMER = ["--config_overrides", json.dumps({"segformer": {"encoder_config": TINY_ENCODER}})]
+
+
+def test_results_measured_on_other_weights_are_refused(tmp_path, capsys):
     results = tmp_path / "results"
-    results.mkdir()
-    tiny = {"segformer": {"encoder_config": TINY_ENCODER, "decoder_hidden_size": 32}}
-    base = ["--variants", "segformer-b0-offset", "--random_init", "--config_overrides", json.dumps(tiny)]
-    base += ["--results_dir", str(results)]
+    base = ["--variants", "segformer-b0-offset", "--random_init", *TINY_SEGFORMER, "--results_dir", str(results)]
     measured = {"mean_iou": 0.4, "mean_accuracy": 0.5, "overall_accuracy": 0.8}
-    for recorded in (None, "0" * 64):  # no fingerprint, or another model's
-        (results / "segformer-b0-offset.json").write_text(json.dumps({**measured, "weights_sha256": recorded}))
+    for recorded in (None, "0" * 64):  # an empty fingerprint, or another model's
+        write_results(results, "segformer-b0-offset", {**measured, "weights_sha256": recorded})
         with pytest.raises(ValueError, match="not measured on these weights"):
-            load_script().main(["--local_dir", str(tmp_path / "hub"), *base])
+            load_script().main(["--output_dir", str(tmp_path / "hub"), *base])
         assert not (tmp_path / "hub" / "segformer-b0-offset").exists()
+    write_results(results, "segformer-b0-offset", measured)  # none at all: refused before any work
+    with pytest.raises(SystemExit):
+        load_script().main(["--output_dir", str(tmp_path / "hub"), *base])
+    assert "names no weights_sha256" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--random_init", "--variants", "segformer-b9"], "unknown variant 'segformer-b9'; known: offseg-b, "),
+        (["--weights_dir", "nowhere"], "no saved model for 'offseg-b': nowhere/offseg-b is not a folder."),
+        (["--random_init", "--config_overrides", "{"], "--config_overrides is not JSON"),
+        (["--random_init", "--config_overrides", '{"mit": {}}'], "keys among ['offseg', 'segformer']"),
+        (["--random_init", "--results_dir", "nowhere"], "--results_dir nowhere is not a folder."),
+        (["--random_init", "--hub_namespace", "org"], "apply with --push_to_hub"),
+    ],
+)
+def test_arguments_are_checked_before_any_work(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit):
+        load_script().main(["--output_dir", str(tmp_path / "hub"), *args])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ": error: " in error and message in error
+    assert not (tmp_path / "hub").exists()
+
+
+def test_help_names_every_flag_and_the_size_of_random_init(capsys):
+    with pytest.raises(SystemExit):
+        load_script().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--output_dir", "--dataset_name", "--dataset_pretty_name", "--push_to_hub", "--hub_namespace"):
+        assert flag in text
+    assert "--hub_token" in text and "--seed" in text and "about 1.1 GB for all" in text
+    assert all(action.help for action in load_script().build_parser()._actions)
+
+
+def test_push_to_hub_uploads_each_folder_to_the_namespace(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls.append(("token", token))
+
+        def whoami(self):
+            return {"name": "someone"}
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            calls.append(("create", repo_id, private))
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            calls.append(("upload", Path(folder_path).name, repo_id))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    base = ["--random_init", *TINY_SEGFORMER, "--variants", "segformer-b0-offset", "--push_to_hub"]
+    (folder,) = load_script().main(["--output_dir", str(tmp_path / "a"), *base, "--hub_token", "t"])
+    assert calls == [
+        ("token", "t"),
+        ("create", "someone/segformer-b0-offset", False),  # the logged-in user's namespace
+        ("upload", "segformer-b0-offset", "someone/segformer-b0-offset"),
+    ]
+    assert "someone/segformer-b0-offset" in (folder / "README.md").read_text()
+    calls.clear()
+    load_script().main(["--output_dir", str(tmp_path / "b"), *base, "--hub_namespace", "org", "--hub_private_repo"])
+    assert calls[1:] == [
+        ("create", "org/segformer-b0-offset", True),
+        ("upload", "segformer-b0-offset", "org/segformer-b0-offset"),
+    ]
 
 
 def test_new_presets_are_picked_up_and_cards_say_whose_figures_they_show(tmp_path, monkeypatch):
@@ -135,7 +209,7 @@ def test_new_presets_are_picked_up_and_cards_say_whose_figures_they_show(tmp_pat
     preset["encoder_config"].update(TINY_ENCODER)
     monkeypatch.setitem(VARIANTS, "segformer-tiny-offset", preset)
     script = load_script()
-    args = ["--local_dir", str(tmp_path / "hub"), "--random_init"]
+    args = ["--output_dir", str(tmp_path / "hub"), "--random_init"]
     assert "segformer-tiny-offset" in script.parse_args(args).variants
     (folder,) = script.main([*args, "--variants", "segformer-tiny-offset"])
     card = ModelCard.load(folder / "README.md")
@@ -147,10 +221,11 @@ def test_card_figures_are_labelled_and_results_carry_the_protocol():
     from offseg_hf.hub import render_card
 
     template = (Path(__file__).parents[1] / "MODEL_CARD.md").read_text()
-    result = {"mean_iou": 0.44, "mean_accuracy": 0.55, "overall_accuracy": 0.8, "num_images": 2000, "mode": "slide"}
-    result |= {"scale": [2048, 512], "crop_size": [512, 512], "stride": [480, 480]}
+    result = {"mean_iou": 0.44, "mean_accuracy": 0.55, "overall_accuracy": 0.8, "num_images": 2000}
+    result["eval_protocol"] = {"scale": [2048, 512], "mode": "slide", "crop_size": [512, 512], "stride": [480, 480]}
     card = render_card(template, "offseg-t", "org/offseg-t", 6.18, 8.07, 150, "scene_parse_150", "ADE20K", "x", result)
     text = card.text
+    assert card.data.datasets == ["scene_parse_150"] and "| 150 (ADE20K) |" in text
     assert "44.2 mIoU on ADE20K (single scale, sliding window)" in text and "These are the paper's numbers" in text
     assert "The official modules count 9.39 GMAC" in text
     assert "mIoU 44.00" in text and "keep-ratio resize to (2048, 512), windows (512, 512) every (480, 480)" in text
