@@ -6,7 +6,6 @@ from transformers import (
     AutoModel,
     AutoModelForSemanticSegmentation,
 )
-from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES
 
 from .configuration_offseg import PAPER_FIGURES, VARIANTS, OffSegConfig
 from .image_processing_offseg import OffSegImageProcessor
@@ -20,21 +19,27 @@ from .offset_learning import OffsetLearning, PerPixelClassifier
 
 __version__ = "0.1.0"
 
-AutoConfig.register(OffSegConfig.model_type, OffSegConfig, exist_ok=True)
-AutoModel.register(OffSegConfig, OffSegModel, exist_ok=True)
-AutoModelForSemanticSegmentation.register(OffSegConfig, OffSegForSemanticSegmentation, exist_ok=True)
-AutoImageProcessor.register(OffSegConfig, image_processor_classes={"torchvision": OffSegImageProcessor}, exist_ok=True)
 
-# The image-segmentation pipeline checks model names against this static table rather than the registry
-# above; without the entry it logs a spurious "not supported" error for OffSeg.
-MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES.setdefault(OffSegConfig.model_type, "OffSegForSemanticSegmentation")
+def _register_auto_classes() -> None:
+    """The one place OffSeg meets transformers' Auto classes, through their public registration APIs.
 
-# save_pretrained then writes the code and an `auto_map`, so `trust_remote_code=True` loads a saved folder
-# where this package is not installed.
-OffSegConfig.register_for_auto_class()
-OffSegModel.register_for_auto_class("AutoModel")
-OffSegForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
-OffSegImageProcessor.register_for_auto_class("AutoImageProcessor")
+    `Auto*.register` makes `AutoConfig`/`AutoModel`/`AutoModelForSemanticSegmentation`/`AutoImageProcessor` (and so
+    `pipeline`) resolve OffSeg folders when this package is imported; `register_for_auto_class` makes
+    `save_pretrained` copy the code files, so a saved folder also loads with `trust_remote_code=True` where the
+    package is not installed (the folder's `auto_map` is `configuration_offseg.AUTO_MAP`).
+    """
+    AutoConfig.register(OffSegConfig.model_type, OffSegConfig, exist_ok=True)
+    AutoModel.register(OffSegConfig, OffSegModel, exist_ok=True)
+    AutoModelForSemanticSegmentation.register(OffSegConfig, OffSegForSemanticSegmentation, exist_ok=True)
+    AutoImageProcessor.register(
+        OffSegConfig, image_processor_classes={"torchvision": OffSegImageProcessor}, exist_ok=True
+    )
+    OffSegConfig.register_for_auto_class()
+    OffSegModel.register_for_auto_class("AutoModel")
+    OffSegForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
+
+
+_register_auto_classes()
 
 __all__ = [
     "OffSegConfig",

@@ -13,12 +13,18 @@ Outputs: the maps after each of the four stages (strides 4/8/16/32), without ext
 
 from __future__ import annotations
 
+import os
+
 import timm
 import torch
 from timm.models.efficientformer_v2 import Attention2d, Attention2dDownsample
 from torch import nn
 from torch.nn import functional as F
+from transformers import PreTrainedConfig
+from transformers import initialization as init
 
+from .encoder import EncoderOutput, no_attentions_error
+from .layers import initialise_with
 from .state_dict_checks import require_fit
 
 # The official segmentation backbone's attention biases are laid out for this input size.
@@ -49,6 +55,14 @@ def _resized_bias(module: nn.Module, queries: int, keys: int) -> torch.Tensor:
     if bias.shape[-2:] != (queries, keys):
         bias = F.interpolate(bias.unsqueeze(0), size=(queries, keys), mode="bicubic", align_corners=False)[0]
     return bias
+
+
+def _attention_bias_init_(module: nn.Module) -> None:
+    # timm starts the biases at zero. The index table is a non-persistent buffer: after loading (transformers builds
+    # the model on the meta device) nothing else fills it, so it is recomputed here.
+    init.zeros_(module.attention_biases)
+    indices = module.attention_bias_idxs
+    init.copy_(indices, module._compute_attention_bias_idxs(device=indices.device))
 
 
 class ResizableAttention2d(Attention2d):
@@ -97,7 +111,7 @@ class ResizableAttention2dDownsample(Attention2dDownsample):
 
 
 class EfficientFormerV2Backbone(nn.Module):
-    """Stem + the four stages of timm's EfficientFormerV2; returns the four stage outputs.
+    """Stem + the four stages of timm's EfficientFormerV2; returns the four stage outputs (see `encoder.py`).
 
     Args:
         model_name: a timm EfficientFormerV2 name, e.g. `"efficientformerv2_s1"`.
@@ -116,12 +130,25 @@ class EfficientFormerV2Backbone(nn.Module):
         for module in model.modules():
             if type(module) is Attention2d:
                 module.__class__ = ResizableAttention2d
+                initialise_with(module, _attention_bias_init_)
             elif type(module) is Attention2dDownsample:
                 module.__class__ = ResizableAttention2dDownsample
+                initialise_with(module, _attention_bias_init_)
         self.stem = model.stem
         self.stages = model.stages
         self.channels = [info["num_chs"] for info in model.feature_info]
         self.norm_eval = norm_eval
+
+    has_attentions = False
+
+    @classmethod
+    def from_encoder_config(cls, config: PreTrainedConfig) -> EfficientFormerV2Backbone:
+        """From a `TimmBackboneConfig` naming the model, with the extra keys `drop_path_rate` and `norm_eval`."""
+        return cls(
+            config.backbone,
+            drop_path_rate=getattr(config, "drop_path_rate", 0.0),
+            norm_eval=getattr(config, "norm_eval", False),
+        )
 
     def train(self, mode: bool = True) -> EfficientFormerV2Backbone:
         super().train(mode)
@@ -131,13 +158,25 @@ class EfficientFormerV2Backbone(nn.Module):
                     module.eval()
         return self
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, pixel_values: torch.Tensor, output_attentions: bool = False, **kwargs) -> EncoderOutput:
+        if output_attentions:
+            raise no_attentions_error("EfficientFormerV2")
         x = self.stem(pixel_values)  # (B, C0, H/4, W/4)
         features = []
         for stage in self.stages:
             x = stage(x)
             features.append(x)
-        return tuple(features)
+        return EncoderOutput(feature_maps=tuple(features))
+
+    def load_pretrained(self, name_or_path: str) -> list[str]:
+        """ImageNet (or other) weights from a local timm state-dict file (`.safetensors`, `.pth`, `.bin`, read
+        without executing pickled code) or a timm model name such as `"efficientformerv2_s1.snap_dist_in1k"`, which
+        timm downloads. Returns the checkpoint keys not used (see `load_timm_state_dict`)."""
+        if os.path.isfile(name_or_path):
+            state_dict = timm.models.load_state_dict(name_or_path, weights_only=True)
+        else:
+            state_dict = timm.create_model(name_or_path, pretrained=True).state_dict()
+        return self.load_timm_state_dict(state_dict)
 
     def load_timm_state_dict(self, state_dict: dict[str, torch.Tensor]) -> list[str]:
         """Load a timm EfficientFormerV2 state dict (e.g. ImageNet weights); returns the keys not used.

@@ -82,9 +82,18 @@ PAPER_FIGURES: dict[str, dict[str, float]] = {
 }
 
 _DECODE_HEADS = ("segformer", "offseg")
-_ENCODERS = ("segformer", "timm_backbone")
-_TIMM_ENCODERS = ("efficientformerv2_s0", "efficientformerv2_s1", "efficientformerv2_s2", "efficientformerv2_l")
 _CLASSIFIERS = ("offset", "per_pixel")
+
+# What a saved folder's config.json names for `trust_remote_code=True` loading where offseg-hf is not installed.
+# transformers writes only the class being saved (plus AutoConfig); a folder saved from the segmentation model should
+# also load with AutoModel, and AutoImageProcessor reads its class from here (see OffSegImageProcessor.to_dict).
+# The modules named here travel with `save_pretrained` as the relative imports of modeling_offseg.py.
+AUTO_MAP = {
+    "AutoConfig": "configuration_offseg.OffSegConfig",
+    "AutoModel": "modeling_offseg.OffSegModel",
+    "AutoModelForSemanticSegmentation": "modeling_offseg.OffSegForSemanticSegmentation",
+    "AutoImageProcessor": "image_processing_offseg.OffSegImageProcessor",
+}
 
 
 class OffSegConfig(PreTrainedConfig):
@@ -156,19 +165,14 @@ class OffSegConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        # Entries already present (e.g. "repo--module.Class" of a Hub repo's code) are kept.
+        self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
         if self.id2label is not None and self.label2id is None:
             self.label2id = {label: index for index, label in self.id2label.items()}
         if self.decode_head not in _DECODE_HEADS:
             raise ValueError(f"Unknown decode_head {self.decode_head!r}; known: {', '.join(_DECODE_HEADS)}.")
         if self.classifier not in _CLASSIFIERS:
             raise ValueError(f"Unknown classifier {self.classifier!r}; known: {', '.join(_CLASSIFIERS)}.")
-        encoder_type = self.encoder_config.model_type
-        if encoder_type not in _ENCODERS:
-            raise ValueError(f"Unsupported encoder model type {encoder_type!r}; supported: {', '.join(_ENCODERS)}.")
-        if encoder_type == "timm_backbone" and self.encoder_config.backbone not in _TIMM_ENCODERS:
-            raise ValueError(
-                f"Unsupported timm encoder {self.encoder_config.backbone!r}; supported: {', '.join(_TIMM_ENCODERS)}."
-            )
         if self.decode_head == "offseg" and not self.decoder_stage_channels:
             raise ValueError("decode_head='offseg' needs decoder_stage_channels (one width per backbone stage).")
         if self.num_labels < 2:
@@ -206,4 +210,4 @@ class OffSegConfig(PreTrainedConfig):
         return cls(**values)
 
 
-__all__ = ["OffSegConfig", "VARIANTS", "PAPER_FIGURES"]
+__all__ = ["AUTO_MAP", "OffSegConfig", "VARIANTS", "PAPER_FIGURES"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .decode_head_segformer import ConvNormAct
 from .freqfusion import FreqFusion
+from .layers import ConvNormAct
 
 # mmcv GroupNorm setting of the official head (ConvModule norm_cfg GN, 32 groups).
 NORM_GROUPS = 32

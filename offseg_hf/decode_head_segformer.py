@@ -6,21 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-
-class ConvNormAct(nn.Module):
-    """1x1 convolution (no bias) + norm + ReLU, mmseg's `ConvModule` with a norm layer.
-
-    `norm_groups=None` gives BatchNorm (SegFormer head); an int gives GroupNorm with that many groups (OffSeg).
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, norm_groups: int | None = None):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
-        self.norm = nn.BatchNorm2d(out_channels) if norm_groups is None else nn.GroupNorm(norm_groups, out_channels)
-        self.act = nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.norm(self.conv(x)))
+from .layers import ConvNormAct
 
 
 class SegformerPixelDecoder(nn.Module):

@@ -18,9 +18,14 @@ the cache.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers import initialization as init
+
+from .layers import initialise_with
 
 # Accumulator rows per pass are chosen so one pass's output block stays in a core's cache (about 2 MB):
 # CARAFE is memory-bound, and k*k passes over a map larger than the cache cost several times more.
@@ -84,6 +89,21 @@ def neighbour_cosine_similarity(x: torch.Tensor, window: int = 3, dilation: int 
     return torch.stack(similarities, dim=1)
 
 
+def _xavier_uniform_(conv: nn.Conv2d) -> None:
+    init.xavier_uniform_(conv.weight)
+    init.zeros_(conv.bias)
+
+
+def _small_normal_(conv: nn.Conv2d) -> None:
+    init.normal_(conv.weight, mean=0.0, std=0.001)
+    init.zeros_(conv.bias)
+
+
+def _zeros_(conv: nn.Conv2d) -> None:
+    init.zeros_(conv.weight)
+    init.zeros_(conv.bias)
+
+
 class SimilarityGuidedResampler(nn.Module):
     """FreqFusion's offset generator: resamples the upsampled map at positions predicted from local similarity
     of the (compressed) high- and low-resolution maps, one offset per channel group and output sub-pixel."""
@@ -95,11 +115,13 @@ class SimilarityGuidedResampler(nn.Module):
         self.groups, self.scale = groups, scale
         similarities = 8  # 3x3 window minus its centre
         lr_outputs = 2 * groups * scale * scale  # (x, y) offset per group and output sub-pixel
-        padding = kernel_size // 2
-        self.offset = nn.Conv2d(similarities, lr_outputs, kernel_size, padding=padding)
-        self.direct_scale = nn.Conv2d(channels, lr_outputs, kernel_size, padding=padding)
-        self.hr_offset = nn.Conv2d(similarities, 2 * groups, kernel_size, padding=padding)
-        self.hr_direct_scale = nn.Conv2d(channels, 2 * groups, kernel_size, padding=padding)
+        # As the official code: offsets start near zero and their scales at zero, so sampling starts at the
+        # sub-pixel centres.
+        conv = partial(nn.Conv2d, kernel_size=kernel_size, padding=kernel_size // 2)
+        self.offset = initialise_with(conv(similarities, lr_outputs), _small_normal_)
+        self.direct_scale = initialise_with(conv(channels, lr_outputs), _zeros_)
+        self.hr_offset = initialise_with(conv(similarities, 2 * groups), _small_normal_)
+        self.hr_direct_scale = initialise_with(conv(channels, 2 * groups), _zeros_)
         self.norm_hr = nn.GroupNorm(channels // 8, channels)
         self.norm_lr = nn.GroupNorm(channels // 8, channels)
 
@@ -158,10 +180,15 @@ class FreqFusion(nn.Module):
     def __init__(self, hr_channels: int, lr_channels: int, compressed_channels: int):
         super().__init__()
         self.lowpass_kernel, self.highpass_kernel = 5, 3
-        self.hr_compressor = nn.Conv2d(hr_channels, compressed_channels, 1)
-        self.lr_compressor = nn.Conv2d(lr_channels, compressed_channels, 1)
-        self.lowpass_encoder = nn.Conv2d(compressed_channels, self.lowpass_kernel**2, 3, padding=1)
-        self.highpass_encoder = nn.Conv2d(compressed_channels, self.highpass_kernel**2, 3, padding=1)
+        # The official initialisation: Xavier-uniform compressors, kernel encoders normal(0, 1e-3).
+        self.hr_compressor = initialise_with(nn.Conv2d(hr_channels, compressed_channels, 1), _xavier_uniform_)
+        self.lr_compressor = initialise_with(nn.Conv2d(lr_channels, compressed_channels, 1), _xavier_uniform_)
+        self.lowpass_encoder = initialise_with(
+            nn.Conv2d(compressed_channels, self.lowpass_kernel**2, 3, padding=1), _small_normal_
+        )
+        self.highpass_encoder = initialise_with(
+            nn.Conv2d(compressed_channels, self.highpass_kernel**2, 3, padding=1), _small_normal_
+        )
         self.resampler = SimilarityGuidedResampler(compressed_channels)
 
     def forward(self, hr_feat: torch.Tensor, lr_feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

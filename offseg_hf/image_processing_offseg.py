@@ -16,11 +16,11 @@ class OffSegImageProcessor(SegformerImageProcessor):
     do_convert_rgb = True
 
     def to_dict(self) -> dict:
-        # The class is named by the model's config.json (`auto_map["AutoImageProcessor"]`, written by
-        # OffSegPreTrainedModel.save_pretrained), not here: transformers derives a *video* processor from an
-        # `auto_map` found in preprocessor_config.json, which makes `pipeline(...)` on a saved folder ask whether to
-        # run custom code. Without a type here, AutoImageProcessor reads config.json (locally registered class, or
-        # the folder's code with `trust_remote_code=True`).
+        # The class is named by the model's config.json (`auto_map["AutoImageProcessor"]`, see
+        # configuration_offseg.AUTO_MAP), not here: transformers derives a *video* processor from an `auto_map` found
+        # in preprocessor_config.json, which makes `pipeline(...)` on a saved folder ask whether to run custom code,
+        # and a processor type here would stop AutoImageProcessor from reading config.json where the package is not
+        # installed. Without either, it reads config.json (the registered class, or the folder's code).
         output = super().to_dict()
         output.pop("auto_map", None)
         output.pop("image_processor_type", None)

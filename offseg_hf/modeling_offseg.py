@@ -2,30 +2,31 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
-import timm
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import PreTrainedModel, SegformerModel
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.utils import ModelOutput
 
-from .backbone_efficientformer_v2 import (
-    EfficientFormerV2Backbone,
-    ResizableAttention2d,
-    ResizableAttention2dDownsample,
-)
+from .backbone_efficientformer_v2 import EfficientFormerV2Backbone
+from .backbone_mit import MixTransformerEncoder
 from .configuration_offseg import OffSegConfig
 from .decode_head_offseg import OffSegPixelDecoder
-from .decode_head_segformer import ConvNormAct, SegformerPixelDecoder
-from .freqfusion import FreqFusion
+from .decode_head_segformer import SegformerPixelDecoder
+from .image_processing_offseg import OffSegImageProcessor  # noqa: F401  (copied into saved folders: see AUTO_MAP)
+from .layers import INIT_RULE
 from .offset_learning import OffsetLearning, PerPixelClassifier
+
+# Backbones by the `model_type` of `config.encoder_config`; each meets the contract in `encoder.py`. A new backbone
+# is one entry here.
+ENCODERS: dict[str, type[nn.Module]] = {
+    "segformer": MixTransformerEncoder,
+    "timm_backbone": EfficientFormerV2Backbone,
+}
 
 
 @dataclass
@@ -57,67 +58,14 @@ class OffSegPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        try:
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        except RuntimeError as error:
-            if "ignore_mismatched_sizes" not in str(error):
-                raise
-            saved = OffSegConfig.from_pretrained(pretrained_model_name_or_path)
-            requested = kwargs.get("num_labels", getattr(kwargs.get("config"), "num_labels", saved.num_labels))
-            raise ValueError(
-                f"The checkpoint at {pretrained_model_name_or_path!r} has num_labels={saved.num_labels} but "
-                f"num_labels={requested} was requested, so its classifier weights do not fit. Pass "
-                "ignore_mismatched_sizes=True to start the classifier afresh for the new labels."
-            ) from error
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        # Both Auto classes resolve to this code in the saved folder (transformers records only the saved class),
-        # and so does AutoImageProcessor (see OffSegImageProcessor.to_dict), whose module travels with the model.
-        self.config.auto_map = {
-            **(getattr(self.config, "auto_map", None) or {}),
-            "AutoModel": "modeling_offseg.OffSegModel",
-            "AutoModelForSemanticSegmentation": "modeling_offseg.OffSegForSemanticSegmentation",
-            "AutoImageProcessor": "image_processing_offseg.OffSegImageProcessor",
-        }
-        result = super().save_pretrained(save_directory, *args, **kwargs)
-        processor_module = Path(__file__).with_name("image_processing_offseg.py")
-        if processor_module.exists():
-            shutil.copyfile(processor_module, Path(save_directory) / processor_module.name)
-        return result
+        if not kwargs.get("ignore_mismatched_sizes", False):
+            _check_num_labels(pretrained_model_name_or_path, kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def _init_weights(self, module):
-        std = self.config.initializer_range
-        if isinstance(module, OffsetLearning):
-            # As the official head: truncated normal (std 0.02) for W and both offset projections.
-            init.trunc_normal_(module.class_embeddings, std=std)
-            for projection in (module.class_offset_proj, module.feature_offset_proj):
-                if projection is not None:
-                    init.trunc_normal_(projection.weight, std=std)
-        elif isinstance(module, ConvNormAct):
-            # mmcv ConvModule: Kaiming normal, fan_out, for ReLU.
-            init.kaiming_normal_(module.conv.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(module, PerPixelClassifier):
-            # mmseg BaseDecodeHead.conv_seg: normal(0, 0.01), zero bias.
-            init.normal_(module.classifier.weight, mean=0.0, std=0.01)
-            init.zeros_(module.classifier.bias)
-        elif isinstance(module, (ResizableAttention2d, ResizableAttention2dDownsample)):
-            # timm: zero biases; the index buffer is not saved, so it is rebuilt here after loading.
-            init.zeros_(module.attention_biases)
-            indices = module.attention_bias_idxs
-            init.copy_(indices, module._compute_attention_bias_idxs(device=indices.device))
-        elif isinstance(module, FreqFusion):
-            # As the official FreqFusion: Xavier-uniform convs, kernel encoders normal(0, 1e-3), the resampler's
-            # offset convs normal(0, 1e-3) and its scale convs zero, so it starts at the sub-pixel centres.
-            for conv in (module.hr_compressor, module.lr_compressor):
-                init.xavier_uniform_(conv.weight)
-                init.zeros_(conv.bias)
-            resampler = module.resampler
-            for conv in (module.lowpass_encoder, module.highpass_encoder, resampler.offset, resampler.hr_offset):
-                init.normal_(conv.weight, mean=0.0, std=0.001)
-                init.zeros_(conv.bias)
-            for conv in (resampler.direct_scale, resampler.hr_direct_scale):
-                init.zeros_(conv.weight)
-                init.zeros_(conv.bias)
+        rule = getattr(module, INIT_RULE, None)  # set by `layers.initialise_with` where a module declares its init
+        if rule is not None:
+            rule(module)
         elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm)):
             init.ones_(module.weight)
             init.zeros_(module.bias)
@@ -127,23 +75,37 @@ class OffSegPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.num_batches_tracked)
 
 
-def _build_encoder(config: OffSegConfig) -> tuple[nn.Module, list[int]]:
-    """The backbone and the channels of its four output maps."""
-    encoder_config = config.encoder_config
-    if encoder_config.model_type == "timm_backbone":
-        encoder = EfficientFormerV2Backbone(
-            encoder_config.backbone,
-            drop_path_rate=getattr(encoder_config, "drop_path_rate", 0.0),
-            norm_eval=getattr(encoder_config, "norm_eval", False),
+# Keyword arguments of `from_pretrained` that say where a folder is; the saved config is read with the same ones.
+_LOCATION_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+
+
+def _check_num_labels(pretrained_model_name_or_path, kwargs: dict) -> None:
+    """Refuse, before any weight is read, a requested label count that the saved classifier does not have."""
+    config = kwargs.get("config")
+    if isinstance(config, OffSegConfig):
+        requested = config.num_labels
+    elif "id2label" in kwargs:
+        requested = len(kwargs["id2label"])
+    else:
+        requested = kwargs.get("num_labels")
+    if requested is None:
+        return
+    location = {key: kwargs[key] for key in _LOCATION_KWARGS if key in kwargs}
+    saved = OffSegConfig.from_pretrained(pretrained_model_name_or_path, **location)
+    if saved.num_labels != requested:
+        raise ValueError(
+            f"The checkpoint at {pretrained_model_name_or_path!r} has num_labels={saved.num_labels} but "
+            f"num_labels={requested} was requested, so its classifier weights do not fit. Pass "
+            "ignore_mismatched_sizes=True to start the classifier afresh for the new labels."
         )
-        return encoder, encoder.channels
-    encoder = SegformerModel(encoder_config)
-    # transformers builds the MiT LayerNorms with torch's default eps (1e-5); mmseg and the original SegFormer
-    # use the encoder config's eps (1e-6) for all of them.
-    for module in encoder.modules():
-        if isinstance(module, nn.LayerNorm):
-            module.eps = encoder_config.layer_norm_eps
-    return encoder, list(encoder_config.hidden_sizes)
+
+
+def build_encoder(config: OffSegConfig) -> nn.Module:
+    """The backbone named by `config.encoder_config` (see `ENCODERS`)."""
+    model_type = config.encoder_config.model_type
+    if model_type not in ENCODERS:
+        raise ValueError(f"Unsupported encoder model type {model_type!r}; supported: {', '.join(ENCODERS)}.")
+    return ENCODERS[model_type].from_encoder_config(config.encoder_config)
 
 
 class OffSegModel(OffSegPreTrainedModel):
@@ -151,7 +113,8 @@ class OffSegModel(OffSegPreTrainedModel):
 
     def __init__(self, config: OffSegConfig):
         super().__init__(config)
-        self.encoder, encoder_channels = _build_encoder(config)
+        self.encoder = build_encoder(config)
+        encoder_channels = self.encoder.channels
         if config.decode_head == "offseg":
             self.decode_head = OffSegPixelDecoder(
                 encoder_channels, list(config.decoder_stage_channels), config.decoder_hidden_size
@@ -179,20 +142,15 @@ class OffSegModel(OffSegPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        attentions = None
-        if isinstance(self.encoder, SegformerModel):
-            encoder_outputs = self.encoder(
-                pixel_values, output_hidden_states=True, output_attentions=output_attentions, return_dict=True
-            )
-            features, attentions = encoder_outputs.hidden_states, encoder_outputs.attentions
-        else:
-            features = self.encoder(pixel_values)
-        # features: 4 maps, strides 4/8/16/32
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        encoder_outputs = self.encoder(pixel_values, output_attentions=bool(output_attentions))
+        features = encoder_outputs.feature_maps  # 4 maps, strides 4/8/16/32
         embeddings = self.pool(self.decode_head(features))  # (B, C, h, w)
         output = OffSegModelOutput(
             last_hidden_state=embeddings,
             hidden_states=features if output_hidden_states else None,
-            attentions=attentions,
+            attentions=encoder_outputs.attentions,
         )
         return output if return_dict else output.to_tuple()
 
@@ -209,6 +167,7 @@ class OffSegForSemanticSegmentation(OffSegPreTrainedModel):
                 config.decoder_hidden_size,
                 class_offset=config.class_offset,
                 feature_offset=config.feature_offset,
+                initializer_range=config.initializer_range,
             )
         else:
             self.classifier = PerPixelClassifier(
@@ -229,25 +188,8 @@ class OffSegForSemanticSegmentation(OffSegPreTrainedModel):
           biases sized for another input are skipped, as the official backbone does (see
           `EfficientFormerV2Backbone.load_timm_state_dict`).
         """
-        config = OffSegConfig.from_variant(variant, **config_overrides)
-        model = cls(config)
-        encoder = model.offseg.encoder
-        if isinstance(encoder, EfficientFormerV2Backbone):
-            if os.path.isfile(encoder_name_or_path):
-                state_dict = timm.models.load_state_dict(encoder_name_or_path)
-            else:
-                state_dict = timm.create_model(encoder_name_or_path, pretrained=True).state_dict()
-            encoder.load_timm_state_dict(state_dict)
-            return model
-        pretrained = SegformerModel.from_pretrained(encoder_name_or_path)
-        for field in ("hidden_sizes", "depths", "num_attention_heads", "sr_ratios", "patch_sizes", "strides"):
-            ours, theirs = list(getattr(config.encoder_config, field)), list(getattr(pretrained.config, field))
-            if ours != theirs:
-                raise ValueError(
-                    f"Encoder checkpoint {encoder_name_or_path!r} has {field}={theirs}, but variant {variant!r} "
-                    f"needs {ours}."
-                )
-        encoder.load_state_dict(pretrained.state_dict(), strict=True)
+        model = cls(OffSegConfig.from_variant(variant, **config_overrides))
+        model.offseg.encoder.load_pretrained(encoder_name_or_path)
         return model
 
     def _check_labels(self, labels: torch.Tensor) -> None:

@@ -23,8 +23,24 @@ expensive products stay at (HW x C x K) and none at (HW x C x C):
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
+from transformers import initialization as init
+
+from .layers import initialise_with
+
+
+def _trunc_normal_(module: nn.Module, std: float) -> None:
+    for param in module.parameters(recurse=False):
+        init.trunc_normal_(param, std=std)
+
+
+def _conv_seg_(conv: nn.Conv2d) -> None:
+    # mmseg's BaseDecodeHead.conv_seg: normal(0, 0.01), zero bias.
+    init.normal_(conv.weight, mean=0.0, std=0.01)
+    init.zeros_(conv.bias)
 
 
 class OffsetLearning(nn.Module):
@@ -35,16 +51,29 @@ class OffsetLearning(nn.Module):
         channels: C, the width of the pixel embeddings.
         class_offset: use the class-offset branch (W' = W + dW); otherwise W' = W.
         feature_offset: use the feature-offset branch (E' = E + dE); otherwise E' = E.
+        initializer_range: std of the truncated-normal init of W and both projections (official: 0.02).
     """
 
-    def __init__(self, num_classes: int, channels: int, class_offset: bool = True, feature_offset: bool = True):
+    def __init__(
+        self,
+        num_classes: int,
+        channels: int,
+        class_offset: bool = True,
+        feature_offset: bool = True,
+        initializer_range: float = 0.02,
+    ):
         super().__init__()
         self.num_classes = num_classes
         self.channels = channels
+        self.initializer_range = initializer_range
         self.class_embeddings = nn.Parameter(torch.zeros(num_classes, channels))  # W (K, C)
         self.class_offset_proj = nn.Linear(channels, channels, bias=False) if class_offset else None
         self.feature_offset_proj = nn.Linear(channels, channels, bias=False) if feature_offset else None
         self.mask_norm = nn.LayerNorm(num_classes)
+        # As the official head: truncated normal for W and both offset projections (the LayerNorm starts at 1, 0).
+        for module in (self, self.class_offset_proj, self.feature_offset_proj):
+            if module is not None:
+                initialise_with(module, partial(_trunc_normal_, std=initializer_range))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) pixel embeddings -> (B, K, H, W) normalised class scores."""
@@ -85,7 +114,7 @@ class PerPixelClassifier(nn.Module):
     def __init__(self, num_classes: int, channels: int, dropout: float = 0.1):
         super().__init__()
         self.dropout = nn.Dropout2d(dropout)
-        self.classifier = nn.Conv2d(channels, num_classes, kernel_size=1)
+        self.classifier = initialise_with(nn.Conv2d(channels, num_classes, kernel_size=1), _conv_seg_)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(features))  # (B, K, H, W)

@@ -76,3 +76,25 @@ def test_config_round_trip_through_autoconfig(tmp_path):
     assert isinstance(loaded, OffSegConfig)
     assert loaded.num_labels == 19 and not loaded.feature_offset
     assert list(loaded.encoder_config.depths) == [3, 4, 6, 3] and loaded.encoder_config.layer_norm_eps == 1e-6
+
+
+def test_offseg_presets_hold_the_official_values():
+    expected = {
+        "offseg-t": ("efficientformerv2_s1", 0.0, [32, 32, 64, 128], [32, 48, 120, 224]),
+        "offseg-b": ("efficientformerv2_s2", 0.02, [32, 64, 128, 256], [32, 64, 144, 288]),
+        "offseg-l": ("efficientformerv2_l", 0.1, [32, 64, 128, 256], [40, 80, 192, 384]),
+    }
+    for variant, (backbone, drop_path, stage_channels, in_channels) in expected.items():
+        config = OffSegConfig.from_variant(variant)
+        assert config.encoder_config.backbone == backbone and config.encoder_config.drop_path_rate == drop_path
+        assert config.decoder_stage_channels == stage_channels and config.decoder_hidden_size == 256
+        assert not config.decoder_max_pool and config.classifier == "offset"
+        with torch.device("meta"):
+            model = OffSegForSemanticSegmentation(config)
+        assert model.offseg.encoder.channels == in_channels
+        compressed = [f.hr_compressor.out_channels for f in model.offseg.decode_head.fusions]
+        lr, expected_compressed = stage_channels[-1], []
+        for hr in reversed(stage_channels[:-1]):
+            expected_compressed.append((lr + hr) // 4)
+            lr += hr
+        assert compressed == expected_compressed

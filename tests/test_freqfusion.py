@@ -1,0 +1,92 @@
+"""CARAFE and FreqFusion (offseg_hf/freqfusion.py)."""
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from offseg_hf.freqfusion import FreqFusion, carafe, neighbour_cosine_similarity
+
+
+def naive_carafe(features, masks, kernel_size, scale):
+    """Direct loop over output pixels and taps: the definition of CARAFE (mmcv's op)."""
+    batch, channels, height, width = features.shape
+    out = torch.zeros(batch, channels, height * scale, width * scale, dtype=features.dtype)
+    r = kernel_size // 2
+    for i in range(height * scale):
+        for j in range(width * scale):
+            ci, cj = i // scale, j // scale
+            for a in range(kernel_size):
+                for b in range(kernel_size):
+                    y, x = ci + a - r, cj + b - r
+                    if 0 <= y < height and 0 <= x < width:
+                        out[:, :, i, j] += masks[:, a * kernel_size + b, i, j, None] * features[:, :, y, x]
+    return out
+
+
+@pytest.mark.parametrize("kernel_size", [3, 5])
+@pytest.mark.parametrize("scale", [1, 2])
+def test_carafe_matches_naive_reference(kernel_size, scale):
+    torch.manual_seed(0)
+    features = torch.randn(2, 3, 5, 6)
+    masks = torch.randn(2, kernel_size**2, 5 * scale, 6 * scale).softmax(dim=1)
+    expected = naive_carafe(features, masks, kernel_size, scale)
+    torch.testing.assert_close(carafe(features, masks, kernel_size, scale), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_carafe_rejects_mismatched_masks():
+    with pytest.raises(ValueError, match="masks must have shape"):
+        carafe(torch.randn(1, 2, 4, 4), torch.randn(1, 25, 7, 8), 5, 2)
+
+
+def test_neighbour_similarity_matches_unfold_definition():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 7, 9)
+    unfolded = F.unfold(x, 3, padding=2, dilation=2).view(2, 8, 9, 7, 9)
+    reference = F.cosine_similarity(unfolded[:, :, 4:5], unfolded, dim=1)  # (B, 9, H, W)
+    reference = torch.cat([reference[:, :4], reference[:, 5:]], dim=1)
+    torch.testing.assert_close(neighbour_cosine_similarity(x), reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("hr_size", [(16, 20), (15, 19)])
+def test_freqfusion_shapes_and_gradients(hr_size):
+    torch.manual_seed(0)
+    fusion = FreqFusion(hr_channels=32, lr_channels=64, compressed_channels=24)
+    for param in fusion.parameters():  # away from the near-zero init so every path carries gradient
+        param.data.normal_(0, 0.1)
+    hr = torch.randn(2, 32, *hr_size, requires_grad=True)
+    lr = torch.randn(2, 64, 8, 10, requires_grad=True)
+    hr_out, lr_out = fusion(hr, lr)
+    assert hr_out.shape == (2, 32, *hr_size) and lr_out.shape == (2, 64, *hr_size)
+    (hr_out.square().mean() + lr_out.square().mean()).backward()
+    for name, param in fusion.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    assert hr.grad.abs().sum() > 0 and lr.grad.abs().sum() > 0
+
+
+def test_freqfusion_rejects_incompatible_sizes():
+    fusion = FreqFusion(32, 64, 24)
+    with pytest.raises(ValueError, match="twice the low-res size"):
+        fusion(torch.randn(1, 32, 12, 12), torch.randn(1, 64, 8, 8))
+
+
+def test_model_initialisation_gives_freqfusion_the_official_init():
+    """Through the model's init (as `from_pretrained` runs it for missing weights): the resampler's scale convs start
+    at zero, so sampling starts at the sub-pixel centres; kernel encoders and offset convs normal(0, 1e-3);
+    compressors Xavier-uniform with zero bias."""
+    from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation
+
+    torch.manual_seed(0)
+    model = OffSegForSemanticSegmentation(OffSegConfig.from_variant("offseg-t", num_labels=4))
+    fusions = list(model.offseg.decode_head.fusions)
+    assert len(fusions) == 3
+    for fusion in fusions:
+        resampler = fusion.resampler
+        for conv in (resampler.direct_scale, resampler.hr_direct_scale):
+            assert not conv.weight.any() and not conv.bias.any()
+        for conv in (fusion.lowpass_encoder, fusion.highpass_encoder, resampler.offset, resampler.hr_offset):
+            assert 5e-4 < conv.weight.std() < 2e-3 and not conv.bias.any()
+        for conv in (fusion.hr_compressor, fusion.lr_compressor):
+            fan_out, fan_in = conv.weight.shape[:2]
+            bound = (6 / (fan_in + fan_out)) ** 0.5
+            assert conv.weight.abs().max() <= bound and conv.weight.abs().max() > 0.5 * bound
+            assert not conv.bias.any()
