@@ -63,8 +63,8 @@ class OfficialOrder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         offseg = self.model.offseg
+        features = offseg.encoder(pixel_values).feature_maps
         if self.model.config.decode_head == "segformer":
-            features = offseg.encoder(pixel_values, output_hidden_states=True).hidden_states
             decoder = offseg.decode_head
             size = features[0].shape[-2:]
             upsampled = [
@@ -73,7 +73,7 @@ class OfficialOrder(nn.Module):
             ]
             x = decoder.fusion(torch.cat(upsampled, dim=1))
         else:
-            x = offseg.decode_head(offseg.encoder(pixel_values))
+            x = offseg.decode_head(features)
         return literal_offset_learning(self.model.classifier, offseg.pool(x))
 
 

@@ -99,7 +99,7 @@ def main() -> None:
     print(
         "Notes: params exclude mmseg's unused `conv_seg` (0.04M at 150 classes) that the official offset model "
         "also carries.\nThe counted GMAC is lower than the paper's because this implementation applies the "
-        "SegFormer head's 1x1 fusion conv\nper stage before upsampling (same result, 1.4 instead of 4.3 GMAC) and "
+        "SegFormer head's 1x1 fusion conv\nper stage before upsampling (same result, fewer multiply-adds) and "
         "evaluates offset learning's feature-offset\nterm through a (K, K) product. The mmseg-order row counts "
         "the official arrangement (the paper reports 8.8 for it)."
     )
