@@ -1,5 +1,6 @@
-"""The training recipe (optimizer groups, schedule, BatchNorm, checkpoints) and examples/train.py end to end:
-resume exactness, non-finite loss, bad data, two processes over gloo, the saved folder in a pipeline."""
+"""examples/train.py end to end: arguments checked before any work, resume exactness, the output-folder and
+same-model rules, non-finite loss, bad data, two processes over gloo, accumulation, the saved folder in a
+pipeline, push to hub (mocked)."""
 
 import importlib.util
 import json
@@ -14,44 +15,31 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from torch import nn
+from accelerate.state import AcceleratorState, GradientState
 
 from offseg_hf import OffSegForSemanticSegmentation
 from offseg_hf.data import SegmentationDataError
 from offseg_hf.demo_data import make_demo_splits
-from offseg_hf.training import (
-    RECIPES,
-    WarmupPolyFactor,
-    build_optimizer,
-    build_scheduler,
-    convert_sync_batchnorm,
-    get_recipe,
-    latest_checkpoint,
-    list_checkpoints,
-    param_groups,
-    read_trainer_state,
-    resolve_checkpoint,
-    save_checkpoint,
-)
+from offseg_hf.training import RECIPE_FIELDS, CheckpointMismatchError, list_checkpoints, read_trainer_state
 
-from .conftest import TINY_ENCODER, tiny_config
+from .conftest import TINY_ENCODER
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = ROOT / "examples" / "train.py"
 
-# A tiny model on a tiny demo set: 32x32 images, 4 images a step.
-TINY_RUN = [
-    *"--demo_image_size 32 --demo_num_train 16 --demo_num_validation 4 --crop_size 32 32 --resize_scale 128 32".split(),
-    *"--eval_scale 128 32 --total_batch_size 4 --warmup_steps 2 --learning_rate 1e-3 --logging_steps 1".split(),
-    *"--eval_steps 0 --checkpointing_steps 0".split(),
-    *["--config_overrides", json.dumps({"decoder_hidden_size": 32, "encoder_config": TINY_ENCODER})],
+# A tiny demo set (32x32 images, 4 images a step) and a tiny model.
+TINY_DEMO = "--demo_image_size 32 --demo_num_train 16 --demo_num_validation 4".split()
+TINY_RECIPE = [
+    *"--crop_size 32 32 --resize_scale 128 32 --eval_scale 128 32 --total_batch_size 4 --warmup_steps 2".split(),
+    *"--learning_rate 1e-3 --logging_steps 1 --eval_steps 0 --checkpointing_steps 0".split(),
 ]
+TINY_MODEL = ["--config_overrides", json.dumps({"decoder_hidden_size": 32, "encoder_config": TINY_ENCODER})]
+TINY_RUN = TINY_DEMO + TINY_RECIPE + TINY_MODEL
 
 
 def _reset_accelerate():
     AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 @pytest.fixture
@@ -65,209 +53,102 @@ def train_script():
     _reset_accelerate()
 
 
-def run(train_script, output_dir, *extra):
+def run(train_script, output_dir, *extra, model=TINY_MODEL, data=TINY_DEMO):
     _reset_accelerate()
-    return train_script.main([*TINY_RUN, "--output_dir", str(output_dir), *extra])
+    return train_script.main([*data, *TINY_RECIPE, *model, "--output_dir", str(output_dir), *extra])
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Recipe, optimizer groups, schedule
+# Arguments
 
 
 def test_help_shows_every_option_and_each_recipes_default(train_script):
     text = " ".join(train_script.build_parser().format_help().split())
-    for field in RECIPES["ade20k-160k"]:
+    for field in RECIPE_FIELDS:
         assert f"--{field}" in text
     assert "ade20k-160k: 6e-05" in text and "demo: 0.001" in text  # learning rates
     assert "ade20k-160k: 160000" in text and "coco-stuff-80k: 80000" in text  # iterations
     assert "cityscapes-160k: (1024, 1024)" in text and "cityscapes-160k: 8," in text  # crop, batch
-    for flag in ("--model_name_or_path", "--dataset_name", "--output_dir", "--per_device_train_batch_size"):
-        assert flag in text
-    for flag in ("--gradient_accumulation_steps", "--resume_from_checkpoint", "--push_to_hub", "--hub_model_id"):
+    assert "demo: whole, ade20k-160k: slide" in text and "cityscapes-160k: (768, 768)" in text  # eval protocol
+    assert "[recipe default, every recipe: 0.75]" in text  # cat_max_ratio
+    assert "nvidia/mit-b0" in text and "efficientformerv2_s1.snap_dist_in1k" in text  # --pretrained_encoder
+    flags = "--model_name_or_path --dataset_name --train_dir --validation_dir --ade20k_root --output_dir"
+    flags += " --overwrite_output_dir --per_device_train_batch_size --per_device_eval_batch_size --seed"
+    flags += " --gradient_accumulation_steps --resume_from_checkpoint --push_to_hub --hub_model_id --hub_token"
+    for flag in flags.split():
         assert flag in text
     assert "--seed SEED Seeds weights, data order, augmentation, demo set. (default: 0)" in text
+    parser = train_script.build_parser()
+    assert all(action.help for action in parser._actions)  # every flag explains itself
 
 
-def test_paper_recipes():
-    ade = get_recipe("ade20k-160k")
-    assert (ade["learning_rate"], ade["adam_beta1"], ade["adam_beta2"], ade["weight_decay"]) == (6e-5, 0.9, 0.999, 0.01)
-    assert (ade["head_lr_mult"], ade["warmup_steps"], ade["warmup_start_factor"], ade["poly_power"]) == (
-        10,
-        1500,
-        1e-6,
-        1,
-    )
-    assert (ade["max_train_steps"], ade["total_batch_size"], ade["crop_size"]) == (160_000, 16, (512, 512))
-    assert (ade["resize_scale"], ade["ratio_range"], ade["cat_max_ratio"]) == ((2048, 512), (0.5, 2.0), 0.75)
-    city = get_recipe("cityscapes-160k")
-    assert (city["crop_size"], city["total_batch_size"], city["max_train_steps"]) == ((1024, 1024), 8, 160_000)
-    assert get_recipe("coco-stuff-80k")["max_train_steps"] == 80_000
+BAD_ARGUMENTS = [
+    ("--variant segformer-b0", "invalid choice: 'segformer-b0' (choose from 'offseg-b', 'offseg-l', 'offseg-t',"),
+    ("--eval_mode tiled", "invalid choice: 'tiled'"),
+    ("--crop_size 0 32", "--crop_size must be positive"),
+    ("--recipe ade20k", "invalid choice: 'ade20k'"),
+    ("--train_dir data --demo_num_train 8", "describe the demo set; this run reads --train_dir"),
+    ("--train_dir data --ade20k_root ade", "give one data source"),
+    ("--validation_dir val", "--validation_dir needs --train_dir"),
+    ("--model_name_or_path some/model --variant offseg-t", "build a fresh model; --model_name_or_path loads"),
+    ("--variant offseg-t --pretrained_encoder nvidia/mit-b0", "offseg-t has an EfficientFormerV2 encoder"),
+    ("--pretrained_encoder efficientformerv2_s1", "segformer-b0-offset has a MiT encoder"),
+    ("--config_overrides [bad", "--config_overrides is not JSON"),
+    ("--ignore_mismatched_sizes", "--ignore_mismatched_sizes applies to --model_name_or_path"),
+    ("--gradient_accumulation_steps 0", "--gradient_accumulation_steps must be at least 1"),
+    ("--push_to_hub", "--push_to_hub needs --hub_model_id or --output_dir"),
+    ("--resume_from_checkpoint latest --output_dir {tmp}/none", "no complete checkpoint under"),
+    ("--resume_from_checkpoint latest --overwrite_output_dir", "--overwrite_output_dir removes the folder's"),
+    ("--output_dir {tmp}/used", "is not empty (config.json): pass --overwrite_output_dir"),
+]
 
 
-def test_param_groups_head_lr_and_no_decay_on_norms():
-    model = OffSegForSemanticSegmentation(tiny_config())
-    groups = {group["name"]: group for group in param_groups(model, learning_rate=6e-5, weight_decay=0.01)}
-    assert set(groups) == {"encoder_decay", "encoder_no_decay", "head_decay", "head_no_decay"}
-    names = {id(param): name for name, param in model.named_parameters()}
-    members = {key: {names[id(p)] for p in group["params"]} for key, group in groups.items()}
-    assert sum(len(m) for m in members.values()) == len(names)  # every parameter exactly once
-    for key, group in groups.items():
-        assert group["lr"] == pytest.approx(6e-5 * (1 if key.startswith("encoder") else 10))
-        assert group["weight_decay"] == (0.0 if key.endswith("no_decay") else 0.01)
-        in_encoder = {name.startswith("offseg.encoder.") for name in members[key]}
-        assert in_encoder == {key.startswith("encoder")}
-    # Every norm layer's weight and bias, and nothing else, is exempt from decay.
-    norm_params = {
-        f"{module_name}.{param_name}"
-        for module_name, module in model.named_modules()
-        if isinstance(module, (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm))
-        for param_name, _ in module.named_parameters(recurse=False)
-    }
-    assert members["encoder_no_decay"] | members["head_no_decay"] == norm_params
-    encoder_norms = [n for n in norm_params if n.startswith("offseg.encoder.")]
-    assert len(encoder_norms) > 8  # MiT's block, reduction, patch-embedding and end-of-stage LayerNorms
-    assert any(".bn." in name or "norm" in name for name in members["head_no_decay"])  # head BN / LayerNorm
-    # mmseg exempts only 'norm' / 'pos_block' keys: other biases and the class embeddings keep their decay.
-    conv_biases = {
-        f"{module_name}.bias"
-        for module_name, module in model.named_modules()
-        if isinstance(module, nn.Conv2d) and module.bias is not None
-    }
-    assert conv_biases and conv_biases <= members["encoder_decay"] | members["head_decay"]
-    assert "classifier.class_embeddings" in members["head_decay"]
+@pytest.mark.parametrize(("argv", "message"), BAD_ARGUMENTS, ids=[argv for argv, _ in BAD_ARGUMENTS])
+def test_bad_arguments_fail_at_once_with_one_line(train_script, tmp_path, monkeypatch, capsys, argv, message):
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "config.json").write_text("{}")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr(train_script, "make_accelerator", no_work)
+    monkeypatch.setattr(train_script, "load_data", no_work)
+    with pytest.raises(SystemExit) as caught:
+        train_script.main(argv.format(tmp=tmp_path).split())
+    assert caught.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 2 and error[0].startswith("usage:")  # a short usage line, then the one error line
+    assert message in error[1]
 
 
-def test_param_groups_pos_block_by_name_and_generic_encoder():
-    class Encoder(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = nn.Linear(4, 4)
-            self.pos_block = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4))  # PVT-style positional conv
-
-    model = nn.Module()
-    model.encoder, model.decode_head = Encoder(), nn.Sequential(nn.Conv2d(4, 4, 1), nn.GroupNorm(2, 4))
-    groups = {group["name"]: group for group in param_groups(model, 1.0, 0.5, head_lr_mult=10)}
-    assert len(groups["encoder_no_decay"]["params"]) == 2  # pos_block weight + bias
-    assert len(groups["encoder_decay"]["params"]) == 2 and groups["encoder_decay"]["lr"] == 1.0
-    assert len(groups["head_no_decay"]["params"]) == 2 and groups["head_no_decay"]["lr"] == 10.0
-    assert len(groups["head_decay"]["params"]) == 2
-
-
-def test_warmup_then_poly_schedule():
-    factor = WarmupPolyFactor(total_steps=160_000, warmup_steps=1500, start_factor=1e-6, power=1.0)
-    assert factor(0) == pytest.approx(1e-6)
-    assert factor(750) == pytest.approx(1e-6 + (1 - 1e-6) * 0.5)
-    assert factor(1500) == pytest.approx(1.0)
-    assert factor(1500 + 158_500 // 2) == pytest.approx(0.5)
-    assert factor(159_999) == pytest.approx(1 / 158_500) and factor(160_000) == 0.0
-    assert WarmupPolyFactor(100, 10, power=0.9)(55) == pytest.approx(0.5**0.9)
-
-    model = OffSegForSemanticSegmentation(tiny_config())
-    settings = {**get_recipe("ade20k-160k"), "max_train_steps": 20, "warmup_steps": 5}
-    optimizer = build_optimizer(model, settings)
-    assert optimizer.defaults["betas"] == (0.9, 0.999)
-    scheduler = build_scheduler(optimizer, settings)
-    seen = []
-    for _ in range(20):
-        seen.append([group["lr"] for group in optimizer.param_groups])
-        optimizer.step()
-        scheduler.step()
-    reference = WarmupPolyFactor(20, 5)
-    for step, lrs in enumerate(seen):
-        for group, lr in zip(optimizer.param_groups, lrs, strict=True):
-            assert lr == pytest.approx(6e-5 * group["lr_mult"] * reference(step))  # the head stays at 10x
-    assert all(group["lr"] == 0 for group in optimizer.param_groups)
-    # The schedule survives a state_dict round trip (resume).
-    restored = build_scheduler(
-        build_optimizer(model, {**settings, "max_train_steps": 999}), {**settings, "max_train_steps": 999}
-    )
-    restored.load_state_dict(scheduler.state_dict())
-    assert restored.lr_lambdas[0].total_steps == 20 and restored.last_epoch == 20
+def test_each_model_gets_its_own_default_folder(train_script):
+    assert train_script.parse_args([]).output_dir == "outputs/demo-segformer-b0-offset"
+    assert train_script.parse_args(["--variant", "offseg-t"]).output_dir == "outputs/demo-offseg-t"
+    assert train_script.parse_args(["--recipe", "ade20k-160k"]).output_dir == "outputs/ade20k-160k-segformer-b0-offset"
 
 
 # ------------------------------------------------------------------------------------------------------------
-# BatchNorm
-
-
-def test_sync_batchnorm_only_for_distributed_gpus():
-    def model():
-        return nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
-
-    gpus = SimpleNamespace(num_processes=2, device=torch.device("cuda"))
-    cpus = SimpleNamespace(num_processes=2, device=torch.device("cpu"))
-    single = SimpleNamespace(num_processes=1, device=torch.device("cuda"))
-    assert isinstance(convert_sync_batchnorm(model(), gpus)[1], nn.SyncBatchNorm)
-    assert type(convert_sync_batchnorm(model(), cpus)[1]) is nn.BatchNorm2d
-    assert type(convert_sync_batchnorm(model(), single)[1]) is nn.BatchNorm2d
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def test_checkpoint_interrupted_mid_write_never_replaces_the_last_good_one(tmp_path, monkeypatch):
-    _reset_accelerate()
-    accelerator = Accelerator(cpu=True)
-    model = OffSegForSemanticSegmentation(tiny_config())
-    settings = {**get_recipe("demo"), "max_train_steps": 10}
-    optimizer = build_optimizer(model, settings)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, build_scheduler(optimizer, settings))
-    good = save_checkpoint(accelerator, tmp_path, 2, {"note": "good"})
-    good_files = {path.name: path.read_bytes() for path in good.iterdir()}
-    saved_weights = {key: value.clone() for key, value in model.state_dict().items()}
-
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(1.0)
-    real_save_state = accelerator.save_state
-
-    def save_state_then_crash(output_dir, **kwargs):
-        real_save_state(output_dir, **kwargs)
-        Path(output_dir, "model.safetensors").write_bytes(b"half a file")  # cut off mid-write
-        raise OSError("No space left on device")
-
-    monkeypatch.setattr(accelerator, "save_state", save_state_then_crash)
-    for step in (4, 2):  # a new step, and re-saving the good step itself
-        with pytest.raises(OSError, match="No space left"):
-            save_checkpoint(accelerator, tmp_path, step, {"note": "bad"})
-        assert latest_checkpoint(tmp_path) == good and [s for s, _ in list_checkpoints(tmp_path)] == [2]
-        assert {path.name: path.read_bytes() for path in good.iterdir()} == good_files
-    assert not (tmp_path / "step_4").exists()
-    monkeypatch.undo()
-
-    accelerator.load_state(str(resolve_checkpoint("latest", tmp_path)))
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, saved_weights[key])
-    assert read_trainer_state(good) == {"note": "good", "step": 2}
-    # The next save clears the partial staging folder; total_limit prunes old checkpoints.
-    save_checkpoint(accelerator, tmp_path, 4, {})
-    save_checkpoint(accelerator, tmp_path, 6, {}, total_limit=2)
-    assert [step for step, _ in list_checkpoints(tmp_path)] == [4, 6]
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["step_4", "step_6"]
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
-        resolve_checkpoint(str(tmp_path / "step_5"), tmp_path)
-    _reset_accelerate()
-
-
-# ------------------------------------------------------------------------------------------------------------
-# examples/train.py end to end
+# Training runs
 
 
 def state_dict_of(model) -> dict[str, torch.Tensor]:
     return {key: value.detach().clone() for key, value in model.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_resume_matches_an_uninterrupted_run_and_the_output_folder_loads(train_script, tmp_path):
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
-    # --with_tracking logs to TensorBoard (the default --report_to).
-    straight = run(train_script, straight_dir, *"--max_train_steps 8 --checkpointing_steps 4 --with_tracking".split())
+    # Each step is 2 accumulated micro-batches of 2 images (Accelerate counts micro-steps, and load_state restores
+    # that count). --with_tracking logs to TensorBoard (the default --report_to).
+    flags = "--max_train_steps 8 --gradient_accumulation_steps 2"
+    straight = run(train_script, straight_dir, *f"{flags} --checkpointing_steps 4 --with_tracking".split())
     assert straight["step"] == 8 and [s for s, _ in list_checkpoints(straight_dir)] == [4, 8]
     assert read_trainer_state(straight_dir / "step_4")["samples_seen"] == 16
 
     # Steps 5..8 again from the step-4 checkpoint, in a fresh output folder, with DataLoader workers this time:
     # augmentation is seeded per draw, so workers change nothing.
     shutil.copytree(straight_dir / "step_4", resumed_dir / "step_4")
-    resume = "--max_train_steps 8 --resume_from_checkpoint latest --dataloader_num_workers 2"
+    resume = f"{flags} --resume_from_checkpoint latest --dataloader_num_workers 2"
     resumed = run(train_script, resumed_dir, *resume.split())
     assert resumed["step"] == 8
     expected, actual = state_dict_of(straight["model"]), state_dict_of(resumed["model"])
@@ -328,13 +209,13 @@ def test_train_on_folders_and_stop_on_a_bad_sample_naming_it(train_script, tmp_p
     write_folder_split(tmp_path / "val", 2, seed=2)
     (tmp_path / "train" / "id2label.json").write_text(json.dumps(dict(enumerate("abcde"))))
     folders = ["--train_dir", str(tmp_path / "train"), "--validation_dir", str(tmp_path / "val"), "--recipe", "demo"]
-    result = run(train_script, tmp_path / "out", *folders, "--max_train_steps", "2")
+    result = run(train_script, tmp_path / "out", *folders, "--max_train_steps", "2", data=[])
     assert result["metrics"]["num_pixels"] == 2 * 32 * 32
     assert AutoConfigFor(tmp_path / "out").id2label == dict(enumerate("abcde"))
 
     (tmp_path / "train" / "images" / "scene4.jpg").write_bytes(b"not an image at all")
     with pytest.raises(SegmentationDataError, match=r"train sample \d+ \(.*scene4.jpg.*cannot read the image"):
-        run(train_script, tmp_path / "out2", *folders, "--max_train_steps", "2")
+        run(train_script, tmp_path / "out2", *folders, "--max_train_steps", "2", data=[])
 
 
 def AutoConfigFor(folder: Path):
@@ -374,6 +255,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_on_cpu_stay_in_sync_and_gather_the_metric(tmp_path):
     helper = tmp_path / "rank_report.py"
     helper.write_text(RANK_REPORT)
@@ -406,14 +288,68 @@ def test_two_processes_on_cpu_stay_in_sync_and_gather_the_metric(tmp_path):
     assert "final mIoU" in completed.stdout and (tmp_path / "out" / "config.json").is_file()
 
 
+@pytest.mark.slow
 def test_fine_tune_a_saved_folder_with_bf16_and_accumulation(train_script, tmp_path):
     run(train_script, tmp_path / "first", "--max_train_steps", "1")
     flags = "--mixed_precision bf16 --gradient_accumulation_steps 2 --max_train_steps 2 --checkpointing_steps 2"
-    second = run(train_script, tmp_path / "second", "--model_name_or_path", str(tmp_path / "first"), *flags.split())
-    # 2 micro-batches of 2 images make each step's 4 images.
+    flags += " --warmup_steps 1"
+    fine_tune = ["--model_name_or_path", str(tmp_path / "first")]
+    second = run(train_script, tmp_path / "second", *flags.split(), model=fine_tune)
+    # 2 micro-batches of 2 images make each step's 4 images; the optimizer stepped once per 2 micro-batches and
+    # the schedule with it: after the last of 2 steps the poly decay is at 0.
     assert read_trainer_state(tmp_path / "second" / "step_2")["samples_seen"] == 8
+    optimizer = second["optimizer"]
+    assert {int(state["step"]) for state in optimizer.state.values()} == {2}
+    assert [group["lr"] for group in optimizer.param_groups] == [0.0] * len(optimizer.param_groups)
     assert second["model"].config.decoder_hidden_size == 32  # the folder's model, not a fresh variant
     assert 0 <= second["metrics"]["mean_iou"] <= 1
+
+
+@pytest.mark.slow
+def test_another_model_never_replaces_a_run_silently_nor_resumes_its_checkpoints(train_script, tmp_path, monkeypatch):
+    folder = tmp_path / "run"
+    run(train_script, folder, "--max_train_steps", "2", "--checkpointing_steps", "2")
+    first_weights = (folder / "model.safetensors").read_bytes()
+    assert read_trainer_state(folder / "step_2")["model"] == "segformer-b0-offset"
+
+    # A second model into the same folder: refused before any work, the first run intact.
+    with pytest.raises(SystemExit):
+        run(train_script, folder, "--variant", "offseg-t", model=[])
+    assert (folder / "model.safetensors").read_bytes() == first_weights
+
+    # Resuming the first run's checkpoint with another architecture: one line naming both, before load_state.
+    with pytest.raises(CheckpointMismatchError) as caught:
+        run(train_script, folder, "--variant", "offseg-t", "--resume_from_checkpoint", "latest", model=[])
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "step_2 is a checkpoint of segformer-b0-offset but this run builds offseg-t" in message
+
+    # --overwrite_output_dir replaces it, and 'latest' can no longer find the old run's checkpoints. The final
+    # evaluation runs the recipe's protocol (here overridden) in one process.
+    import offseg_hf.inference
+
+    calls = []
+    evaluate_dataset = offseg_hf.inference.evaluate_dataset
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return evaluate_dataset(*args, **kwargs)
+
+    monkeypatch.setattr(offseg_hf.inference, "evaluate_dataset", recording)
+    wider = ["--config_overrides", json.dumps({"decoder_hidden_size": 16, "encoder_config": TINY_ENCODER})]
+    protocol = "--eval_scale 128 64 --eval_mode slide --eval_crop_size 32 32 --eval_stride 16 16"
+    protocol += " --per_device_eval_batch_size 3"
+    run(train_script, folder, "--overwrite_output_dir", "--max_train_steps", "1", *protocol.split(), model=wider)
+    assert list_checkpoints(folder) == []
+    assert json.loads((folder / "config.json").read_text())["decoder_hidden_size"] == 16
+    assert len(calls) == 1
+    assert {key: calls[0][key] for key in ("mode", "crop_size", "stride", "batch_size", "shard")} == {
+        "mode": "slide",
+        "crop_size": (32, 32),
+        "stride": (16, 16),
+        "batch_size": 3,
+        "shard": (0, 1),
+    }
 
 
 def test_push_to_hub_uploads_the_model_folder_only(train_script, tmp_path, monkeypatch):
