@@ -15,6 +15,9 @@ from transformers import (
     AutoModelForSemanticSegmentation,
     pipeline,
 )
+from transformers import (
+    logging as transformers_logging,
+)
 
 from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation, OffSegImageProcessor, OffSegModel
 
@@ -137,10 +140,20 @@ def test_save_and_load_give_identical_logits(any_model, tmp_path):
     assert isinstance(AutoImageProcessor.from_pretrained(tmp_path), OffSegImageProcessor)
 
 
-def test_num_labels_mismatch_is_a_value_error(any_model, tmp_path):
+def test_num_labels_mismatch_is_a_value_error(any_model, tmp_path, capfd):
     save_folder(any_model, tmp_path)
-    with pytest.raises(ValueError, match="num_labels=6 but num_labels=9.*ignore_mismatched_sizes"):
-        OffSegForSemanticSegmentation.from_pretrained(tmp_path, num_labels=9)
+    transformers_logging.set_verbosity_warning()  # the load report transformers would print is at warning level
+    try:
+        with pytest.raises(ValueError, match="num_labels=6 but num_labels=9.*ignore_mismatched_sizes"):
+            OffSegForSemanticSegmentation.from_pretrained(tmp_path, num_labels=9)
+        with pytest.raises(ValueError, match="num_labels=6 but num_labels=9"):
+            AutoModelForSemanticSegmentation.from_pretrained(tmp_path, num_labels=9)
+        with pytest.raises(ValueError, match="num_labels=6 but num_labels=2"):
+            OffSegForSemanticSegmentation.from_pretrained(tmp_path, id2label={0: "a", 1: "b"})
+    finally:
+        transformers_logging.set_verbosity_error()
+    printed = capfd.readouterr()
+    assert "mismatch" not in (printed.out + printed.err).lower()  # one message: the error, no load report before it
     model = OffSegForSemanticSegmentation.from_pretrained(tmp_path, num_labels=9, ignore_mismatched_sizes=True)
     assert model.classifier.class_embeddings.shape == (9, any_model.config.decoder_hidden_size)
 
