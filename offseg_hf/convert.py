@@ -443,13 +443,18 @@ def read_official_checkpoint(path: str) -> tuple[dict[str, Tensor], list[str] | 
     up front, such as a TorchScript archive (which `weights_only=False` would hand to `torch.jit.load`), is
     raised. Raises `ValueError` if the state dict holds anything but tensors.
     """
-    with open(path, "rb") as handle:  # one open file for both readers: both see the same bytes
+    # Registered only for this call; ones the caller registered already stay (leaving the block removes its own).
+    registered = torch.serialization.get_safe_globals()
+    numpy_globals = [entry for entry in _numpy_globals() if entry not in registered]
+    with open(path, "rb") as handle:  # both readers read this one open file, not the path twice
         try:
-            with torch.serialization.safe_globals(_numpy_globals()):
-                checkpoint = torch.load(handle, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(numpy_globals):
+                checkpoint = torch.load(handle, map_location="cpu", weights_only=True, mmap=False)
         except pickle.UnpicklingError:
             handle.seek(0)
-            checkpoint = torch.load(handle, map_location="cpu", weights_only=False, pickle_module=safe_pickle)
+            checkpoint = torch.load(
+                handle, map_location="cpu", weights_only=False, mmap=False, pickle_module=safe_pickle
+            )
     class_names = None
     meta = checkpoint.get("meta") if isinstance(checkpoint, dict) else None
     dataset_meta = meta.get("dataset_meta") if isinstance(meta, dict) else None

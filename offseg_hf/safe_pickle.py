@@ -165,7 +165,8 @@ def _call(func: Any, args: Any, kwargs: Any = None) -> Any:
     if type(args) is not tuple or type(kwargs) is not dict:
         raise UnpicklingError("Call arguments must be a tuple and a dict.")
     if not _may_call(func):
-        raise UnpicklingError(f"Refused to call a {type(func).__name__} object (neither allowed nor a placeholder).")
+        kind = type(func).__name__
+        raise UnpicklingError(f"Refused to call a {kind} object: only allowed callables and placeholder classes are.")
     return func(*args, **kwargs)
 
 

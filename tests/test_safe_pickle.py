@@ -14,6 +14,7 @@ import shlex
 import subprocess
 import sys
 import time
+import types
 import zipfile
 from dataclasses import dataclass
 
@@ -366,6 +367,19 @@ def test_mmengine_checkpoints_keep_meta_values_and_never_use_their_classes(offic
     assert buffer.state["statistics_methods"]["min"].__qualname__ == "HistoryBuffer.min"
     assert loaded["hooks"][0].args == ("checkpoint",)
     assert loaded["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
+
+
+def test_numpy_values_alone_load_with_torchs_own_reader(official, tmp_path, monkeypatch):
+    path = tmp_path / "numpy_meta.pth"
+    meta = {"seed": np.int64(7), "scores": np.arange(3.0), "dataset_meta": {"classes": ["road", "car", "sky"]}}
+    torch.save({"state_dict": official, "meta": meta}, path)
+    # The second reader must not be needed: a module without an Unpickler stands in for it.
+    monkeypatch.setattr("offseg_hf.convert.safe_pickle", types.ModuleType("no_second_reader"))
+    with torch.serialization.safe_globals([(np.ndarray, "numpy.ndarray")]):  # as a caller might have registered
+        before = set(torch.serialization.get_safe_globals())
+        state_dict, class_names = read_official_checkpoint(str(path))
+        assert set(torch.serialization.get_safe_globals()) == before  # nothing added or removed
+    assert class_names == ["road", "car", "sky"] and state_dict.keys() == official.keys()
 
 
 def test_torchscript_archives_are_refused_not_loaded(tmp_path):
