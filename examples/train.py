@@ -391,6 +391,12 @@ def resume(args, accelerator, signature: dict, total_batch: int) -> TrainerState
             f"the data stream continues from image {saved['samples_seen']} but the run is no longer the same as an "
             "uninterrupted one."
         )
+    if saved.get("max_train_steps", args.settings["max_train_steps"]) != args.settings["max_train_steps"]:
+        logger.warning(
+            f"The learning-rate schedule comes back with the checkpoint and still ends at step "
+            f"{saved['max_train_steps']}; --max_train_steps {args.settings['max_train_steps']} only moves where "
+            "training stops."
+        )
     logger.info(f"Resumed from {args.checkpoint} at step {saved['step']}", main_process_only=True)
     return TrainerState(saved["step"], saved.get("samples_seen", saved["step"] * total_batch), args.checkpoint)
 

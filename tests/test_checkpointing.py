@@ -114,6 +114,6 @@ def test_resuming_a_checkpoint_of_another_model_names_both(tmp_path):
     message = str(caught.value)
     assert "\n" not in message
     assert f"{checkpoint} is a checkpoint of segformer-b0-offset but this run builds offseg-t" in message
-    assert "config differs in: decoder_hidden_size" in message
+    assert "(config differs in: decoder_hidden_size); resume with the same --variant" in message  # not id2label
     (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 2}))  # saved before signatures: passes
     check_same_model(checkpoint, wider)

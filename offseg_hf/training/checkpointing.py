@@ -107,7 +107,8 @@ def model_signature(model: nn.Module, label: str) -> dict[str, Any]:
     for name, tensor in sorted(model.state_dict().items()):
         layout.update(f"{name}:{tuple(tensor.shape)};".encode())
     config = getattr(model, "config", None)
-    values = config.to_diff_dict() if config is not None else {}
+    # As trainer_state.json will hold it (string keys), so a saved config compares equal to a built one.
+    values = json.loads(json.dumps(config.to_diff_dict() if config is not None else {}))
     values.pop("transformers_version", None)
     return {"model": label, "model_config": values, "model_layout_sha256": layout.hexdigest()}
 
