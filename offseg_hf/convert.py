@@ -486,10 +486,16 @@ def load_official_checkpoint(path: str, variant: str, **config_overrides) -> Off
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m offseg_hf.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", required=True, help="Official mmseg checkpoint (.pth).")
-    parser.add_argument("--variant", required=True, choices=sorted(VARIANTS))
-    parser.add_argument("--output_dir", required=True)
+    parser.add_argument(
+        "--variant", required=True, choices=sorted(VARIANTS), help="The preset the checkpoint was trained as."
+    )
+    parser.add_argument(
+        "--output_dir", required=True, help="Folder for the converted model (safetensors, config, code, processor)."
+    )
     parser.add_argument(
         "--id2label",
         default=None,

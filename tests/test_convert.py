@@ -360,3 +360,15 @@ def test_class_names_default_to_ade20k_for_150_classes_and_can_be_given(tmp_path
     names = {i: f"class {i}" for i in range(150)}
     given = load_official_checkpoint(str(tmp_path / "plain.pth"), variant, id2label=names)
     assert given.config.id2label[149] == "class 149"
+
+
+def test_help_names_its_own_command_and_explains_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert text.startswith("usage: python -m offseg_hf.convert")
+    options = text[text.index("options:") :]
+    for flag in ("--checkpoint", "--variant", "--output_dir", "--id2label"):
+        # each flag's line (or the next) carries its help text
+        after = options[options.index(flag) :].split("\n", 2)
+        assert any(len(line.split()) > 3 for line in after[:2]), flag
