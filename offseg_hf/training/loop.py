@@ -188,9 +188,9 @@ def evaluate(
 
     BatchNorm statistics are first averaged over processes (`sync_buffers`). Process r evaluates samples r, r + P,
     ... in eval mode (`offseg_hf.inference.evaluate_dataset`, as `examples/evaluate_segmentation.py` does, which
-    then restores every submodule's mode); the per-process confusion matrices are summed with `accelerator.reduce`, so every sample counts once. Returns
-    `SegmentationMetrics.compute()` plus "num_pixels" (labelled pixels over all processes) and "local_num_pixels"
-    (this process's share).
+    then restores every submodule's mode); the per-process confusion matrices are summed with `accelerator.reduce`,
+    so every sample counts once. Returns `SegmentationMetrics.compute()` plus "num_pixels" (labelled pixels over all
+    processes) and "local_num_pixels" (this process's share).
     """
     from ..inference import evaluate_dataset
     from ..metrics import SegmentationMetrics
