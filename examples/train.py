@@ -42,6 +42,7 @@ import offseg_hf  # noqa: F401  (registers OffSeg with the Auto classes)
 from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation, OffSegImageProcessor
 from offseg_hf.configuration_offseg import VARIANTS
 from offseg_hf.data import IGNORE_INDEX, SegmentationDataset, labels_need_reducing, load_segmentation_splits
+from offseg_hf.hub import weights_fingerprint
 from offseg_hf.training import (
     PAPER_RECIPE,
     RECIPE_FIELDS,
@@ -415,6 +416,7 @@ def evaluate_and_log(model, eval_dataset, accelerator, settings: dict, id2label:
         IGNORE_INDEX,
         settings["dataloader_num_workers"],
     )
+    result["num_images"] = len(eval_dataset)
     if accelerator.is_main_process:
         tqdm.write(f"step {step}: {format_metrics(result, id2label)}")
     accelerator.log(metrics_to_log(result, id2label), step=step)
@@ -475,6 +477,8 @@ def save_model(args, accelerator, model, result: dict, state: TrainerState, do_r
         step=state.step, minutes=round(minutes, 2), id2label={str(k): v for k, v in network.config.id2label.items()}
     )
     summary.update(recipe=args.recipe, eval_protocol=asdict(protocol))
+    # The fingerprint lets push_to_hub.py put these figures into a card only next to these very weights.
+    summary["weights_sha256"] = weights_fingerprint(network)
     (output_dir / "eval_results.json").write_text(json.dumps(summary, indent=2))
 
 

@@ -175,3 +175,6 @@ def test_training_and_the_script_report_the_same_figures_for_the_same_weights(tm
         np.testing.assert_array_equal(from_script[key], from_train[key])
     assert from_script["eval_protocol"] == from_train["eval_protocol"]
     assert 0 < evaluated["num_pixels"] == 6 * 64 * 64
+    # Both record the weights they measured, so push_to_hub.py takes either result for this folder's card.
+    assert from_train["weights_sha256"] == from_script["weights_sha256"]
+    assert from_train["num_images"] == from_script["num_images"] == 6
