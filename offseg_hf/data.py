@@ -162,16 +162,9 @@ def load_segmentation_splits(
         do_reduce_labels = labels_need_reducing(dataset_name=dataset_name)
     if train_dir is not None:
         return _load_folders(Path(train_dir), validation_dir, num_labels, do_reduce_labels, validation_split, seed)
+    columns = (image_column, label_column)
     return _load_hub(
-        dataset_name,
-        dataset_config_name,
-        image_column,
-        label_column,
-        num_labels,
-        do_reduce_labels,
-        validation_split,
-        seed,
-        cache_dir,
+        dataset_name, dataset_config_name, columns, num_labels, do_reduce_labels, validation_split, seed, cache_dir
     )
 
 
@@ -311,18 +304,10 @@ def _load_ade20k(root: Path):
     return datasets.DatasetDict(splits), dict(enumerate(ADE20K_CLASSES))
 
 
-def _load_hub(
-    dataset_name,
-    config_name,
-    image_column,
-    label_column,
-    num_labels,
-    do_reduce_labels,
-    validation_split,
-    seed,
-    cache_dir,
-):
+def _load_hub(dataset_name, config_name, columns, num_labels, do_reduce_labels, validation_split, seed, cache_dir):
     import datasets
+
+    image_column, label_column = columns
 
     loaded = datasets.load_dataset(dataset_name, config_name, cache_dir=cache_dir)
     if "train" not in loaded:

@@ -4,6 +4,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -65,3 +68,17 @@ def tiny_model() -> OffSegForSemanticSegmentation:
 def any_model(request) -> OffSegForSemanticSegmentation:
     """Each model family: the generic behaviour tests run on both."""
     return build_model(request.param)
+
+
+def run_python_elsewhere(code: str, *args: str, cwd, timeout: int = 300, **env) -> str:
+    """Run `code` in a fresh interpreter in `cwd`, offline, without PYTHONPATH (so only what is installed imports),
+    with `env` added to the environment; raise on failure and return the last line it printed."""
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", **env}
+    environment.pop("PYTHONPATH", None)
+    completed = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout
+    )
+    if completed.returncode:
+        raise AssertionError(f"the subprocess failed:\n{completed.stderr[-4000:]}")
+    lines = completed.stdout.strip().splitlines()
+    return lines[-1] if lines else ""

@@ -9,13 +9,10 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
 from offseg_hf import OffSegForSemanticSegmentation
-from offseg_hf.training import (
+from offseg_hf.training.checkpointing import (
     CheckpointMismatchError,
-    build_optimizer,
-    build_scheduler,
     check_output_dir,
     check_same_model,
-    get_recipe,
     latest_checkpoint,
     list_checkpoints,
     model_signature,
@@ -24,6 +21,8 @@ from offseg_hf.training import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from offseg_hf.training.optimization import build_optimizer, build_scheduler
+from offseg_hf.training.recipes import get_recipe
 
 from .conftest import tiny_config
 

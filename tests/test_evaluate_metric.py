@@ -3,8 +3,6 @@ offseg_hf, and gives bitwise the numbers of `offseg_hf.metrics.SegmentationMetri
 
 import json
 import math
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -15,6 +13,8 @@ import torch
 
 import offseg_hf
 from offseg_hf.metrics import SegmentationMetrics
+
+from .conftest import run_python_elsewhere
 
 FOLDER = Path(offseg_hf.__file__).parent / "evaluate_metric" / "offseg_mean_iou"
 KEYS = ("mean_iou", "mean_accuracy", "overall_accuracy", "per_category_iou", "per_category_accuracy")
@@ -120,17 +120,9 @@ WITHOUT_PACKAGE = textwrap.dedent(
 
 def test_loads_offline_from_its_folder_without_offseg_hf(tmp_path):
     predictions, references, num_labels, _ = HAND_CASES["ignore_and_absent"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1"}
-    env.pop("PYTHONPATH", None)
-    out = subprocess.run(
-        [sys.executable, "-c", WITHOUT_PACKAGE, str(FOLDER), str(tmp_path / "cache")]
-        + [json.dumps(predictions), json.dumps(references)],
-        cwd=tmp_path,
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    arguments = [str(FOLDER), str(tmp_path / "cache"), json.dumps(predictions), json.dumps(references)]
+    last_line = run_python_elsewhere(
+        WITHOUT_PACKAGE, *arguments, cwd=tmp_path, HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1"
     )
-    result = json.loads(out.stdout.strip().splitlines()[-1])  # floats, NaN included, round-trip exactly
+    result = json.loads(last_line)  # floats, NaN included, round-trip exactly
     assert_identical(result, library(predictions, references, num_labels).compute())

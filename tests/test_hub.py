@@ -2,9 +2,6 @@
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -15,7 +12,7 @@ from huggingface_hub import ModelCard
 from offseg_hf import VARIANTS, OffSegConfig, OffSegForSemanticSegmentation
 from offseg_hf.hub import weights_fingerprint
 
-from .conftest import TINY_ENCODER
+from .conftest import TINY_ENCODER, run_python_elsewhere
 
 SCRIPT = Path(__file__).parents[1] / "examples" / "push_to_hub.py"
 
@@ -95,18 +92,10 @@ def test_output_dir_gets_one_loadable_repo_per_variant(tmp_path):
     assert "41.23" in (tmp_path / "hub" / "offseg-t" / "README.md").read_text()
     assert "Not evaluated yet" in ModelCard.load(tmp_path / "hub" / "offseg-b" / "README.md").text
 
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    env.pop("PYTHONPATH", None)
-    out = subprocess.run(
-        [sys.executable, "-c", CHECK_SCRIPT, *map(str, folders)],
-        cwd=tmp_path,
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    last_line = run_python_elsewhere(
+        CHECK_SCRIPT, *map(str, folders), cwd=tmp_path, timeout=600, HF_MODULES_CACHE=str(tmp_path / "modules")
     )
-    report = json.loads(out.stdout.strip().splitlines()[-1])
+    report = json.loads(last_line)
     for folder in folders:
         entry = report[str(folder)]
         assert entry["module"].startswith("transformers_modules"), entry

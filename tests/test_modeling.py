@@ -1,7 +1,4 @@
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -21,7 +18,7 @@ from transformers import (
 
 from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation, OffSegImageProcessor, OffSegModel
 
-from .conftest import build_model, randomize_norms, tiny_config
+from .conftest import build_model, randomize_norms, run_python_elsewhere, tiny_config
 
 
 def save_folder(model, path):
@@ -187,15 +184,8 @@ def test_remote_code_loads_without_the_package(any_model, tmp_path):
     folder = save_folder(any_model, tmp_path / "model")
     images = torch.randn(2, 3, 64, 64)
     torch.save(images, tmp_path / "inputs.pt")
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    env.pop("PYTHONPATH", None)
-    subprocess.run(
-        [sys.executable, "-c", REMOTE_SCRIPT, str(folder), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
-        cwd=tmp_path,
-        env=env,
-        check=True,
-        timeout=300,
-    )
+    arguments = [str(folder), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")]
+    run_python_elsewhere(REMOTE_SCRIPT, *arguments, cwd=tmp_path, HF_MODULES_CACHE=str(tmp_path / "modules"))
     with torch.no_grad():
         expected = any_model(images).logits
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=0, atol=1e-6)

@@ -3,7 +3,7 @@ evaluation protocol, batch arithmetic, default output folders."""
 
 import pytest
 
-from offseg_hf.training import (
+from offseg_hf.training.recipes import (
     PAPER_RECIPE,
     RECIPES,
     EvalProtocol,
