@@ -173,6 +173,14 @@ class OffSegConfig(PreTrainedConfig):
             raise ValueError(f"Unknown decode_head {self.decode_head!r}; known: {', '.join(_DECODE_HEADS)}.")
         if self.classifier not in _CLASSIFIERS:
             raise ValueError(f"Unknown classifier {self.classifier!r}; known: {', '.join(_CLASSIFIERS)}.")
+        if self.encoder_config.model_type == "timm_backbone":
+            from .backbone_efficientformer_v2 import SUPPORTED_MODELS  # the backbone's own list, checked early here
+
+            if self.encoder_config.backbone not in SUPPORTED_MODELS:
+                raise ValueError(
+                    f"Unsupported timm encoder {self.encoder_config.backbone!r}; supported: "
+                    f"{', '.join(SUPPORTED_MODELS)}."
+                )
         if self.decode_head == "offseg" and not self.decoder_stage_channels:
             raise ValueError("decode_head='offseg' needs decoder_stage_channels (one width per backbone stage).")
         if self.num_labels < 2:

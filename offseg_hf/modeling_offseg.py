@@ -82,7 +82,9 @@ _LOCATION_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", 
 def _check_num_labels(pretrained_model_name_or_path, kwargs: dict) -> None:
     """Refuse, before any weight is read, a requested label count that the saved classifier does not have."""
     config = kwargs.get("config")
-    if isinstance(config, OffSegConfig):
+    # By model type, not class: with remote code, AutoConfig's OffSegConfig comes from another dynamic module than
+    # the one this file imports, so isinstance would miss it.
+    if getattr(config, "model_type", None) == OffSegConfig.model_type:
         requested = config.num_labels
     elif "id2label" in kwargs:
         requested = len(kwargs["id2label"])

@@ -62,6 +62,7 @@ def test_overrides_and_labels():
         ({"classifier": "softmax"}, "Unknown classifier"),
         ({"decode_head": "uper"}, "Unknown decode_head"),
         ({"num_labels": 1}, "num_labels"),
+        ({"encoder_config": {"model_type": "timm_backbone", "backbone": "resnet50"}}, "Unsupported timm encoder"),
     ],
 )
 def test_bad_config_values_are_named(overrides, message):

@@ -176,6 +176,13 @@ REMOTE_SCRIPT = textwrap.dedent(
     with torch.no_grad():
         logits = model(torch.load(inputs)).logits
     torch.save(logits, output)
+    # Other labels without ignore_mismatched_sizes: the package's one clear error, from the folder's own code too.
+    try:
+        AutoModelForSemanticSegmentation.from_pretrained(folder, trust_remote_code=True, num_labels=11)
+    except ValueError as error:
+        assert "num_labels=11 was requested" in str(error) and "ignore_mismatched_sizes" in str(error), error
+    else:
+        raise SystemExit("loading with another num_labels did not fail")
     """
 )
 
