@@ -149,7 +149,8 @@ def test_no_example_shadows_an_installed_module():
 
 
 @pytest.mark.slow
-def test_training_and_the_script_report_the_same_figures_for_the_same_weights(tmp_path):
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_training_and_the_script_report_the_same_figures_for_the_same_weights(tmp_path, precision):
     """Train the demo a few steps, then evaluate the saved folder on the same held-out scenes with the demo
     recipe's protocol: every figure equal, to the last bit."""
     demo = ["--demo_image_size", "64", "--demo_num_validation", "6", "--eval_scale", "256", "64"]
@@ -159,7 +160,7 @@ def test_training_and_the_script_report_the_same_figures_for_the_same_weights(tm
         trained = load_script(EXAMPLES / "train.py", "train_for_eval_test").main(
             [*demo, "--demo_num_train", "16", "--crop_size", "64", "64", "--max_train_steps", "4"]
             + ["--total_batch_size", "4", "--warmup_steps", "2", "--eval_steps", "0", "--checkpointing_steps", "0"]
-            + ["--config_overrides", tiny, "--output_dir", str(tmp_path / "run")]
+            + ["--config_overrides", tiny, "--output_dir", str(tmp_path / "run"), "--mixed_precision", precision]
         )
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)

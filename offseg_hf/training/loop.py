@@ -4,6 +4,7 @@ protocol (`offseg_hf.inference.evaluate_dataset`)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -173,6 +174,23 @@ def train(
 # Evaluation
 
 
+@contextlib.contextmanager
+def _without_autocast(network: nn.Module) -> Iterator[nn.Module]:
+    """`network` running its own forward: for mixed precision, Accelerate's `prepare` replaces the model's forward
+    with an autocast wrapper and keeps the original as `_original_forward` (what `unwrap_model(...,
+    keep_fp32_wrapper=False)` restores for good); here it is restored only for the duration."""
+    original = network.__dict__.get("_original_forward")
+    if original is None:
+        yield network
+        return
+    wrapped = network.__dict__["forward"]
+    network.forward = original
+    try:
+        yield network
+    finally:
+        network.forward = wrapped
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -196,18 +214,20 @@ def evaluate(
     from ..metrics import SegmentationMetrics
 
     sync_buffers(model, accelerator)
-    metrics = evaluate_dataset(
-        accelerator.unwrap_model(model),  # no DDP collectives: shards may differ in length
-        dataset,
-        num_labels,
-        ignore_index=ignore_index,
-        **protocol.inference_kwargs(),
-        num_workers=num_workers,
-        device=accelerator.device,
-        autocast=accelerator.autocast,
-        shard=(accelerator.process_index, accelerator.num_processes),
-        progress=accelerator.is_local_main_process,
-    )
+    # float32 whatever the training precision (as mmengine's ValLoop, and as examples/evaluate_segmentation.py), so
+    # training and the script report the same figures for the same weights.
+    with _without_autocast(accelerator.unwrap_model(model)) as network:  # unwrapped: no DDP collectives
+        metrics = evaluate_dataset(
+            network,
+            dataset,
+            num_labels,
+            ignore_index=ignore_index,
+            **protocol.inference_kwargs(),
+            num_workers=num_workers,
+            device=accelerator.device,
+            shard=(accelerator.process_index, accelerator.num_processes),
+            progress=accelerator.is_local_main_process,
+        )
     local_pixels = int(metrics.confusion.sum())
     confusion = accelerator.reduce(metrics.confusion.to(accelerator.device), reduction="sum")
     total = SegmentationMetrics(num_labels=num_labels, ignore_index=ignore_index)
