@@ -243,7 +243,7 @@ def _check_run(parser, args) -> None:
     resume = args.resume_from_checkpoint
     try:
         args.checkpoint = resolve_checkpoint(resume, args.output_dir) if resume else None
-        check_output_dir(args.output_dir, args.overwrite_output_dir, resume=bool(resume))
+        check_output_dir(args.output_dir, args.overwrite_output_dir, resume_from=args.checkpoint)
     except (FileNotFoundError, FileExistsError) as error:
         parser.error(str(error))
 

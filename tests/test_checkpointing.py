@@ -80,17 +80,31 @@ def test_checkpoint_interrupted_mid_write_never_replaces_the_last_good_one(tmp_p
 
 
 def test_a_folder_of_another_run_is_not_overwritten_silently(tmp_path):
-    check_output_dir(tmp_path / "new", overwrite=False, resume=False)  # absent: fine
+    check_output_dir(tmp_path / "new", overwrite=False, resume_from=None)  # absent: fine
     (tmp_path / "empty").mkdir()
-    check_output_dir(tmp_path / "empty", overwrite=False, resume=False)
+    check_output_dir(tmp_path / "empty", overwrite=False, resume_from=None)
     run = tmp_path / "run"
     for name in ("step_250", "step_500", ".tmp-step_750", ".old-step_250", "step_x", "runs"):
         (run / name).mkdir(parents=True)
     (run / "config.json").write_text("{}")
+    (run / "step_500" / "trainer_state.json").write_text("{}")  # one complete checkpoint: resuming is offered
     with pytest.raises(FileExistsError, match=r"run is not empty \(.old-step_250, .tmp-step_750, config.json, runs, "):
-        check_output_dir(run, overwrite=False, resume=False)
-    check_output_dir(run, overwrite=True, resume=False)
-    check_output_dir(run, overwrite=False, resume=True)
+        check_output_dir(run, overwrite=False, resume_from=None)
+    with pytest.raises(FileExistsError, match="--resume_from_checkpoint latest to continue it"):
+        check_output_dir(run, overwrite=False, resume_from=None)
+    check_output_dir(run, overwrite=True, resume_from=None)
+    check_output_dir(run, overwrite=False, resume_from=run / "step_500")  # its own checkpoint: continuing it
+    # A checkpoint from elsewhere does not license writing over this folder.
+    (tmp_path / "other" / "step_1").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="is not empty"):
+        check_output_dir(run, overwrite=False, resume_from=tmp_path / "other" / "step_1")
+    # A finished run without checkpoints cannot be continued, so that is not offered.
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    (finished / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError) as error:
+        check_output_dir(finished, overwrite=False, resume_from=None)
+    assert "resume" not in str(error.value) and "--overwrite_output_dir" in str(error.value)
     # --overwrite_output_dir: the earlier run's checkpoints go, so 'latest' can only find this run's.
     removed = remove_checkpoints(run)
     assert sorted(path.name for path in removed) == [".old-step_250", ".tmp-step_750", "step_250", "step_500"]

@@ -60,18 +60,22 @@ def read_trainer_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
 # The output folder
 
 
-def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, resume: bool) -> None:
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, resume_from: str | os.PathLike | None) -> None:
     """HF's `--overwrite_output_dir` convention: a folder that already holds files (another run's model or
-    checkpoints) is used only when the run resumes from a checkpoint or may overwrite it; else `FileExistsError`."""
+    checkpoints) is used only when the run resumes from one of that folder's own checkpoints or may overwrite it;
+    else `FileExistsError`. Resuming a checkpoint from elsewhere does not license writing over this folder."""
     root = Path(output_dir)
-    if overwrite or resume or not root.is_dir():
+    if overwrite or not root.is_dir():
+        return
+    if resume_from is not None and root.resolve() in Path(resume_from).resolve().parents:
         return
     entries = sorted(path.name for path in root.iterdir())
     if entries:
         shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        continue_it = "--resume_from_checkpoint latest to continue it, " if list_checkpoints(root) else ""
         raise FileExistsError(
             f"The output folder {root} is not empty ({shown}): pass --overwrite_output_dir to replace that run, "
-            "--resume_from_checkpoint latest to continue it, or another --output_dir."
+            f"{continue_it}or another --output_dir."
         )
 
 
