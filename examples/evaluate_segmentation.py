@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
         "split": args.split,
         "recipe": args.recipe,
         "eval_protocol": asdict(protocol),  # as train.py records it
+        "measured_by": "examples/evaluate_segmentation.py",
         "class_names": [names[i] for i in range(num_labels)],
     }
     print_table(result, names)

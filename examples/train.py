@@ -479,6 +479,7 @@ def save_model(args, accelerator, model, result: dict, state: TrainerState, do_r
     summary.update(recipe=args.recipe, eval_protocol=asdict(protocol))
     # The fingerprint lets push_to_hub.py put these figures into a card only next to these very weights.
     summary["weights_sha256"] = weights_fingerprint(network)
+    summary["measured_by"] = "examples/train.py (final evaluation)"
     (output_dir / "eval_results.json").write_text(json.dumps(summary, indent=2))
 
 

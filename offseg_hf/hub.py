@@ -151,10 +151,11 @@ def results_sentence(result: dict, dataset_pretty_name: str) -> str:
         details.append(f"keep-ratio resize to {tuple(protocol['scale'])}")
     if mode == "slide" and protocol.get("crop_size") and protocol.get("stride"):
         details.append(f"windows {tuple(protocol['crop_size'])} every {tuple(protocol['stride'])}")
+    measured_by = result.get("measured_by", "examples/evaluate_segmentation.py")
     return (
         f"mIoU {100 * result['mean_iou']:.2f}, mAcc {100 * result['mean_accuracy']:.2f}, "
         f"aAcc {100 * result['overall_accuracy']:.2f} on {dataset_pretty_name} {result.get('split', 'validation')} "
-        f"({', '.join(details)}), measured with offseg-hf's `examples/evaluate_segmentation.py`."
+        f"({', '.join(details)}), measured by offseg-hf's `{measured_by}`."
     )
 
 

@@ -223,5 +223,9 @@ def test_card_figures_are_labelled_and_results_carry_the_protocol():
         ("mAcc", 55.0),
         ("aAcc", 80.0),
     ]
+    assert "measured by offseg-hf's `examples/evaluate_segmentation.py`" in text  # results without a source
+    result["measured_by"] = "examples/train.py (final evaluation)"
+    card = render_card(template, "offseg-t", "org/offseg-t", 6.18, 8.07, 150, "scene_parse_150", "ADE20K", "x", result)
+    assert "measured by offseg-hf's `examples/train.py (final evaluation)`" in card.text
     segformer = render_card(template, "segformer-b0-offset", "o/b0", 3.9, 5.48, 19, "cityscapes", "Cityscapes", "x")
     assert "fewer multiply-adds" in segformer.text and "official modules count" not in segformer.text  # not 150
