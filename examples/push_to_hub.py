@@ -37,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--variants", nargs="+", default=None, metavar="VARIANT", help="Variants to build (default: all presets)."
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--weights_dir", help="Folder with one saved model per variant: DIR/<variant>/.")
+    source.add_argument(
+        "--weights_dir",
+        help="Folder with one saved model per variant, DIR/<variant>/ (python -m offseg_hf.convert --output_dir "
+        "DIR/<variant>, or train.py --output_dir DIR/<variant>).",
+    )
     source.add_argument(
         "--random_init",
         action="store_true",
@@ -56,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the same weights (checked by fingerprint); variants without one get no results on their card.",
     )
     parser.add_argument(
-        "--dataset_name", default="scene_parse_150", help="Hub id of the data set the weights were trained on."
+        "--dataset_name", default="scene_parse_150", help="Hub id of the data set the weights were trained on (default: scene_parse_150, ADE20K; set it for "
+        "weights trained on anything else, e.g. the demo set).",
     )
     parser.add_argument("--dataset_pretty_name", default="ADE20K", help="Its name as the card shows it.")
     parser.add_argument(
