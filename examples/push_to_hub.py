@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the same weights (checked by fingerprint); variants without one get no results on their card.",
     )
     parser.add_argument(
-        "--dataset_name", default="scene_parse_150", help="Hub id of the data set the weights were trained on (default: scene_parse_150, ADE20K; set it for "
+        "--dataset_name",
+        default="scene_parse_150",
+        help="Hub id of the data set the weights were trained on (default: scene_parse_150, ADE20K; set it for "
         "weights trained on anything else, e.g. the demo set).",
     )
     parser.add_argument("--dataset_pretty_name", default="ADE20K", help="Its name as the card shows it.")
