@@ -9,11 +9,14 @@ goes back, `official_key(name, family)` gives the official name of one of our pa
 
 Reading a checkpoint never runs code from it, so files from file-sharing links are safe to convert. A `.pth` is a
 pickle, and a plain `torch.load(weights_only=False)` runs whatever callables the pickle names (`os.system`, ...).
-`read_official_checkpoint` uses torch's restricted loader (`weights_only=True`: tensors, containers, numpy values)
-and, for mmengine runner checkpoints that also pickle mmengine objects, `offseg_hf.safe_pickle`: an unpickler that
-resolves only an allowlist of inert torch/numpy/builtin names, turns every other name into an inert placeholder
-(never imported, even when installed) and checks every opcode that can call something. There is no fallback to an
-unrestricted unpickler. What it does not bound is memory: a hostile file can still ask for huge arrays.
+`read_official_checkpoint` uses torch's restricted loader as is (`weights_only=True`: tensors and plain
+containers, no numpy) and, for mmengine runner checkpoints that also pickle numpy values and mmengine objects,
+`offseg_hf.safe_pickle`: an unpickler that loads tensors (bounds-checked against their storage), OrderedDicts, sets
+and plain values as themselves and turns every other name -- numpy's arrays, scalars and dtypes included -- into
+an inert placeholder that records its arguments (never imported, even when installed; no numpy code runs), and
+checks every opcode that can call something. Only the state dict's dense CPU tensors and the class names in
+`meta["dataset_meta"]["classes"]` (a list/tuple of str) are used. There is no fallback to an unrestricted
+unpickler. What it does not bound is memory: a hostile file can still ask for huge storages.
 
 Strict: every official key is used or explicitly ignored (mmseg's unused `conv_seg`, EfficientFormerV2's
 ImageNet-sized attention-bias buffers and index tables, FreqFusion's constant hamming windows and initial sampling
@@ -40,7 +43,6 @@ from .configuration_offseg import VARIANTS, OffSegConfig
 from .data import ADE20K_CLASSES
 from .image_processing_offseg import OffSegImageProcessor
 from .modeling_offseg import OffSegForSemanticSegmentation
-from .safe_pickle import ALLOWED_GLOBALS
 from .state_dict_checks import require_fit
 
 Tensor = torch.Tensor
@@ -426,30 +428,23 @@ def strip_checkpoint(checkpoint) -> dict[str, Tensor]:
     return {k.removeprefix("module."): v for k, v in checkpoint.items()}
 
 
-def _numpy_globals() -> list[tuple[object, str]]:
-    """The numpy names of the restricted unpickler's allowlist, in the form `torch.serialization.safe_globals`
-    takes (object, "module.name"), so that files whose only extras are numpy values load with torch's own loader."""
-    return [(obj, f"{module}.{name}") for (module, name), obj in ALLOWED_GLOBALS.items() if module.startswith("numpy")]
-
-
 def read_official_checkpoint(path: str) -> tuple[dict[str, Tensor], list[str] | None]:
     """The state dict of an official checkpoint and, where mmengine recorded them, its class names.
 
-    Never runs code from the file. First torch's own restricted loader (`weights_only=True`, numpy values
-    allowed); a checkpoint saved by mmengine's runner also pickles mmengine objects, which that loader refuses
-    (`UnpicklingError`), so it is then read with `offseg_hf.safe_pickle`: the same kind of allowlist, but every
-    other global becomes an inert placeholder instead of an error, so neither mmengine nor mmseg is needed (and
-    neither is imported if installed). Only that refusal leads to the second reader: anything else torch rejects
-    up front, such as a TorchScript archive (which `weights_only=False` would hand to `torch.jit.load`), is
-    raised. Raises `ValueError` if the state dict holds anything but tensors.
+    Never runs code from the file. First torch's own restricted loader, as is (`weights_only=True`, with no globals
+    added; ones the caller registered with `torch.serialization.add_safe_globals` do apply): tensors and plain
+    containers. A checkpoint saved by mmengine's runner also pickles numpy values and mmengine objects, which that
+    loader refuses (`UnpicklingError`), so it is then read with `offseg_hf.safe_pickle`: tensors, OrderedDicts,
+    sets and plain values load as themselves, and every other global (numpy's arrays, scalars and dtypes included)
+    becomes an inert placeholder that only records its arguments, so no numpy, mmengine or mmseg code runs (and
+    neither package is needed). Only that refusal leads to the second reader: anything else torch rejects up front,
+    such as a TorchScript archive (which `weights_only=False` would hand to `torch.jit.load`) or a legacy tar file,
+    is raised. The class names are read from `meta["dataset_meta"]["classes"]` when that is a list/tuple of str.
+    Raises `ValueError` unless the state dict holds only dense CPU tensors.
     """
-    # Registered only for this call; ones the caller registered already stay (leaving the block removes its own).
-    registered = torch.serialization.get_safe_globals()
-    numpy_globals = [entry for entry in _numpy_globals() if entry not in registered]
     with open(path, "rb") as handle:  # both readers read this one open file, not the path twice
         try:
-            with torch.serialization.safe_globals(numpy_globals):
-                checkpoint = torch.load(handle, map_location="cpu", weights_only=True, mmap=False)
+            checkpoint = torch.load(handle, map_location="cpu", weights_only=True, mmap=False)
         except pickle.UnpicklingError:
             handle.seek(0)
             checkpoint = torch.load(
@@ -461,7 +456,20 @@ def read_official_checkpoint(path: str) -> tuple[dict[str, Tensor], list[str] | 
     classes = dataset_meta.get("classes") if isinstance(dataset_meta, dict) else None
     if isinstance(classes, (list, tuple)) and all(isinstance(name, str) for name in classes):
         class_names = list(classes)
-    return strip_checkpoint(checkpoint), class_names
+    state_dict = strip_checkpoint(checkpoint)
+    # torch's loader also rebuilds sparse, quantized, nested and meta tensors and tensor subclasses; weights are none.
+    unusual = [
+        key
+        for key, value in state_dict.items()
+        if type(value) not in (Tensor, torch.nn.Parameter)
+        or value.layout != torch.strided
+        or value.device.type != "cpu"
+        or value.is_quantized
+        or value.is_nested
+    ]
+    if unusual:
+        raise ValueError(f"{len(unusual)} state dict entries are not dense CPU tensors: {unusual[:20]}")
+    return state_dict, class_names
 
 
 def load_official_checkpoint(path: str, variant: str, **config_overrides) -> OffSegForSemanticSegmentation:

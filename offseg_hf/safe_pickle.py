@@ -6,25 +6,33 @@ is a `pickle_module` for `torch.load` that gives the file no way to name or call
 
     torch.load(path, map_location="cpu", weights_only=False, pickle_module=offseg_hf.safe_pickle)
 
-Names (`find_class`, never imports): an exact (module, name) allowlist -- the rebuild functions `torch.save`
-writes for plain tensors and parameters, `torch.Size`, torch dtypes, `collections.OrderedDict`, a few inert
-builtins, the numpy pieces that arrays, scalars and dtypes pickle to -- plus three stand-ins: `builtins.getattr`
-(answers only for placeholder classes), `copyreg._reconstructor` (builds only placeholders and OrderedDicts) and
-`_codecs.encode` (latin-1 only, which is how protocol 2 stores bytes). Every other name becomes a `Placeholder`
-subclass named after it, whatever is installed: calling it records the arguments and does nothing else.
+What loads as itself: plain tensors and `nn.Parameter`s (rebuilt from the file's storages, after checking that
+every element they address lies inside the storage, and only without hooks or conj/neg bits),
+`collections.OrderedDict` (a state dict, with its `_metadata`), and what pickle builds without naming a global:
+dict, list, tuple, str, bytes, int, float, bool, None, set and frozenset (protocol 2, torch's default, names
+`set`/`frozenset` and writes bytes as `_codecs.encode(text, "latin1")`; these three are allowed for that), and a
+bytearray under protocol 5 (its own opcode). Everything else becomes a placeholder, whatever is installed: every
+other global -- numpy included (arrays, scalars, dtypes: numpy's C code trusts the layout and object flags it is
+given, so a file could make it read raw bytes as object pointers), torch dtypes, `torch.Size`, `slice`,
+`complex`, mmengine's classes, `os.system` -- is a `Placeholder` subclass named after it, never imported; calling
+it records the arguments (`args`, `kwargs`), BUILD records `state`, and nothing else happens. A numpy value thus
+reads as e.g. a `numpy._core.multiarray.scalar` placeholder whose `args` hold the dtype (another placeholder) and
+the raw bytes. Two more stand-ins: `builtins.getattr` (answers only for placeholder classes, with a placeholder)
+and `copyreg._reconstructor` (builds only placeholders and OrderedDicts).
 
 Every opcode that can call something is checked here, not left to the object:
 - REDUCE, INST, OBJ call only allowlisted callables and placeholder classes; NEWOBJ/NEWOBJ_EX call `__new__` of
-  allowlisted classes and placeholder classes only.
-- BUILD stores the state in a placeholder, sets plain attributes of an OrderedDict (`state_dict()._metadata`), or
-  runs numpy's own `__setstate__` on an array/dtype; any other target (a class, a function, a tensor) is refused,
-  so a pickle cannot rebind attributes of torch's functions.
+  allowlisted classes and placeholder classes only. An allowlisted callable that fails raises `UnpicklingError`.
+- BUILD stores the state in a placeholder, or sets attributes of an OrderedDict that shadow none of its own
+  (`state_dict()._metadata`); any other target (a class, a function, a tensor, a set) is refused, so a pickle
+  cannot rebind attributes of torch's functions or a state dict's methods.
 - SETITEM(S), APPEND(S), ADDITEMS act only on plain dicts/lists/sets and placeholders.
 - EXT1/2/4 (the `copyreg` extension registry) are refused.
-- PERSID/BINPERSID pass only `("storage", <storage type>, key, location, numel, ...)` ids to torch's storage
-  loader (set by `torch.load`); others (the legacy format's pickled module sources) are refused.
+- PERSID/BINPERSID pass only `("storage", <storage type>, key, location, numel[, view])` ids to torch's storage
+  loader (set by `torch.load`, which checks each storage against its record); others (the legacy format's
+  pickled module sources) are refused.
 
-It does not bound memory: a hostile file can still ask for a huge array. Refusals raise `pickle.UnpicklingError`.
+It does not bound memory: a hostile file can still ask for a huge storage. Refusals raise `pickle.UnpicklingError`.
 """
 
 from __future__ import annotations
@@ -36,7 +44,6 @@ import io
 import pickle
 from typing import Any
 
-import numpy as np
 import torch
 
 __all__ = ["Placeholder", "Unpickler", "load", "loads"]
@@ -117,43 +124,76 @@ def _latin1_encode(text: Any, encoding: Any = "latin1", errors: Any = "strict") 
     return text.encode("latin1")
 
 
-def _allowed_globals() -> dict[tuple[str, str], Any]:
-    allowed: dict[tuple[str, str], Any] = {
-        ("collections", "OrderedDict"): collections.OrderedDict,
-        ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
-        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-        ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-        ("torch", "Size"): torch.Size,
-        ("builtins", "set"): set,
-        ("builtins", "frozenset"): frozenset,
-        ("builtins", "slice"): slice,
-        ("builtins", "complex"): complex,
-        ("builtins", "bytearray"): bytearray,
-        ("builtins", "getattr"): _placeholder_getattr,
-        ("copyreg", "_reconstructor"): _reconstructor,
-        ("_codecs", "encode"): _latin1_encode,
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-    }
-    # vars(), not getattr: torch's module __getattr__ imports submodules on demand.
-    for name, value in vars(torch).items():
-        if isinstance(value, torch.dtype):
-            allowed["torch", name] = value
-    # numpy 2 moved numpy.core to numpy._core; files from either version name their own.
-    core = np._core if hasattr(np, "_core") else np.core
-    for package in ("numpy.core", "numpy._core"):
-        allowed[f"{package}.multiarray", "_reconstruct"] = core.multiarray._reconstruct
-        allowed[f"{package}.multiarray", "scalar"] = core.multiarray.scalar
-        allowed[f"{package}.numeric", "_frombuffer"] = core.numeric._frombuffer  # arrays under protocol 5
-    for name, value in vars(getattr(np, "dtypes", object)).items():
-        if isinstance(value, type) and issubclass(value, np.dtype):
-            allowed["numpy.dtypes", name] = value
-    return allowed
+_INT64_MAX = 2**63 - 1
 
 
-ALLOWED_GLOBALS = _allowed_globals()
+def _is_index(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= _INT64_MAX
+
+
+def _is_empty_dict(value: Any) -> bool:
+    """What torch.save writes for a tensor's backward hooks (never serialized) and, unless it has the conj/neg
+    bit, for its metadata."""
+    return type(value) in (dict, collections.OrderedDict) and not value
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None):
+    """`torch._utils._rebuild_tensor_v2`, what `torch.save` writes for every plain tensor, with its arguments
+    checked first: a storage from torch's loader, non-negative offset/sizes/strides (as torch writes them) that
+    address only elements inside that storage, a bool, no hooks and no conj/neg metadata. torch's `set_` also
+    checks bounds, but grows a resizable storage (the legacy format's) instead of refusing."""
+    if type(storage) is not torch.storage.TypedStorage:
+        raise UnpicklingError(f"Refused a tensor whose storage is a {type(storage).__name__} object.")
+    shape_ok = type(size) is tuple and type(stride) is tuple and len(size) == len(stride)
+    if not (shape_ok and _is_index(storage_offset) and all(map(_is_index, size + stride))):
+        raise UnpicklingError(f"Refused tensor layout: offset {storage_offset!r}, size {size!r}, stride {stride!r}.")
+    empty_extras = _is_empty_dict(backward_hooks) and (metadata is None or _is_empty_dict(metadata))
+    if type(requires_grad) is not bool or not empty_extras:
+        raise UnpicklingError("Refused a tensor with hooks, metadata or a non-bool requires_grad.")
+    # Python ints: no overflow. The last element addressed must lie in the storage (its start, if empty).
+    reach = sum((n - 1) * s for n, s in zip(size, stride, strict=True))
+    last = storage_offset + reach if all(size) else storage_offset - 1
+    if last >= storage._size():
+        raise UnpicklingError(
+            f"Refused a tensor reaching element {last} of a storage of {storage._size()}: offset {storage_offset}, "
+            f"size {size}, stride {stride}."
+        )
+    no_hooks = collections.OrderedDict()
+    return torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, no_hooks)
+
+
+def _rebuild_parameter(data, requires_grad, backward_hooks):
+    """`torch._utils._rebuild_parameter` (an `nn.Parameter`), for a tensor rebuilt above, a bool and no hooks."""
+    if type(data) is not torch.Tensor or type(requires_grad) is not bool or not _is_empty_dict(backward_hooks):
+        raise UnpicklingError("Refused a parameter that is not a plain tensor, a bool and no hooks.")
+    return torch._utils._rebuild_parameter(data, requires_grad, collections.OrderedDict())
+
+
+# Exact (module, name) -> object. Nothing else is ever resolved; every other name becomes a placeholder.
+ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    # The type of every state dict (`Module.state_dict()`); BUILD restores its `_metadata`.
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    # What torch.save writes for each tensor and parameter; both check their arguments (above).
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    # Plain containers: protocol 2 (torch.save's default) writes a set as `set([...])`, a frozenset likewise.
+    # They only hash their items, and every type a pickle can build here hashes as a builtin or by identity.
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    # Protocol 2 writes bytes as `_codecs.encode(text, "latin1")`; latin-1 only (above).
+    ("_codecs", "encode"): _latin1_encode,
+    # Protocol 2 writes a method reference (mmengine's HistoryBuffer keeps some) as `getattr(Class, "name")`;
+    # answered only for placeholder classes, with a placeholder.
+    ("builtins", "getattr"): _placeholder_getattr,
+    # Protocols 0 and 1 rebuild objects of classes without `__reduce__` with it; placeholders/OrderedDicts only.
+    ("copyreg", "_reconstructor"): _reconstructor,
+}
 _ALLOWED_CALLABLES = {id(obj) for obj in ALLOWED_GLOBALS.values() if callable(obj)}
 _ALLOWED_CLASSES = {id(obj) for obj in ALLOWED_GLOBALS.values() if isinstance(obj, type)}
+
+
+def _is_new_attribute(name: Any) -> bool:
+    return type(name) is str and not hasattr(collections.OrderedDict, name) and not name.startswith("__")
 
 
 def _may_call(func: Any) -> bool:
@@ -167,7 +207,12 @@ def _call(func: Any, args: Any, kwargs: Any = None) -> Any:
     if not _may_call(func):
         kind = type(func).__name__
         raise UnpicklingError(f"Refused to call a {kind} object: only allowed callables and placeholder classes are.")
-    return func(*args, **kwargs)
+    try:
+        return func(*args, **kwargs)
+    except UnpicklingError:
+        raise
+    except Exception as error:  # e.g. frozenset(<placeholder>): not iterable (placeholder classes never raise)
+        raise UnpicklingError(f"Refused {func.__name__}(...): {type(error).__name__}: {error}") from error
 
 
 def _is_storage_id(pid: Any) -> bool:
@@ -179,8 +224,14 @@ def _is_storage_id(pid: Any) -> bool:
         and isinstance(pid[1], torch.serialization.StorageType)
         and type(pid[2]) is str
         and type(pid[3]) in (str, bytes)
-        and type(pid[4]) is int
+        and _is_index(pid[4])
+        and (len(pid) == 5 or pid[5] is None or _is_view(pid[5]))
     )
+
+
+def _is_view(view: Any) -> bool:
+    """The legacy format's storage view: (view key, offset, numel), all in elements."""
+    return type(view) is tuple and len(view) == 3 and type(view[0]) is str and all(map(_is_index, view[1:]))
 
 
 class Unpickler(pickle._Unpickler):
@@ -248,11 +299,10 @@ class Unpickler(pickle._Unpickler):
         elif type(inst) is collections.OrderedDict:
             if type(state) is tuple and len(state) == 2 and state[1] is None:
                 state = state[0]
-            if type(state) is not dict or not all(type(key) is str for key in state):
-                raise UnpicklingError("An OrderedDict's pickled state must be a dict of attribute names.")
+            # An instance attribute named like a method (`items`, `get`) would replace it for whoever reads the dict.
+            if type(state) is not dict or not all(_is_new_attribute(key) for key in state):
+                raise UnpicklingError("An OrderedDict's pickled state must be a dict of new attribute names.")
             inst.__dict__.update(state)
-        elif type(inst) is np.ndarray or isinstance(inst, np.dtype):
-            type(inst).__setstate__(inst, state)  # numpy's C implementation: data, never calls
         else:
             raise UnpicklingError(f"Refused BUILD on a {type(inst).__name__} object.")
 

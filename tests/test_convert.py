@@ -348,6 +348,19 @@ def test_mmengine_checkpoints_load_without_mmengine_and_keep_their_class_names(t
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("odd", ["sparse", "meta", "quantized"])
+def test_state_dicts_hold_only_dense_cpu_tensors(tmp_path, odd):
+    """torch's restricted reader also rebuilds these; no checkpoint's weights are any of them."""
+    tensor = {
+        "sparse": lambda: torch.eye(2).to_sparse(),
+        "meta": lambda: torch.empty(2, device="meta"),
+        "quantized": lambda: torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8),
+    }[odd]()
+    torch.save({"state_dict": {"w": torch.zeros(2), "odd": tensor}}, tmp_path / "odd.pth")
+    with pytest.raises(ValueError, match=r"not dense CPU tensors: \['odd'\]"):
+        read_official_checkpoint(str(tmp_path / "odd.pth"))
+
+
 def test_class_names_default_to_ade20k_for_150_classes_and_can_be_given(tmp_path):
     variant = "segformer-b0-offset"
     with torch.device("meta"):

@@ -1,20 +1,23 @@
 """Reading checkpoints never runs code from them. Each hostile file below writes a marker file when loaded the
 usual way (`torch.load(weights_only=False)`, checked first, so every case is a live exploit); reading or
 converting it here must leave no marker, and either succeed with the payload as an inert placeholder or fail
-with a clear error."""
+with a clear error. The numpy files in `CRASHES` instead crash (SIGSEGV) any reader that lets numpy build them;
+they are only ever read in a fresh interpreter."""
 
 import collections
 import contextlib
 import copyreg
 import importlib
 import io
+import json
 import os
 import pickle
 import shlex
+import struct
 import subprocess
 import sys
+import tarfile
 import time
-import types
 import zipfile
 from dataclasses import dataclass
 
@@ -41,14 +44,14 @@ def official():
 
 
 class Call:
-    """Pickles as `func(*args)`, like a hostile object's `__reduce__`; callable so that it can itself be the
-    function of another call (a chain)."""
+    """Pickles as `func(*args)` (then BUILD with `state`, if given), like a hostile object's `__reduce__`; callable
+    so that it can itself be the function of another call (a chain)."""
 
-    def __init__(self, func, *args):
-        self.func, self.args = func, args
+    def __init__(self, func, *args, state=None):
+        self.func, self.args, self.state = func, args, state
 
     def __reduce__(self):
-        return self.func, self.args
+        return (self.func, self.args) if self.state is None else (self.func, self.args, self.state)
 
     def __call__(self, *args):
         raise AssertionError("only pickled")
@@ -67,9 +70,10 @@ def _text(value: str) -> bytes:
 
 
 def _torch_zip(data_pkl: bytes) -> bytes:
-    """A torch zip checkpoint whose pickle is `data_pkl`, written opcode by opcode."""
+    """A torch zip checkpoint whose pickle is `data_pkl`, written opcode by opcode; its one storage record, key
+    "0", holds 4 float32 zeros."""
     saved = io.BytesIO()
-    torch.save({}, saved)
+    torch.save(torch.zeros(4), saved)
     source, result = zipfile.ZipFile(saved), io.BytesIO()
     with zipfile.ZipFile(result, "w", zipfile.ZIP_STORED) as archive:
         for info in source.infolist():
@@ -134,6 +138,34 @@ PAYLOADS = {
 }
 
 
+_MULTIARRAY = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+POINTER = struct.pack("<Q", 0x4141414141414140)  # read as a PyObject*, an address that is mapped nowhere
+
+
+def _object_dtype_without_flags():
+    """dtype("O8") whose BUILD state clears its object flags (the last item): numpy then reads raw bytes from the
+    file as object pointers, and dereferences them."""
+    return Call(np.dtype, "O8", False, True, state=(3, "|", None, None, None, -1, -1, 0))
+
+
+def _pointer_array():
+    pointer_state = (1, (1,), _object_dtype_without_flags(), False, POINTER)
+    return Call(_MULTIARRAY._reconstruct, np.ndarray, (0,), b"b", state=pointer_state)
+
+
+# The reviewer's files: through numpy's allowlisted pieces, in either reader, they segfaulted the process. They
+# crash rather than write a marker, so they are never read in the test process itself.
+CRASHES = {
+    "frozenset of an array of pointers from the file": Payload(
+        lambda m: Call(frozenset, _pointer_array()), refused="Refused frozenset"
+    ),
+    "numpy scalar of a pointer from the file": Payload(
+        lambda m: Call(_MULTIARRAY.scalar, _object_dtype_without_flags(), POINTER),
+        placeholder=(_MULTIARRAY.__name__, "scalar"),
+    ),
+}
+
+
 @contextlib.contextmanager
 def _extension(active: bool):
     if active:
@@ -148,7 +180,7 @@ def _extension(active: bool):
 @pytest.fixture
 def hostile(request, official, tmp_path, monkeypatch):
     """(payload, path of the hostile file, marker path); EVIL_MODULE importable from sys.path."""
-    payload = PAYLOADS[request.param]
+    payload = {**PAYLOADS, **CRASHES}[request.param]
     marker = tmp_path / "pwned"
     (tmp_path / f"{EVIL_MODULE}.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -197,8 +229,12 @@ def test_reading_a_hostile_file_runs_nothing(hostile, official):
     assert EVIL_MODULE not in sys.modules
 
 
+# The command line reads as `read_official_checkpoint` does (tested above for every payload): a few kinds suffice.
+CLI_CASES = ["posix.system", "posix.system in a legacy-format checkpoint", "os.system hand-written in a torch zip"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("hostile", sorted(PAYLOADS), indirect=True)
+@pytest.mark.parametrize("hostile", CLI_CASES + sorted(CRASHES), indirect=True)
 def test_converting_a_hostile_file_from_the_command_line_runs_nothing(hostile, tmp_path):
     payload, path, marker = hostile
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
@@ -206,12 +242,95 @@ def test_converting_a_hostile_file_from_the_command_line_runs_nothing(hostile, t
     result = subprocess.run(
         [*command, "--output_dir", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300
     )
+    assert result.returncode in (0, 1), result.stderr[-2000:]  # never killed by a signal
     assert (result.returncode != 0) == bool(payload.refused), result.stderr[-2000:]
     if payload.refused:
         assert payload.refused in result.stderr
     else:
         assert (tmp_path / "out" / "config.json").exists()
     assert not _wait_for(marker, seconds=0.2)
+
+
+def _crash_files(tmp_path, official) -> dict[str, str]:
+    """The reviewer's three reproducers: a bare pickle for `safe_pickle`, two checkpoints for the converter."""
+    array, scalar = (CRASHES[name].build(None) for name in sorted(CRASHES))
+    paths = {name: str(tmp_path / name) for name in ("array.pkl", "array.pth", "scalar.pth")}
+    with open(paths["array.pkl"], "wb") as handle:
+        pickle.dump({"state_dict": {}, "meta": array}, handle, protocol=2)
+    torch.save({"state_dict": official, "meta": array}, paths["array.pth"])
+    torch.save({"state_dict": official, "meta": scalar}, paths["scalar.pth"])
+    return paths
+
+
+def _run_python(code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_the_numpy_crash_files_crash_readers_that_let_numpy_build_them(tmp_path, official):
+    paths = _crash_files(tmp_path, official)
+    plain = _run_python("import pickle, sys; pickle.load(open(sys.argv[1], 'rb'))", paths["array.pkl"])
+    # torch's own restricted reader, with numpy's pieces registered as the converter used to register them.
+    numpy_registered = (
+        "import sys, numpy as np, torch; m = np._core.multiarray if hasattr(np, '_core') else np.core.multiarray\n"
+        "with torch.serialization.safe_globals([np.dtype, type(np.dtype('O')), m.scalar]):\n"
+        "    torch.load(sys.argv[1], weights_only=True)"
+    )
+    restricted = _run_python(numpy_registered, paths["scalar.pth"])
+    assert plain.returncode < 0 and restricted.returncode < 0, (plain.stderr[-1000:], restricted.stderr[-1000:])
+
+
+READ_IN_A_FRESH_INTERPRETER = """
+import json, sys, torch
+from offseg_hf import safe_pickle
+from offseg_hf.convert import read_official_checkpoint
+
+numpy_calls = []
+
+
+def watch(frame, event, func):  # every C function called from Python code (both readers are pure Python)
+    owner = getattr(getattr(func, "__self__", None), "__name__", "")
+    if event == "c_call" and "numpy" in f"{getattr(func, '__module__', '')} {owner}":
+        numpy_calls.append(repr(func))
+
+
+for path in sys.argv[1:]:
+    sys.setprofile(watch)
+    try:
+        if path.endswith(".pkl"):
+            outcome = repr(safe_pickle.load(open(path, "rb")))
+        else:
+            state_dict, _ = read_official_checkpoint(path)
+            meta = torch.load(path, map_location="cpu", weights_only=False, pickle_module=safe_pickle)["meta"]
+            dtype, raw = meta.args
+            outcome = [sorted(state_dict)[:1], repr(meta), repr(dtype), dtype.args, list(dtype.state), raw.hex()]
+    except Exception as error:
+        outcome = f"{type(error).__name__}: {error}"
+    sys.setprofile(None)
+    print(json.dumps(outcome))
+print(json.dumps(numpy_calls))
+"""
+
+
+@pytest.mark.slow
+def test_the_numpy_crash_files_read_as_inert_placeholders(tmp_path, official):
+    paths = _crash_files(tmp_path, official)
+    result = _run_python(READ_IN_A_FRESH_INTERPRETER, paths["array.pkl"], paths["array.pth"], paths["scalar.pth"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    *outcomes, numpy_calls = [json.loads(line) for line in result.stdout.splitlines()[-4:]]
+    refused = "UnpicklingError: Refused frozenset(...): TypeError: '_reconstruct' object is not iterable"
+    assert outcomes[:2] == [refused, refused]  # the array is a placeholder, not an array
+    dtype_state = [3, "|", None, None, None, -1, -1, 0]
+    scalar = f"<placeholder {_MULTIARRAY.__name__}.scalar>"
+    assert outcomes[2] == [
+        [min(official)],
+        scalar,
+        "<placeholder numpy.dtype>",
+        ["O8", False, True],
+        dtype_state,
+        POINTER.hex(),
+    ]
+    assert numpy_calls == []  # nothing in numpy was called
 
 
 def test_globals_are_never_imported(tmp_path, monkeypatch):
@@ -251,18 +370,20 @@ REFUSED = {
     "getattr on a placeholder instance": (b"cbuiltins\ngetattr\n(cos\nsystem\n)RVx\ntR.", "getattr"),
     "getattr with a default": (b"cbuiltins\ngetattr\n(cos\nsystem\nVx\nNtR.", "getattr"),
     "calling a placeholder instance": (b"cos\nsystem\n)R(Vx\ntR.", "Refused to call a system"),
-    "calling a torch.Size": (b"ctorch\nSize\n)R)R.", "Refused to call a Size"),
+    "calling a set": (b"cbuiltins\nset\n)R)R.", "Refused to call a set"),
     "NEWOBJ of a function": (b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n)\x81.", "NEWOBJ"),
     "BUILD on a placeholder class": (b"cos\nsystem\n}V__setstate__\nK\x01sb.", "BUILD on a type"),
     "BUILD on an allowed function": (b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}V__defaults__\n)s\x86b.", "BUILD"),
-    "BUILD on a tensor size": (b"ctorch\nSize\n)R}b.", "BUILD"),
+    "BUILD on a set": (b"cbuiltins\nset\n)R}b.", "BUILD on a set"),
     "OrderedDict state with non-string keys": (b"ccollections\nOrderedDict\n)R}K\x01K\x02sb.", "attribute names"),
+    "OrderedDict state shadowing a method": (b"ccollections\nOrderedDict\n)R}Vitems\nK\x01sb.", "new attribute"),
     "SETITEM on a set": (b"cbuiltins\nset\n)RK\x01K\x02s.", "SETITEM on a set"),
-    "APPEND on a bytearray": (b"cbuiltins\nbytearray\n)RK\x01a.", "APPEND on a bytearray"),
+    "APPEND on a set": (b"cbuiltins\nset\n)RK\x01a.", "APPEND on a set"),
+    "an allowed call that fails": (b"cbuiltins\nfrozenset\n(cnumpy\nndarray\n)RtR.", "Refused frozenset"),
     "ADDITEMS on a placeholder": (b"\x80\x04cpkg\nS\n)R(K\x01\x90.", "ADDITEMS"),
     "another codec": (b"c_codecs\nencode\n(Vx\nVrot13\ntR.", "_codecs.encode"),
     "reconstructing an allowed class": (
-        b"ccopyreg\n_reconstructor\n(ctorch\nSize\ncbuiltins\ntuple\nNtR.",
+        b"ccopyreg\n_reconstructor\n(cbuiltins\nset\ncbuiltins\nset\nNtR.",
         "_reconstructor",
     ),
     "extension code": (b"\x80\x02\x82\x01.", "extension code"),
@@ -295,32 +416,44 @@ def _allowed_values():
     state_dict = collections.OrderedDict(w=torch.randn(2, 3), b=torch.arange(4, dtype=torch.bfloat16)[1:])
     state_dict._metadata = {"": {"version": 1}}
     meta = {
-        "seed": np.int64(3),
-        "lr": np.float32(0.5),
-        "array": np.arange(6.0).reshape(2, 3),
-        "objects": np.array([1, "a"], dtype=object),
-        "record": np.zeros(2, dtype=[("a", "f4"), ("b", "i8")]),
-        "dtype": np.dtype("f4"),
-        "dtype class": type(np.dtype("f8")),
-        "set": {1, 2},
+        "set": {1, "a"},
         "frozenset": frozenset([3]),
-        "complex": 1 + 2j,
         "bytes": b"\x00\xff",
-        "bytearray": bytearray(b"z"),
-        "slice": slice(1, None, 2),
-        "size": torch.Size([2, 3]),
-        "torch dtype": torch.float16,
+        "nested": {"classes": ("road", "car"), "sizes": [1, 2.5, None, True]},
         "parameter": torch.nn.Parameter(torch.ones(2)),
+        "view": torch.arange(10.0)[2:8:3],
     }
     return {"state_dict": state_dict, "meta": meta}
 
 
+# Values that load only as placeholders, with the package of the global their pickle names. numpy's are among
+# them: its C code trusts the layout and flags a pickle gives it (see CRASHES).
+PLACEHOLDER_VALUES = {
+    "numpy scalar": (np.int64(3), "numpy"),
+    "numpy float": (np.float32(0.5), "numpy"),
+    "numpy array": (np.arange(6.0).reshape(2, 3), "numpy"),
+    "numpy object array": (np.array([1, "a"], dtype=object), "numpy"),
+    "numpy record array": (np.zeros(2, dtype=[("a", "f4"), ("b", "i8")]), "numpy"),
+    "numpy dtype": (np.dtype("f4"), "numpy"),
+    "numpy dtype class": (type(np.dtype("f8")), "numpy"),
+    "torch dtype": (torch.float16, "torch"),
+    "torch size": (torch.Size([2, 3]), "torch"),
+    "slice": (slice(1, None, 2), "builtins"),
+    "complex": (1 + 2j, "builtins"),
+}
+
+
 @pytest.mark.parametrize("zip_format", [True, False])
 @pytest.mark.parametrize("protocol", [2, 4, 5])
-def test_allowed_values_load_as_themselves(protocol, zip_format):
+def test_allowed_values_load_as_themselves_and_others_as_placeholders(protocol, zip_format):
     original = _allowed_values()
     buffer = io.BytesIO()
-    torch.save(original, buffer, pickle_protocol=protocol, _use_new_zipfile_serialization=zip_format)
+    torch.save(
+        {**original, "others": {key: value for key, (value, _) in PLACEHOLDER_VALUES.items()}},
+        buffer,
+        pickle_protocol=protocol,
+        _use_new_zipfile_serialization=zip_format,
+    )
     buffer.seek(0)
     loaded = torch.load(buffer, map_location="cpu", weights_only=False, pickle_module=safe_pickle)
     assert loaded["state_dict"]._metadata == {"": {"version": 1}}
@@ -329,10 +462,14 @@ def test_allowed_values_load_as_themselves(protocol, zip_format):
     for key, value in original["meta"].items():
         got = loaded["meta"][key]
         assert type(got) is type(value), key
-        if isinstance(value, (np.ndarray, torch.Tensor)):
-            assert got.dtype == value.dtype and (got == value).all(), key
+        if isinstance(value, torch.Tensor):
+            assert got.dtype == value.dtype and got.stride() == value.stride() and torch.equal(got, value), key
         else:
             assert got == value, key
+    for key, (_, package) in PLACEHOLDER_VALUES.items():
+        got = loaded["others"][key]
+        kind = got if isinstance(got, type) else type(got)  # a class or a dtype constant pickles as a name
+        assert issubclass(kind, Placeholder) and kind.__module__.split(".")[0] == package, key
 
 
 @pytest.mark.parametrize("importable_at_load", [False, True])
@@ -357,29 +494,88 @@ def test_mmengine_checkpoints_keep_meta_values_and_never_use_their_classes(offic
     assert state_dict.keys() == official.keys()
     assert all(torch.equal(state_dict[key], value) for key, value in official.items())
     meta = loaded["meta"]
-    assert type(meta["seed"]) is np.int64 and meta["seed"] == 1234 and meta["time"] == 0.25
-    assert meta["iter_times"].dtype == np.float32 and meta["iter_times"].tolist() == [0.5, 0.25]
+    # numpy values are placeholders holding what numpy would have been given: the dtype (a placeholder) and bytes.
+    seed, iter_times = meta["seed"], meta["iter_times"]
+    assert type(seed).__qualname__ == "scalar" and type(seed).__module__.startswith("numpy.")
+    assert type(seed.args[0]).__qualname__ == "dtype" and seed.args[0].args[0] == "i8"
+    assert seed.args[1] == np.int64(1234).tobytes() and meta["time"].args[1] == np.float64(0.25).tobytes()
+    assert type(iter_times).__qualname__ == "_reconstruct" and iter_times.args[0].__qualname__ == "ndarray"
+    assert iter_times.state[1] == (2,) and iter_times.state[4] == np.array([0.5, 0.25], np.float32).tobytes()
     assert meta["mmengine_version"] == "0.10.4" and meta["dataset_meta"]["palette"][1] == [0, 0, 142]
     assert isinstance(meta["cfg"], Placeholder) and meta["cfg"].items == {"crop_size": (512, 512)}
     buffer = loaded["message_hub"]["log_scalars"]["train/loss"]
     assert type(buffer).__qualname__ == "HistoryBuffer" and type(buffer).__module__ == module.__name__
-    assert buffer.state["_log_history"].tolist() == [1.5, 0.5]
+    assert buffer.state["_log_history"].state[4] == np.array([1.5, 0.5]).tobytes()
     assert buffer.state["statistics_methods"]["min"].__qualname__ == "HistoryBuffer.min"
     assert loaded["hooks"][0].args == ("checkpoint",)
     assert loaded["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
 
 
-def test_numpy_values_alone_load_with_torchs_own_reader(official, tmp_path, monkeypatch):
+def test_torchs_reader_gets_no_numpy_globals_so_numpy_values_go_to_the_restricted_one(official, tmp_path, monkeypatch):
     path = tmp_path / "numpy_meta.pth"
     meta = {"seed": np.int64(7), "scores": np.arange(3.0), "dataset_meta": {"classes": ["road", "car", "sky"]}}
     torch.save({"state_dict": official, "meta": meta}, path)
-    # The second reader must not be needed: a module without an Unpickler stands in for it.
-    monkeypatch.setattr("offseg_hf.convert.safe_pickle", types.ModuleType("no_second_reader"))
-    with torch.serialization.safe_globals([(np.ndarray, "numpy.ndarray")]):  # as a caller might have registered
-        before = set(torch.serialization.get_safe_globals())
-        state_dict, class_names = read_official_checkpoint(str(path))
-        assert set(torch.serialization.get_safe_globals()) == before  # nothing added or removed
+    calls, load = [], torch.load
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("pickle_module"), set(torch.serialization.get_safe_globals())))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    before = set(torch.serialization.get_safe_globals())
+    state_dict, class_names = read_official_checkpoint(str(path))
     assert class_names == ["road", "car", "sky"] and state_dict.keys() == official.keys()
+    # torch's reader ran with nothing registered, refused numpy, and the restricted reader read the file.
+    assert calls == [(None, before), (safe_pickle, before)]
+    assert set(torch.serialization.get_safe_globals()) == before
+
+
+def test_legacy_tar_files_are_refused_not_extracted(tmp_path):
+    path, archive = tmp_path / "old.tar", io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        link = tarfile.TarInfo("storages")  # torch's tar reader would extract it and read the file it links to
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/hostname"
+        tar.addfile(link)
+    path.write_bytes(archive.getvalue())
+    with pytest.raises(RuntimeError, match="legacy .tar format"):
+        read_official_checkpoint(str(path))
+
+
+TENSOR = b"\x80\x02}Vw\nctorch._utils\n_rebuild_tensor_v2\n("  # {"w": _rebuild_tensor_v2(...)}
+STORAGE = b"(Vstorage\nctorch\nFloatStorage\nV0\nVcpu\nK\x04tQ"  # the archive's 4-float storage
+NO_HOOKS = b"ccollections\nOrderedDict\n)R"
+
+
+def _ints(*values) -> bytes:
+    return b"(" + b"".join(b"I%d\n" % value for value in values) + b"t"
+
+
+TENSOR_LAYOUTS = {  # (storage, offset, size, stride, requires_grad, hooks) -> the refusal, or None
+    "all four elements": ((STORAGE, b"K\x00", _ints(4), _ints(1), b"\x89", NO_HOOKS), None),
+    "every other element, from the second": ((STORAGE, b"K\x01", _ints(2), _ints(2), b"\x89", NO_HOOKS), None),
+    "empty, at the end": ((STORAGE, b"K\x04", _ints(0, 5), _ints(2**62, 1), b"\x89", NO_HOOKS), None),
+    "one past the end": ((STORAGE, b"K\x01", _ints(4), _ints(1), b"\x89", NO_HOOKS), "reaching element 4 of"),
+    "a stride past the end": ((STORAGE, b"K\x00", _ints(2), _ints(4), b"\x89", NO_HOOKS), "reaching element 4"),
+    "a reach past int64": ((STORAGE, b"K\x00", _ints(3, 3), _ints(2**62, 2**62), b"\x89", NO_HOOKS), "reaching"),
+    "a negative stride": ((STORAGE, b"K\x03", _ints(4), _ints(-1), b"\x89", NO_HOOKS), "tensor layout"),
+    "a stride past int64": ((STORAGE, b"K\x00", _ints(1), _ints(2**63), b"\x89", NO_HOOKS), "tensor layout"),
+    "sizes and strides of other lengths": ((STORAGE, b"K\x00", _ints(2, 2), _ints(1), b"\x89", NO_HOOKS), "layout"),
+    "a placeholder for a storage": ((b"cos\nsystem\n", b"K\x00", _ints(1), _ints(1), b"\x89", NO_HOOKS), "storage"),
+    "backward hooks": ((STORAGE, b"K\x00", _ints(1), _ints(1), b"\x89", NO_HOOKS + b"K\x01cos\nsystem\ns"), "hooks"),
+    "requires_grad that is no bool": ((STORAGE, b"K\x00", _ints(1), _ints(1), b"K\x01", NO_HOOKS), "requires_grad"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TENSOR_LAYOUTS))
+def test_tensors_address_only_their_own_storage(name):
+    arguments, refusal = TENSOR_LAYOUTS[name]
+    data = io.BytesIO(_torch_zip(TENSOR + b"".join(arguments) + b"tRs."))
+    if refusal is None:
+        tensor = torch.load(data, map_location="cpu", weights_only=False, pickle_module=safe_pickle)["w"]
+        assert tensor.untyped_storage().nbytes() == 16 and not tensor.any()
+    else:
+        with pytest.raises(pickle.UnpicklingError, match=refusal):
+            torch.load(data, map_location="cpu", weights_only=False, pickle_module=safe_pickle)
 
 
 def test_torchscript_archives_are_refused_not_loaded(tmp_path):
