@@ -1,0 +1,86 @@
+"""Latency of this checkout against another one (e.g. the commit before a refactor), same weights, one process.
+
+    git worktree add /tmp/before <commit>
+    python benchmarks/against_checkout.py --before /tmp/before
+    python benchmarks/against_checkout.py --before /tmp/before --variants offseg-t offseg-b --repeats 20
+
+Both versions of `offseg_hf` are imported side by side (the other one under another package name), every model is
+built by this checkout with a fixed seed and its weights are loaded into the other version's model, which needs
+the two to share parameter names. The two models take turns, the order alternating every round, so drift in
+machine load hits both alike. The table gives the median forward time of each, their ratio, and whether the two
+produce bitwise equal logits: a refactor that claims to keep the function should show `True` and a ratio near 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+from common import measure, median, print_table
+
+import offseg_hf
+
+
+def import_checkout(root: Path, name: str = "offseg_hf_before"):
+    """The `offseg_hf` package of another checkout, imported as `name` (its relative imports keep it whole)."""
+    package = root / "offseg_hf"
+    if not (package / "__init__.py").is_file():
+        raise SystemExit(f"{root} has no offseg_hf package.")
+    spec = importlib.util.spec_from_file_location(
+        name, package / "__init__.py", submodule_search_locations=[str(package)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before", required=True, type=Path, help="Root of the other checkout (a git worktree).")
+    parser.add_argument("--variants", nargs="+", default=["segformer-b0-offset", "offseg-t", "offseg-b"])
+    parser.add_argument("--size", type=int, nargs=2, default=[512, 512], metavar=("HEIGHT", "WIDTH"))
+    parser.add_argument("--num_labels", type=int, default=150)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=12, help="Timed forward passes of each model.")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    unknown = [v for v in args.variants if v not in offseg_hf.VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant {unknown[0]!r}; known: {', '.join(sorted(offseg_hf.VARIANTS))}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    before = import_checkout(args.before.resolve())
+    pixel_values = torch.randn(1, 3, *args.size, generator=torch.Generator().manual_seed(0))
+
+    rows = []
+    for variant in args.variants:
+        torch.manual_seed(0)
+        config = offseg_hf.OffSegConfig.from_variant(variant, num_labels=args.num_labels)
+        after_model = offseg_hf.OffSegForSemanticSegmentation(config).eval()
+        before_model = before.OffSegForSemanticSegmentation(
+            before.OffSegConfig.from_variant(variant, num_labels=args.num_labels)
+        ).eval()
+        before_model.load_state_dict(after_model.state_dict())
+        with torch.inference_mode():
+            equal = torch.equal(before_model(pixel_values).logits, after_model(pixel_values).logits)
+        # measure() keeps one order in all its rounds: run it with each order for half the repeats, then pool.
+        times = {"before": [], "after": []}
+        for order in (("before", "after"), ("after", "before")):
+            models = {name: before_model if name == "before" else after_model for name in order}
+            for name, values in measure(models, pixel_values, args.warmup, (args.repeats + 1) // 2).items():
+                times[name] += values
+        ms_before, ms_after = median(times["before"]), median(times["after"])
+        rows.append([variant, f"{ms_before:.1f}", f"{ms_after:.1f}", f"{ms_after / ms_before:.3f}", str(equal)])
+
+    height, width = args.size
+    print(f"# {height}x{width}, batch 1, fp32, cpu, threads {torch.get_num_threads()}, {args.repeats} repeats each")
+    print(f"# before: {args.before}\n")
+    print_table(["variant", "before (ms)", "after (ms)", "after / before", "logits bitwise equal"], rows)
+
+
+if __name__ == "__main__":
+    main()
