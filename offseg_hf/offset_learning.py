@@ -74,25 +74,41 @@ class OffsetLearning(nn.Module):
             if module is not None:
                 initialise_with(module, partial(_trunc_normal_, std=initializer_range))
 
+    def _flatten(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> E^T: (B, C, HW), a view; checks the channel count."""
+        if features.shape[1] != self.channels:
+            raise ValueError(f"OffsetLearning expects {self.channels} feature channels, got {features.shape[1]}.")
+        return features.flatten(2)
+
+    def _aligned_classes(self, embeddings: torch.Tensor, coupled_attention: torch.Tensor | None) -> torch.Tensor:
+        """W' = W + dW, (B, K, C), from E^T (B, C, HW) and A (B, K, HW); W broadcast when there is no class offset."""
+        class_embeddings = self.class_embeddings  # W: (K, C)
+        if self.class_offset_proj is None:
+            return class_embeddings.expand(embeddings.shape[0], -1, -1)
+        class_attention = coupled_attention.softmax(dim=-1)  # over positions: (B, K, HW)
+        class_context = torch.matmul(class_attention, embeddings.transpose(1, 2))  # F_cls: (B, K, C)
+        return class_embeddings + self.class_offset_proj(class_context)
+
+    def aligned_class_embeddings(self, features: torch.Tensor) -> torch.Tensor:
+        """The per-image class representations W + dW (B, K, C) that `forward` scores (B, C, H, W) features with
+        (W itself, broadcast over the batch, without the class-offset branch)."""
+        embeddings = self._flatten(features)
+        coupled_attention = None
+        if self.class_offset_proj is not None:
+            coupled_attention = torch.matmul(self.class_embeddings, embeddings)  # A: (B, K, HW)
+        return self._aligned_classes(embeddings, coupled_attention)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) pixel embeddings -> (B, K, H, W) normalised class scores."""
-        batch_size, channels, height, width = features.shape
-        if channels != self.channels:
-            raise ValueError(f"OffsetLearning expects {self.channels} feature channels, got {channels}.")
-        embeddings = features.flatten(2)  # E^T: (B, C, HW), a view
+        height, width = features.shape[-2:]
+        embeddings = self._flatten(features)  # E^T: (B, C, HW), a view
         class_embeddings = self.class_embeddings  # W: (K, C)
 
         if self.class_offset_proj is None and self.feature_offset_proj is None:
             scores = torch.matmul(embeddings.transpose(1, 2), class_embeddings.t())  # (B, HW, K)
         else:
             coupled_attention = torch.matmul(class_embeddings, embeddings)  # A: (B, K, HW)
-
-            aligned_classes = class_embeddings.expand(batch_size, -1, -1)  # W': (B, K, C)
-            if self.class_offset_proj is not None:
-                class_attention = coupled_attention.softmax(dim=-1)  # over positions: (B, K, HW)
-                class_context = torch.matmul(class_attention, embeddings.transpose(1, 2))  # F_cls: (B, K, C)
-                aligned_classes = class_embeddings + self.class_offset_proj(class_context)  # (B, K, C)
-
+            aligned_classes = self._aligned_classes(embeddings, coupled_attention)  # W': (B, K, C)
             scores = torch.matmul(embeddings.transpose(1, 2), aligned_classes.transpose(1, 2))  # E W'^T: (B, HW, K)
 
             if self.feature_offset_proj is not None:
