@@ -199,8 +199,8 @@ def plot_heatmaps(statistics: dict, path: Path, title: str) -> None:
         mean = entry["mean_intra_class_similarity"]
         subtitle = "n/a" if mean is None else f"{mean:.2f}"
         axis.set_title(f"{name} (n={len(matrix)}, mean off-diag {subtitle})", fontsize=10)
-        axis.set_xlabel("image")
-        axis.set_ylabel("image")
+        axis.set_xlabel("image (index in the split)")
+        axis.set_ylabel("image (index in the split)")
         ticks = list(range(len(matrix)))
         axis.set_xticks(ticks, [str(i) for i in entry["images"]], fontsize=7, rotation=90)
         axis.set_yticks(ticks, [str(i) for i in entry["images"]], fontsize=7)
