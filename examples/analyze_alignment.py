@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Per class, use the first M analysed images that contain it (default 10, as Fig. 3).",
     )
     analysis.add_argument(
+        "--rcond",
+        type=float,
+        default=None,
+        help="Truncate the pseudoinverse: singular values of E below RCOND x the largest count as zero. Default: "
+        "none, Eq. 2 as written (it weights W* toward E's directions of least variance).",
+    )
+    analysis.add_argument(
         "--recipe",
         choices=list(RECIPES),
         default=None,
@@ -123,6 +130,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in (*demo_flags, "num_images", "num_classes", "images_per_class"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1.")
+    if args.rcond is not None and not 0 <= args.rcond < 1:
+        parser.error(f"--rcond must be in [0, 1), got {args.rcond}.")
     if args.images_per_class < 2:
         parser.error("--images_per_class must be at least 2: similarity across images needs two.")
     if not 0 < args.validation_split < 1:
@@ -233,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = []
     for index in tqdm(range(len(dataset)), desc="W* per image", unit="image"):
         sample = dataset[index]
-        results.append(analyse_image(model, sample["pixel_values"], sample["labels"], IGNORE_INDEX, index=index))
+        results.append(analyse_image(model, sample["pixel_values"], sample["labels"], IGNORE_INDEX, index, args.rcond))
 
     chosen = requested if requested is not None else default_classes(results, args.num_classes)
     statistics = {
@@ -262,6 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
         # exactly, so the reconstruction says nothing about the features there.
         "images_with_positions_at_most_channels": sum(r.num_positions <= fixed.shape[1] for r in results),
         "images_per_class": args.images_per_class,
+        "rcond": args.rcond,
         "reconstruction": reconstruction,
         "feature_offset_ratio": {"mean": sum(ratios) / len(ratios), "per_image": ratios} if ratios else None,
         "summary": {

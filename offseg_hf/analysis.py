@@ -50,19 +50,21 @@ def masks_at_resolution(labels: torch.Tensor, size: tuple[int, int], ignore_inde
 
 
 def ideal_class_representations(
-    embeddings: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor
+    embeddings: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor, rcond: float | None = None
 ) -> tuple[torch.Tensor, int]:
-    """Eq. 2 for one image: W* (P, C) float64 and the rank of E.
+    """Eq. 2 for one image: W* (P, C) float64 and the rank of E (as used: singular values cut by `rcond`).
 
     Args:
         embeddings: E, (N, C), the valid positions only.
         labels: (N,) class id of each position.
         classes: (P,) the present class ids, in the order of W*'s rows.
+        rcond: singular values of E below rcond * the largest count as zero (a truncated pseudoinverse); None
+            keeps all that float64 resolves, which is Eq. 2 as written.
     """
     features = embeddings.detach().to(torch.float64).cpu()
     targets = (labels.cpu().view(-1, 1) == classes.cpu().view(1, -1)).to(torch.float64)  # M^T: (N, P)
     # The SVD driver gives the minimum-norm solution E^+ M^T also when E is rank deficient or N < C.
-    solution = torch.linalg.lstsq(features, targets, driver="gelsd")
+    solution = torch.linalg.lstsq(features, targets, rcond=rcond, driver="gelsd")
     return solution.solution.t().contiguous(), int(solution.rank)
 
 
@@ -150,6 +152,7 @@ def analyse_features(
     ignore_index: int = IGNORE_INDEX,
     classifier: torch.nn.Module | None = None,
     index: int | None = None,
+    rcond: float | None = None,
 ) -> ImageAlignment:
     """Eq. 2 and the reconstruction for one image's (C, h, w) embeddings and its (H, W) label map (any size).
 
@@ -164,7 +167,7 @@ def analyse_features(
     if classes.numel() == 0:
         empty = torch.zeros(0, channels, dtype=torch.float64)
         return ImageAlignment([], empty, None, [], [], [], 0, 0, index=index)
-    ideal, rank = ideal_class_representations(embeddings, grid_labels, classes)
+    ideal, rank = ideal_class_representations(embeddings, grid_labels, classes, rcond)
     intersections, unions = intersections_and_unions(reconstruct(ideal, embeddings, classes), grid_labels, classes)
     aligned, ratio = None, None
     if isinstance(classifier, OffsetLearning):
@@ -188,13 +191,18 @@ def analyse_features(
 
 @torch.no_grad()
 def analyse_image(
-    model, pixel_values: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX, index: int | None = None
+    model,
+    pixel_values: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    index: int | None = None,
+    rcond: float | None = None,
 ) -> ImageAlignment:
     """Run `model` (an `OffSegForSemanticSegmentation` in eval mode) on one normalised (3, H', W') image and analyse
     the embeddings its classifier sees against the (H, W) label map."""
     device = next(model.parameters()).device
     features = model.offseg(pixel_values.unsqueeze(0).to(device)).last_hidden_state[0]  # (C, h, w)
-    return analyse_features(features, labels, ignore_index, classifier=model.classifier, index=index)
+    return analyse_features(features, labels, ignore_index, classifier=model.classifier, index=index, rcond=rcond)
 
 
 def _mean(values: Iterable[float]) -> float:

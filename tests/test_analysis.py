@@ -84,6 +84,21 @@ def test_eq2_gives_the_minimum_norm_solution_for_rank_deficient_features():
     torch.testing.assert_close(ideal, expected, rtol=0, atol=1e-12)
 
 
+def test_rcond_drops_the_directions_of_small_singular_values():
+    # Pixels [1, 0, 0] (class 0) and [1, 1e-3, 0] (class 1) differ only along a 1e-3 singular direction: the exact
+    # W* separates them with weights of 1e3 along it; cut, both rows fall back to half of the shared direction.
+    labels = torch.tensor([0, 1, 1])
+    embeddings = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1e-3, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    exact, rank = ideal_class_representations(embeddings, labels, torch.tensor([0, 1]))
+    assert rank == 3
+    expected = torch.tensor([[1.0, -1e3, 0.0], [0.0, 1e3, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(exact, expected, atol=1e-7, rtol=1e-9)
+    truncated, rank = ideal_class_representations(embeddings, labels, torch.tensor([0, 1]), rcond=1e-2)
+    assert rank == 2
+    expected = torch.tensor([[0.5, 2.5e-4, 0.0], [0.5, 2.5e-4, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(truncated, expected, atol=1e-6, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Masks at the embedding resolution, ignore pixels
 
@@ -303,6 +318,7 @@ def test_script_writes_json_and_heatmaps(kind, tmp_path):
         (["--classes", "ellipse", "ellipse"], "names a class twice"),
         (["--ade20k_root", "/nonexistent"], "exactly one data source"),
         (["--demo_image_size", "-3"], "--demo_image_size must be at least 1"),
+        (["--rcond", "1.5"], "--rcond must be in [0, 1)"),
     ],
 )
 def test_script_rejects_bad_arguments_before_any_work(extra, message, tmp_path, capsys):
