@@ -310,7 +310,7 @@ def print_summary(report: dict) -> None:
     recon = report["reconstruction"]
     print(f"\nreconstruction mIoU {show(recon['miou'])}  (mean per image {show(recon['mean_image_miou'])})")
     exact = report["images_with_positions_at_most_channels"]
-    if exact:
+    if exact and report["rcond"] is None:  # a truncated pseudoinverse fits with fewer directions than positions
         print(
             f"note: {exact} of {report['num_images']} images have no more embedding positions than the "
             f"{report['channels']} channels: any mask is reconstructed exactly there (use larger images)."
