@@ -296,7 +296,8 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "alignment.json").write_text(json.dumps(report, indent=2))
-    title = f"Ideal class representations W*: cosine similarity across images ({Path(args.model_name_or_path).name})"
+    title = f"Ideal class representations W*: cosine similarity across images ({Path(args.model_name_or_path).name}"
+    title += ")" if args.rcond is None else f", pseudoinverse cut at rcond {args.rcond})"
     plot_heatmaps(statistics, output_dir / "alignment.png", title)
     print_summary(report)
     print(f"wrote {output_dir / 'alignment.json'} and {output_dir / 'alignment.png'}")
