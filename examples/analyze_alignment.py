@@ -118,15 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not Path(args.model_name_or_path).is_dir():
         parser.error(f"--model_name_or_path {args.model_name_or_path} is not a folder.")
-    sources = [name for name in evaluate_segmentation.DATA_SOURCES if getattr(args, name) not in (None, False)]
-    if len(sources) != 1:
-        parser.error("give exactly one data source: --dataset_name, --validation_dir, --ade20k_root or --demo.")
-    for name in ("validation_dir", "ade20k_root"):
-        if getattr(args, name) is not None and not Path(getattr(args, name)).is_dir():
-            parser.error(f"--{name} {getattr(args, name)} is not a folder.")
-    demo_flags = [name for name in ("demo_image_size", "demo_num_validation") if getattr(args, name) is not None]
-    if demo_flags and not args.demo:
-        parser.error(f"--{demo_flags[0]} describes the demo set; this run reads --{sources[0]}.")
+    demo_flags = evaluate_segmentation.check_data_flags(parser, args)
     for name in (*demo_flags, "num_images", "num_classes", "images_per_class"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1.")

@@ -119,11 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse and check every argument before any work; a bad one ends the script with one line. Adds `settings`
-    (the recipe's values with the protocol flags on top)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def check_data_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The data-flag checks of every script that reads one split: exactly one source, its folder exists, demo-set
+    flags only with --demo. Returns the demo-set flags given (for their own range checks)."""
     sources = [name for name in DATA_SOURCES if getattr(args, name) not in (None, False)]
     if len(sources) != 1:
         parser.error("give exactly one data source: --dataset_name, --validation_dir, --ade20k_root or --demo.")
@@ -133,6 +131,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     demo_flags = [name for name in ("demo_image_size", "demo_num_validation") if getattr(args, name) is not None]
     if demo_flags and not args.demo:
         parser.error(f"--{demo_flags[0]} describes the demo set; this run reads --{sources[0]}.")
+    return demo_flags
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check every argument before any work; a bad one ends the script with one line. Adds `settings`
+    (the recipe's values with the protocol flags on top)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    demo_flags = check_data_flags(parser, args)
     for name in (*demo_flags, "max_eval_samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1.")
