@@ -36,8 +36,7 @@ import torch
 from torch.nn import functional as F
 
 from .offset_learning import OffsetLearning, PerPixelClassifier
-
-IGNORE_INDEX = 255
+from .transforms import IGNORE_INDEX
 
 
 def masks_at_resolution(labels: torch.Tensor, size: tuple[int, int], ignore_index: int = IGNORE_INDEX) -> torch.Tensor:

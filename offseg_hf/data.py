@@ -39,7 +39,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-IGNORE_INDEX = 255
+from .transforms import IGNORE_INDEX  # the one definition; re-exported for the scripts
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MASK_FOLDERS = ("masks", "annotations")
 
