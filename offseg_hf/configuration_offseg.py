@@ -8,6 +8,9 @@ from typing import Any, ClassVar
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .backbone_mscan import MSCANConfig
+from .decode_head_lightham import check_eval_bases
+
 # MiT encoder sizes of SegFormer B0..B5 (Xie et al. 2021, Table 6), shared by every size:
 # overlapping patch embeddings 7/3/3/3 with strides 4/2/2/2, spatial reduction 8/4/2/1, heads 1/2/5/8.
 _MIT_COMMON = {
@@ -39,6 +42,33 @@ _OFFSEG_SIZES = {
     "l": {"backbone": "efficientformerv2_l", "drop_path_rate": 0.1, "stage_channels": [32, 64, 128, 256]},
 }
 
+# MSCAN encoders of SegNeXt-T/S/B (the official configs: MLP ratios 8/8/4/4, drop path 0.1, BatchNorm) and the
+# LightHam decoder width (`ham_channels` = `channels` of the official head).
+_SEGNEXT_SIZES = {
+    "t": {"hidden_sizes": [32, 64, 160, 256], "depths": [3, 3, 5, 2], "decoder_hidden_size": 256},
+    "s": {"hidden_sizes": [64, 128, 320, 512], "depths": [2, 2, 4, 2], "decoder_hidden_size": 256},
+    "b": {"hidden_sizes": [64, 128, 320, 512], "depths": [3, 3, 12, 3], "decoder_hidden_size": 512},
+}
+
+
+def _segnext(size: str, classifier: str) -> dict[str, Any]:
+    values = _SEGNEXT_SIZES[size]
+    return {
+        "encoder_config": {
+            "model_type": "mscan",
+            "hidden_sizes": values["hidden_sizes"],
+            "depths": values["depths"],
+            "mlp_ratios": [8, 8, 4, 4],
+            "drop_path_rate": 0.1,
+            "norm_eval": False,
+        },
+        "decode_head": "lightham",
+        "decoder_hidden_size": values["decoder_hidden_size"],
+        "decoder_max_pool": False,  # the LightHam output is already at 1/8
+        "classifier": classifier,
+    }
+
+
 # One place per fact: every named variant is its full set of config values (ADE20K: 150 classes).
 # `paper_params_m` / `paper_gflops` are the figures the paper reports (Table 4), kept for benchmarks and cards.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -67,8 +97,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "classifier": "offset",
     }
     for size, values in _OFFSEG_SIZES.items()
+} | {
+    # SegNeXt with offset learning, and the per-pixel SegNeXt the paper compares it with (Table 3).
+    **{f"segnext-{size}-offset": _segnext(size, "offset") for size in _SEGNEXT_SIZES},
+    **{f"segnext-{size}": _segnext(size, "per_pixel") for size in _SEGNEXT_SIZES},
 }
 
+# The paper's figures: params (M) at 150 classes and, per data set, GFLOPs (512x512 input; Cityscapes 2048x1024) and
+# single-scale mIoU. Table 4 (SegFormer-offset), Table 2 (OffSeg), Table 3 (SegNeXt with and without offset learning).
 PAPER_FIGURES: dict[str, dict[str, float]] = {
     "segformer-b0-offset": {"params_m": 3.9, "gflops": 8.8, "ade20k_miou": 40.1},
     "segformer-b1-offset": {"params_m": 13.9, "gflops": 16.3, "ade20k_miou": 43.7},
@@ -79,9 +115,35 @@ PAPER_FIGURES: dict[str, dict[str, float]] = {
     "offseg-t": {"params_m": 6.2, "gflops": 5.3, "ade20k_miou": 44.2},
     "offseg-b": {"params_m": 13.0, "gflops": 10.3, "ade20k_miou": 45.9},
     "offseg-l": {"params_m": 26.4, "gflops": 17.1, "ade20k_miou": 48.5},
+} | {
+    variant: dict(
+        zip(
+            (
+                "params_m",
+                "gflops",
+                "ade20k_miou",
+                "cityscapes_gflops",
+                "cityscapes_miou",
+                "pascal_context_gflops",
+                "pascal_context_miou",
+                "coco_stuff_gflops",
+                "coco_stuff_miou",
+            ),
+            row,
+            strict=True,
+        )
+    )
+    for variant, row in {
+        "segnext-t": (4.3, 6.6, 41.1, 50.5, 79.8, 6.6, 51.2, 6.6, 38.7),
+        "segnext-t-offset": (4.4, 7.2, 43.0, 53.1, 80.0, 6.8, 53.2, 7.3, 40.0),
+        "segnext-s": (13.9, 15.9, 44.3, 124.6, 81.3, 15.9, 54.2, 15.9, 42.2),
+        "segnext-s-offset": (14.1, 16.5, 45.6, 127.2, 81.7, 16.1, 55.9, 16.6, 43.5),
+        "segnext-b": (27.6, 34.9, 48.5, 275.7, 82.6, 34.9, 57.0, 34.9, 45.8),
+        "segnext-b-offset": (28.2, 34.8, 49.4, 269.6, 82.8, 34.1, 58.0, 35.0, 45.8),
+    }.items()
 }
 
-_DECODE_HEADS = ("segformer", "offseg")
+_DECODE_HEADS = ("segformer", "offseg", "lightham")
 _CLASSIFIERS = ("offset", "per_pixel")
 
 # What a saved folder's config.json names for `trust_remote_code=True` loading where offseg-hf is not installed.
@@ -162,8 +224,17 @@ class OffSegConfig(PreTrainedConfig):
     classifier_dropout_prob: float = 0.1
     initializer_range: float = 0.02
     semantic_loss_ignore_index: int = 255
+    nmf_rank: int = 16
+    nmf_train_steps: int = 6
+    nmf_eval_steps: int = 7
+    nmf_eval_bases: str = "seeded"
+    nmf_seed: int = 0
 
     def __post_init__(self, **kwargs):
+        if isinstance(self.encoder_config, dict) and self.encoder_config.get("model_type") == MSCANConfig.model_type:
+            # MSCAN is not a transformers model type; build its config here rather than through AutoConfig, so
+            # that a saved folder loads with remote code too (where no registration has run).
+            self.encoder_config = MSCANConfig(**{k: v for k, v in self.encoder_config.items() if k != "model_type"})
         super().__post_init__(**kwargs)
         # Entries already present (e.g. "repo--module.Class" of a Hub repo's code) are kept.
         self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
@@ -181,6 +252,7 @@ class OffSegConfig(PreTrainedConfig):
                     f"Unsupported timm encoder {self.encoder_config.backbone!r}; supported: "
                     f"{', '.join(SUPPORTED_MODELS)}."
                 )
+        check_eval_bases(self.nmf_eval_bases)
         if self.decode_head == "offseg" and not self.decoder_stage_channels:
             raise ValueError("decode_head='offseg' needs decoder_stage_channels (one width per backbone stage).")
         if self.num_labels < 2:

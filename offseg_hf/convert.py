@@ -1,7 +1,9 @@
-"""Convert the official OffSeg / SegFormer-offset checkpoints (mmseg, github.com/HVision-NKU/OffSeg) to offseg-hf.
+"""Convert the official OffSeg / SegFormer-offset / SegNeXt-offset checkpoints (mmseg, github.com/HVision-NKU/OffSeg)
+to offseg-hf; mmseg's own per-pixel SegNeXt checkpoints convert to the baseline presets (`segnext-t/s/b`).
 
     python -m offseg_hf.convert --checkpoint segformer_b0_offset.pth --variant segformer-b0-offset --output_dir out/
     python -m offseg_hf.convert --checkpoint offseg_t_ade20k.pth --variant offseg-t --output_dir out/
+    python -m offseg_hf.convert --checkpoint segnext_t_offset_ade20k.pth --variant segnext-t-offset --output_dir out/
 
 From Python: `convert_state_dict(official_state_dict, variant)` returns our state dict, `to_official_state_dict`
 goes back, `official_key(name, family)` gives the official name of one of our parameters/buffers, and
@@ -18,20 +20,22 @@ checks every opcode that can call something. Only the state dict's dense CPU ten
 `meta["dataset_meta"]["classes"]` (a list/tuple of str) are used. There is no fallback to an unrestricted
 unpickler. What it does not bound is memory: a hostile file can still ask for huge storages.
 
-Strict: every official key is used or explicitly ignored (mmseg's unused `conv_seg`, EfficientFormerV2's
+Strict: every official key is used or explicitly ignored (mmseg's `conv_seg` next to offset learning, which never
+calls it, EfficientFormerV2's
 ImageNet-sized attention-bias buffers and index tables, FreqFusion's constant hamming windows and initial sampling
 positions), and every parameter and buffer of ours is filled; otherwise a `ValueError` lists the keys.
 
 Each model family registers its key rules in `FAMILIES`: an ordered list of (official regex, our template) pairs,
 with tensor transforms where the layouts differ (mmseg packs q/k/v in one `in_proj_weight`; its MixFFN uses 1x1
-convolutions where transformers uses Linear layers; EfficientFormerV2 layer scales are (C, 1, 1)).
+convolutions where transformers uses Linear layers; EfficientFormerV2 layer scales are (C, 1, 1)). MSCAN keeps
+mmseg's names. The classifier comes from the checkpoint: offset learning where it has `offset_learning` keys, else
+the per-pixel `conv_seg`; it must be the variant's (or the `classifier` override's).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import pickle
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -139,10 +143,25 @@ OFFSET_LEARNING_RULES = [
     _same(rf"decode_head\.offset_learning\.mask_norm\.{_W}", r"classifier.mask_norm.\1"),
 ]
 
+# The per-pixel baselines' classifier: mmseg's `conv_seg` (dropout + 1x1 conv), our PerPixelClassifier.
+PER_PIXEL_RULES = [_same(r"decode_head\.conv_seg\.(weight|bias)", r"classifier.classifier.\1")]
+CLASSIFIER_RULES = OFFSET_LEARNING_RULES + PER_PIXEL_RULES
+
+def _conv_gn(official: str, ours: str) -> list[Rule]:
+    """mmcv's ConvModule with GroupNorm (`conv` without bias, `gn`) -> our ConvNormAct (`conv`, `norm`)."""
+    norm_group = re.compile(official).groups + 1  # the group number of the tensor name after the prefix's own
+    return [
+        _same(rf"{official}\.conv\.weight", f"{ours}.conv.weight"),
+        _same(rf"{official}\.gn\.{_W}", rf"{ours}.norm.\{norm_group}"),
+    ]
+
+
+# A 1x1 conv + GroupNorm + ReLU `align` closes both the OffSeg and the LightHam head.
+ALIGN_RULES = _conv_gn(r"decode_head\.align", f"{_HEAD}.align")
+
 _FF = r"decode_head\.freqfusions\.(\d+)"
 OFFSEG_HEAD_RULES = [
-    _same(r"decode_head\.pre\.(\d+)\.conv\.weight", rf"{_HEAD}.stage_projections.\1.conv.weight"),
-    _same(rf"decode_head\.pre\.(\d+)\.gn\.{_W}", rf"{_HEAD}.stage_projections.\1.norm.\2"),
+    *_conv_gn(r"decode_head\.pre\.(\d+)", rf"{_HEAD}.stage_projections.\1"),
     _same(rf"{_FF}\.hr_channel_compressor\.{_W}", rf"{_HEAD}.fusions.\1.hr_compressor.\2"),
     _same(rf"{_FF}\.lr_channel_compressor\.{_W}", rf"{_HEAD}.fusions.\1.lr_compressor.\2"),
     _same(rf"{_FF}\.content_encoder2\.{_W}", rf"{_HEAD}.fusions.\1.highpass_encoder.\2"),
@@ -151,8 +170,7 @@ OFFSEG_HEAD_RULES = [
         rf"{_FF}\.dysampler\.(offset|direct_scale|hr_offset|hr_direct_scale|norm_hr|norm_lr)\.{_W}",
         rf"{_HEAD}.fusions.\1.resampler.\2.\3",
     ),
-    _same(r"decode_head\.align\.conv\.weight", rf"{_HEAD}.align.conv.weight"),
-    _same(rf"decode_head\.align\.gn\.{_W}", rf"{_HEAD}.align.norm.\1"),
+    *ALIGN_RULES,
 ]
 
 # EfficientFormerV2: the official `network` list alternates block stages (even indices 0, 2, 4, 6 -> timm's
@@ -216,17 +234,30 @@ EFFICIENTFORMER_V2_RULES = [
     _downsample(r"attn\.attention_biases_seg", r"attn.attention_biases"),
 ]
 
+# MSCAN (SegNeXt's backbone) keeps mmseg's parameter names here: `backbone.` -> `offseg.encoder.`.
+MSCAN_RULES = [_same(r"backbone\.((?:patch_embed|block|norm)[1-4]\..+)", rf"{_ENC}.\1")]
+
+LIGHTHAM_HEAD_RULES = [
+    *_conv_gn(r"decode_head\.squeeze", f"{_HEAD}.squeeze"),
+    _same(r"decode_head\.hamburger\.ham_in\.conv\.(weight|bias)", rf"{_HEAD}.hamburger.ham_in.\1"),
+    *_conv_gn(r"decode_head\.hamburger\.ham_out", f"{_HEAD}.hamburger.ham_out"),
+    *ALIGN_RULES,
+]
+
+# mmseg builds the 1x1 classifier `conv_seg` in every head; a head with offset learning never calls it.
+UNUSED_CONV_SEG = r"decode_head\.conv_seg\.(weight|bias)"
+
 # Official keys with no counterpart here, on purpose.
 IGNORED = [
-    r"decode_head\.conv_seg\.(weight|bias)",  # mmseg builds the 1x1 classifier; offset learning never calls it
     r"backbone\.network\.\d+(\.\d+\.token_mixer|\.attn)\.(attention_biases|attention_bias_idxs|attention_bias_idxs_seg)",
     r"decode_head\.freqfusions\.\d+\.(hamming_lowpass|hamming_highpass)",  # constant 1.0: no window
     r"decode_head\.freqfusions\.\d+\.dysampler\.init_pos",  # computed (SimilarityGuidedResampler.initial_positions)
 ]
 
 FAMILIES = {
-    "segformer": MIT_RULES + SEGFORMER_HEAD_RULES + OFFSET_LEARNING_RULES,
-    "offseg": EFFICIENTFORMER_V2_RULES + OFFSEG_HEAD_RULES + OFFSET_LEARNING_RULES,
+    "segformer": MIT_RULES + SEGFORMER_HEAD_RULES + CLASSIFIER_RULES,
+    "offseg": EFFICIENTFORMER_V2_RULES + OFFSEG_HEAD_RULES + CLASSIFIER_RULES,
+    "lightham": MSCAN_RULES + LIGHTHAM_HEAD_RULES + CLASSIFIER_RULES,
 }
 
 
@@ -234,6 +265,26 @@ def _family(variant: str) -> list[Rule]:
     if variant not in VARIANTS:
         raise ValueError(f"Unknown OffSeg variant {variant!r}. Known variants: {', '.join(sorted(VARIANTS))}.")
     return FAMILIES[VARIANTS[variant]["decode_head"]]
+
+
+def _ignored(offset_learning: bool) -> list[str]:
+    return IGNORED + [UNUSED_CONV_SEG] if offset_learning else IGNORED
+
+
+def _is_ignored(key: str, offset_learning: bool) -> bool:
+    return any(re.fullmatch(pattern, key) for pattern in _ignored(offset_learning))
+
+
+def _check_classifier(variant: str, offset_learning: bool, classifier: str | None) -> None:
+    """Refuse a checkpoint whose classifier is not the one the model will have (`classifier`: the config's)."""
+    expected = classifier or VARIANTS[variant]["classifier"]
+    found = "offset" if offset_learning else "per_pixel"
+    if found != expected:
+        kinds = {"offset": "offset learning", "per_pixel": "a per-pixel classifier (conv_seg)"}
+        raise ValueError(
+            f"The checkpoint has {kinds[found]}, but {variant!r} is built with {kinds[expected]}: convert it as a "
+            f"variant with {kinds[found]} (or pass classifier={found!r})."
+        )
 
 
 def _fill(template: str, match: re.Match) -> str:
@@ -256,12 +307,20 @@ def _official_rule(key: str, rules: list[Rule]) -> tuple[Rule, re.Match] | None:
     return None
 
 
-def convert_state_dict(official: dict[str, Tensor], variant: str) -> dict[str, Tensor]:
-    """Official (mmseg) state dict -> ours. Raises `ValueError` listing unmapped official keys."""
+def convert_state_dict(
+    official: dict[str, Tensor], variant: str, classifier: str | None = None
+) -> dict[str, Tensor]:
+    """Official (mmseg) state dict -> ours. Raises `ValueError` listing unmapped official keys.
+
+    A checkpoint with `decode_head.offset_learning.*` keys has offset learning (its `conv_seg` is unused and
+    ignored); one without has the per-pixel classifier `conv_seg`. That must be the model's classifier: the
+    variant's, or `classifier` when given (a config override)."""
     rules = _family(variant)
+    offset_learning = any(key.startswith("decode_head.offset_learning.") for key in official)
+    _check_classifier(variant, offset_learning, classifier)
     ours, unmapped = {}, []
     for key, tensor in official.items():
-        if any(re.fullmatch(pattern, key) for pattern in IGNORED):
+        if _is_ignored(key, offset_learning):
             continue
         found = _official_rule(key, rules)
         if found is None:
@@ -361,7 +420,7 @@ def _inverses(family: str) -> tuple[_Inverse, ...]:
 def official_key(key: str, family: str) -> str | None:
     """The official (mmseg) key whose conversion produces our `key`, or None if no rule produces it.
 
-    `family` is a key of `FAMILIES` ("segformer", "offseg") or a variant name. The q/k/v projections of a MiT
+    `family` is a key of `FAMILIES` ("segformer", "offseg", "lightham") or a variant name. The q/k/v projections of a MiT
     block all come from one packed official `in_proj_weight`/`in_proj_bias`, which is returned for each.
     """
     if family in VARIANTS:
@@ -395,6 +454,7 @@ def to_official_state_dict(
     one tensor); a key of ours that no official key produces raises `ValueError`.
     """
     rules = _family(variant)
+    offset_learning = "classifier.class_embeddings" in ours
     if official_keys is None:
         family = VARIANTS[variant]["decode_head"]
         names = {key: official_key(key, family) for key in ours}
@@ -404,7 +464,7 @@ def to_official_state_dict(
         official_keys = list(dict.fromkeys(names.values()))
     result = {}
     for key in official_keys:
-        if any(re.fullmatch(pattern, key) for pattern in IGNORED):
+        if _is_ignored(key, offset_learning):
             continue
         found = _official_rule(key, rules)
         if found is None:
@@ -442,14 +502,7 @@ def read_official_checkpoint(path: str) -> tuple[dict[str, Tensor], list[str] | 
     is raised. The class names are read from `meta["dataset_meta"]["classes"]` when that is a list/tuple of str.
     Raises `ValueError` unless the state dict holds only dense CPU tensors.
     """
-    with open(path, "rb") as handle:  # both readers read this one open file, not the path twice
-        try:
-            checkpoint = torch.load(handle, map_location="cpu", weights_only=True, mmap=False)
-        except pickle.UnpicklingError:
-            handle.seek(0)
-            checkpoint = torch.load(
-                handle, map_location="cpu", weights_only=False, mmap=False, pickle_module=safe_pickle
-            )
+    checkpoint = safe_pickle.read_checkpoint(path)
     class_names = None
     meta = checkpoint.get("meta") if isinstance(checkpoint, dict) else None
     dataset_meta = meta.get("dataset_meta") if isinstance(meta, dict) else None
@@ -479,8 +532,9 @@ def load_official_checkpoint(path: str, variant: str, **config_overrides) -> Off
     else ADE20K's 150 for a 150-class checkpoint (every official 150-class config is ADE20K), else `LABEL_i`.
     """
     official, class_names = read_official_checkpoint(path)
-    converted = convert_state_dict(official, variant)
-    num_labels = converted["classifier.class_embeddings"].shape[0]
+    converted = convert_state_dict(official, variant, config_overrides.get("classifier"))
+    classifier = converted.get("classifier.class_embeddings", converted.get("classifier.classifier.weight"))
+    num_labels = classifier.shape[0]
     if "id2label" not in config_overrides:
         if class_names is None and num_labels == len(ADE20K_CLASSES):
             class_names = list(ADE20K_CLASSES)

@@ -17,6 +17,14 @@ from .configuration_offseg import PAPER_FIGURES, VARIANTS
 DESCRIPTIONS = {
     "segformer": "SegFormer ({size}: MiT-{size} encoder, mmseg's all-MLP head with 256 channels)",
     "offseg": "OffSeg-{size} (EfficientFormerV2 backbone, FreqFusion decoder)",
+    "lightham": "SegNeXt-{size} (MSCAN-{size} encoder, LightHam decoder with matrix decomposition at 1/8)",
+}
+CLASSIFIER_DESCRIPTIONS = {
+    "offset": "with **offset learning**",
+    "per_pixel": (
+        "with the **per-pixel** classifier (a 1x1 convolution, as originally published): the baseline the paper "
+        "compares offset learning with"
+    ),
 }
 
 
@@ -32,6 +40,12 @@ OFFICIAL_GMAC_150 = {
     "offseg-t": 9.39,
     "offseg-b": 14.66,
     "offseg-l": 21.80,
+    "segnext-t": 6.40,
+    "segnext-t-offset": 7.15,
+    "segnext-s": 15.65,
+    "segnext-s-offset": 16.40,
+    "segnext-b": 32.69,
+    "segnext-b-offset": 34.74,
 }
 
 FLOPS_NOTES = {
@@ -46,6 +60,11 @@ FLOPS_NOTES = {
         "implementation evaluates the feature-offset term through a K x K matrix. Neither count includes CARAFE's "
         "multiply-adds (about 0.1-0.2 GMAC)."
     ),
+    "lightham": (
+        "This implementation computes the official model's function with fewer multiply-adds: the LightHam head's "
+        "1x1 squeeze convolution is applied to each stage before upsampling instead of to the concatenated "
+        "upsampled maps, and offset learning's feature-offset term (where present) goes through a K x K matrix."
+    ),
 }
 
 
@@ -58,20 +77,44 @@ def flops_note(variant: str, num_labels: int) -> str:
     return note
 
 
+# The paper's other data sets (`PAPER_FIGURES` keys `<key>_miou`, `<key>_gflops`), with the input its FLOPs are for.
+_OTHER_DATA_SETS = (
+    ("cityscapes", "Cityscapes", "2048x1024"),
+    ("pascal_context", "Pascal Context 59", "512x512"),
+    ("coco_stuff", "COCO-Stuff-164k", "512x512"),
+)
+# How the official configs test on ADE20K: SegNeXt's whole images, the others' sliding windows.
+_ADE20K_INFERENCE = {"lightham": "whole image"}
+
+
 def paper_section(variant: str) -> str:
     paper = PAPER_FIGURES.get(variant)
     if paper is None:
         return "The paper reports no figures for this variant."
+    inference = _ADE20K_INFERENCE.get(VARIANTS[variant]["decode_head"], "sliding window")
+    others = [
+        f"{paper[f'{key}_miou']} on {name} ({paper[f'{key}_gflops']} GFLOPs at {size})"
+        for key, name, size in _OTHER_DATA_SETS
+        if f"{key}_miou" in paper
+    ]
+    more = f"; mIoU {', '.join(others)}" if others else ""
     return (
-        f"{paper['ade20k_miou']} mIoU on ADE20K (single scale, sliding window), {paper['params_m']} M parameters, "
-        f"{paper['gflops']} GFLOPs. These are the paper's numbers, not measurements of the weights in this repository."
+        f"{paper['ade20k_miou']} mIoU on ADE20K (single scale, {inference}){more}; {paper['params_m']} M "
+        f"parameters, {paper['gflops']} GFLOPs at 512x512. These are the paper's numbers, not measurements of the "
+        "weights in this repository."
     )
 
 
 def variant_description(variant: str) -> str:
-    family = VARIANTS[variant]["decode_head"]
+    """What the model is: its family and size, and its classifier."""
+    values = VARIANTS[variant]
     size = variant.split("-")[1].upper()
-    return DESCRIPTIONS[family].format(size=size)
+    return f"{DESCRIPTIONS[values['decode_head']].format(size=size)} {CLASSIFIER_DESCRIPTIONS[values['classifier']]}"
+
+
+def parameters_note(variant: str) -> str:
+    """What the parameter count leaves out: mmseg builds a `conv_seg` that offset learning never uses."""
+    return "; without mmseg's unused `conv_seg`" if VARIANTS[variant]["classifier"] == "offset" else ""
 
 
 def weights_fingerprint(model: nn.Module) -> str:
@@ -188,6 +231,7 @@ def render_card(
             "variant": variant,
             "params_m": f"{params_m:.2f}",
             "paper_params_m": paper.get("params_m", "n/a"),
+            "parameters_note": parameters_note(variant),
             "gmac": f"{gmac:.2f}",
             "paper_gflops": paper.get("gflops", "n/a"),
             "paper_section": paper_section(variant),

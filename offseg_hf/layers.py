@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers import initialization as init
 
 INIT_RULE = "_offseg_init"
@@ -33,17 +34,39 @@ def kaiming_relu_(conv: nn.Module) -> None:
 class ConvNormAct(nn.Module):
     """1x1 convolution (no bias) + norm + ReLU, mmseg's `ConvModule` with a norm layer.
 
-    `norm_groups=None` gives BatchNorm (SegFormer head); an int gives GroupNorm with that many groups (OffSeg).
+    `norm_groups=None` gives BatchNorm (SegFormer head); an int gives GroupNorm with that many groups (OffSeg,
+    LightHam). `activation=False` leaves out the ReLU (mmseg's `act_cfg=None`).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, norm_groups: int | None = None):
+    def __init__(self, in_channels: int, out_channels: int, norm_groups: int | None = None, activation: bool = True):
         super().__init__()
         self.conv = initialise_with(nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False), kaiming_relu_)
         self.norm = nn.BatchNorm2d(out_channels) if norm_groups is None else nn.GroupNorm(norm_groups, out_channels)
-        self.act = nn.ReLU(inplace=True)
+        self.act = nn.ReLU(inplace=True) if activation else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.norm(self.conv(x)))
 
 
-__all__ = ["INIT_RULE", "ConvNormAct", "initialise_with", "kaiming_relu_"]
+def resize_and_project(
+    features: list[torch.Tensor] | tuple[torch.Tensor, ...], weight: torch.Tensor, size: torch.Size | tuple[int, int]
+) -> torch.Tensor:
+    """`conv1x1(concat(resize(f) for f in features), weight)` (no bias), computed without the concatenation.
+
+    Bilinear resizing mixes positions and a 1x1 convolution mixes channels; both are linear, so they commute and
+    the result equals `sum_i resize(conv1x1(f_i, weight_i))`, with `weight_i` the input-channel block of `f_i`. Each
+    block is applied at its map's own resolution, so a coarse map is projected at a fraction of the positions and
+    the wide concatenated tensor is never formed. mmseg's heads (SegformerHead, LightHamHead) resize first; the
+    results agree up to float rounding, and the weight keeps their (C_out, sum C_i, 1, 1) layout.
+    """
+    blocks = weight.split([feature.shape[1] for feature in features], dim=1)
+    total = None
+    for feature, block in zip(features, blocks, strict=True):
+        projected = F.conv2d(feature, block)
+        if projected.shape[-2:] != size:
+            projected = F.interpolate(projected, size=size, mode="bilinear", align_corners=False)
+        total = projected if total is None else total + projected
+    return total
+
+
+__all__ = ["INIT_RULE", "ConvNormAct", "initialise_with", "kaiming_relu_", "resize_and_project"]

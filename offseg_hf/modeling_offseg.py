@@ -14,7 +14,9 @@ from transformers.utils import ModelOutput
 
 from .backbone_efficientformer_v2 import EfficientFormerV2Backbone
 from .backbone_mit import MixTransformerEncoder
+from .backbone_mscan import MSCANEncoder
 from .configuration_offseg import OffSegConfig
+from .decode_head_lightham import LightHamPixelDecoder
 from .decode_head_offseg import OffSegPixelDecoder
 from .decode_head_segformer import SegformerPixelDecoder
 from .image_processing_offseg import OffSegImageProcessor  # noqa: F401  (copied into saved folders: see AUTO_MAP)
@@ -26,6 +28,7 @@ from .offset_learning import OffsetLearning, PerPixelClassifier
 ENCODERS: dict[str, type[nn.Module]] = {
     "segformer": MixTransformerEncoder,
     "timm_backbone": EfficientFormerV2Backbone,
+    "mscan": MSCANEncoder,
 }
 
 
@@ -120,6 +123,16 @@ class OffSegModel(OffSegPreTrainedModel):
         if config.decode_head == "offseg":
             self.decode_head = OffSegPixelDecoder(
                 encoder_channels, list(config.decoder_stage_channels), config.decoder_hidden_size
+            )
+        elif config.decode_head == "lightham":
+            self.decode_head = LightHamPixelDecoder(
+                encoder_channels,
+                config.decoder_hidden_size,
+                rank=config.nmf_rank,
+                train_steps=config.nmf_train_steps,
+                eval_steps=config.nmf_eval_steps,
+                eval_bases=config.nmf_eval_bases,
+                seed=config.nmf_seed,
             )
         else:
             self.decode_head = SegformerPixelDecoder(encoder_channels, config.decoder_hidden_size)

@@ -42,6 +42,7 @@ import collections
 import functools
 import io
 import pickle
+import sys
 from typing import Any
 
 import torch
@@ -359,3 +360,22 @@ def load(file, **kwargs) -> Any:
 
 def loads(data: bytes, **kwargs) -> Any:
     return load(io.BytesIO(data), **kwargs)
+
+
+def read_checkpoint(path: str) -> Any:
+    """The object saved in a torch file at `path`, never running code from it.
+
+    First torch's own restricted loader, as is (`weights_only=True`, with no globals added; ones the caller registered
+    with `torch.serialization.add_safe_globals` do apply): tensors and plain containers. A file that loader refuses
+    (`UnpicklingError`: e.g. an mmengine runner checkpoint, which also pickles numpy values and mmengine objects) is
+    read with this module's `Unpickler`, so numpy's, mmengine's and every other named object become inert
+    placeholders. Anything else torch rejects up front (a TorchScript archive, a legacy tar file) is raised.
+    """
+    with open(path, "rb") as handle:  # both readers read this one open file, not the path twice
+        try:
+            return torch.load(handle, map_location="cpu", weights_only=True, mmap=False)
+        except pickle.UnpicklingError:
+            handle.seek(0)
+            return torch.load(
+                handle, map_location="cpu", weights_only=False, mmap=False, pickle_module=sys.modules[__name__]
+            )

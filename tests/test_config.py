@@ -4,8 +4,15 @@ from transformers import AutoConfig
 
 from offseg_hf import PAPER_FIGURES, OffSegConfig, OffSegForSemanticSegmentation
 
-# The paper's parameter counts at 150 classes (M): Table 4 (SegFormer with offset learning), Table 2 (OffSeg).
+# The paper's parameter counts at 150 classes (M): Table 4 (SegFormer with offset learning), Table 2 (OffSeg),
+# Table 3 (SegNeXt with offset learning and the per-pixel SegNeXt).
 PAPER_PARAMS_M = {
+    "segnext-t-offset": 4.4,
+    "segnext-s-offset": 14.1,
+    "segnext-b-offset": 28.2,
+    "segnext-t": 4.3,
+    "segnext-s": 13.9,
+    "segnext-b": 27.6,
     "offseg-t": 6.2,
     "offseg-b": 13.0,
     "offseg-l": 26.4,

@@ -1,6 +1,7 @@
 """Conversion of official (mmseg) checkpoints. The official key lists below are written out from the official
 code's module structure (mmseg MixVisionTransformer + SegformerHeadOffsetLearning; the OffSeg repo's
-EfficientFormerV2 `*_feat` backbones + OffSegHead + FreqFusion), not derived from this package's models."""
+EfficientFormerV2 `*_feat` backbones + OffSegHead + FreqFusion; mmseg MSCAN + LightHamHead(OffsetLearning)), not
+derived from this package's models."""
 
 import sys
 import types
@@ -109,16 +110,52 @@ def official_offseg_keys(variant):
     return keys + official_offset_learning_keys()
 
 
+MSCA_CONVS = ("conv0", "conv0_1", "conv0_2", "conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3")
+
+
+def official_segnext_keys(variant):
+    """mmseg's MSCAN (StemConv / OverlapPatchEmbed, MSCABlock, a LayerNorm per stage) and LightHamHead; the
+    offset variants add Offset_Learning and keep the head's conv_seg, the baselines classify with conv_seg."""
+    depths = VARIANTS[variant]["encoder_config"]["depths"]
+    keys = []
+    for i, depth in enumerate(depths, start=1):
+        if i == 1:
+            keys += _keys("backbone.patch_embed1.proj.0", WB) + _keys("backbone.patch_embed1.proj.1", BN)
+            keys += _keys("backbone.patch_embed1.proj.3", WB) + _keys("backbone.patch_embed1.proj.4", BN)
+        else:
+            keys += _keys(f"backbone.patch_embed{i}.proj", WB) + _keys(f"backbone.patch_embed{i}.norm", BN)
+        for j in range(depth):
+            block = f"backbone.block{i}.{j}"
+            keys += [f"{block}.layer_scale_1", f"{block}.layer_scale_2"]
+            keys += _keys(f"{block}.norm1", BN) + _keys(f"{block}.attn.proj_1", WB)
+            for conv in MSCA_CONVS:
+                keys += _keys(f"{block}.attn.spatial_gating_unit.{conv}", WB)
+            keys += _keys(f"{block}.attn.proj_2", WB) + _keys(f"{block}.norm2", BN)
+            keys += _keys(f"{block}.mlp.fc1", WB) + _keys(f"{block}.mlp.dwconv", WB) + _keys(f"{block}.mlp.fc2", WB)
+        keys += _keys(f"backbone.norm{i}", WB)
+    keys += ["decode_head.squeeze.conv.weight"] + _keys("decode_head.squeeze.gn", WB)
+    keys += _keys("decode_head.hamburger.ham_in.conv", WB)
+    keys += ["decode_head.hamburger.ham_out.conv.weight"] + _keys("decode_head.hamburger.ham_out.gn", WB)
+    keys += ["decode_head.align.conv.weight"] + _keys("decode_head.align.gn", WB)
+    if VARIANTS[variant]["classifier"] == "offset":
+        return keys + official_offset_learning_keys()
+    return keys + _keys("decode_head.conv_seg", WB)
+
+
 def official_keys(variant):
     if variant.startswith("offseg"):
         return official_offseg_keys(variant)
+    if variant.startswith("segnext"):
+        return official_segnext_keys(variant)
     return official_segformer_keys(VARIANTS[variant]["encoder_config"]["depths"])
 
 
-IGNORED_EXAMPLES = ("conv_seg", "hamming_", "init_pos", ".attention_biases", "attention_bias_idxs")
+IGNORED_EXAMPLES = ("hamming_", "init_pos", ".attention_biases", "attention_bias_idxs")
 
 
-def is_ignored(key):
+def is_ignored(key, variant):
+    if "conv_seg" in key:  # unused next to offset learning, the classifier of a per-pixel baseline
+        return VARIANTS[variant]["classifier"] == "offset"
     return any(part in key for part in IGNORED_EXAMPLES) and not key.endswith("attention_biases_seg")
 
 
@@ -131,7 +168,7 @@ def test_official_key_set_maps_onto_ours_exactly(variant):
     assert len(keys) == len(set(keys))
     official = to_official_state_dict(ours, variant, keys)
     # Every official key is produced from ours, except the ones the converter ignores on purpose.
-    assert set(official) == {k for k in keys if not is_ignored(k)}
+    assert set(official) == {k for k in keys if not is_ignored(k, variant)}
     back = convert_state_dict(official, variant)
     assert set(back) == set(ours)
     for key in back:
@@ -143,7 +180,7 @@ def test_official_key_names_every_parameter_and_buffer_by_its_official_key(varia
     with torch.device("meta"):
         model = OffSegForSemanticSegmentation(OffSegConfig.from_variant(variant, num_labels=150))
     keys = official_keys(variant)
-    expected = {k for k in keys if not is_ignored(k)}
+    expected = {k for k in keys if not is_ignored(k, variant)}
     family = VARIANTS[variant]["decode_head"]
     names = {key: official_key(key, family) for key in model.state_dict()}
     assert set(dict(model.named_parameters())) <= set(names)
@@ -184,6 +221,18 @@ def test_official_key_names_every_parameter_and_buffer_by_its_official_key(varia
         ),
         ("offseg", "offseg.encoder.stages.0.blocks.0.layernorm_before.weight", None),
         ("segformer", "offseg.encoder.stem.conv1.conv.weight", None),
+        (
+            "lightham",
+            "offseg.encoder.block3.4.attn.spatial_gating_unit.conv2_1.weight",
+            "backbone.block3.4.attn.spatial_gating_unit.conv2_1.weight",
+        ),
+        ("segnext-b", "offseg.encoder.patch_embed1.proj.4.running_var", "backbone.patch_embed1.proj.4.running_var"),
+        ("lightham", "offseg.decode_head.hamburger.ham_in.bias", "decode_head.hamburger.ham_in.conv.bias"),
+        ("lightham", "offseg.decode_head.hamburger.ham_out.norm.weight", "decode_head.hamburger.ham_out.gn.weight"),
+        ("lightham", "offseg.decode_head.squeeze.norm.bias", "decode_head.squeeze.gn.bias"),
+        ("segnext-t", "classifier.classifier.weight", "decode_head.conv_seg.weight"),
+        ("lightham", "offseg.encoder.block5.0.norm1.weight", None),
+        ("lightham", "offseg.decode_head.hamburger.nmf.eval_bases", None),
         ("segformer", "offseg.encoder.stages.0.blocks.1.layernorm_before.weight.extra", None),
     ],
 )
@@ -220,7 +269,7 @@ def test_to_official_state_dict_without_key_list_packs_qkv_in_order():
     assert torch.equal(packed, torch.cat([ours[f"{prefix}.{name}_proj.weight"] for name in "qkv"]))
 
 
-@pytest.mark.parametrize("variant", ["segformer-b0-offset", "offseg-t"])
+@pytest.mark.parametrize("variant", ["segformer-b0-offset", "offseg-t", "segnext-t-offset", "segnext-t"])
 def test_round_trip_through_official_names_is_identical(variant, tmp_path):
     torch.manual_seed(0)
     model = OffSegForSemanticSegmentation(OffSegConfig.from_variant(variant, num_labels=7)).eval()
@@ -228,9 +277,13 @@ def test_round_trip_through_official_names_is_identical(variant, tmp_path):
     randomize_attention_biases(model)
     ours = model.state_dict()
     official = to_official_state_dict(ours, variant, official_keys(variant))
-    # Add the keys the converter must ignore, as a real checkpoint has them.
-    official["decode_head.conv_seg.weight"] = torch.randn(7, 256, 1, 1)
-    official["decode_head.conv_seg.bias"] = torch.zeros(7)
+    if VARIANTS[variant]["classifier"] == "offset":
+        # Add the keys the converter must ignore, as a real checkpoint has them.
+        assert "decode_head.conv_seg.weight" not in official
+        official["decode_head.conv_seg.weight"] = torch.randn(7, 256, 1, 1)
+        official["decode_head.conv_seg.bias"] = torch.zeros(7)
+    else:
+        assert torch.equal(official["decode_head.conv_seg.weight"], ours["classifier.classifier.weight"])
     back = convert_state_dict(official, variant)
     assert back.keys() == ours.keys()
     for key in ours:
@@ -248,6 +301,19 @@ def test_round_trip_through_official_names_is_identical(variant, tmp_path):
     with torch.no_grad():
         # Same weights; oneDNN convolutions may sum in another order for differently aligned buffers (~1e-6).
         torch.testing.assert_close(reloaded(images).logits, model(images).logits, rtol=0, atol=1e-5)
+
+
+def test_a_checkpoint_with_the_other_classifier_is_refused_with_the_variant_to_use():
+    torch.manual_seed(0)
+    baseline = OffSegForSemanticSegmentation(OffSegConfig.from_variant("segnext-t", num_labels=5))
+    official = to_official_state_dict(baseline.state_dict(), "segnext-t")
+    with pytest.raises(ValueError, match="has a per-pixel classifier .conv_seg., but 'segnext-t-offset' is built"):
+        convert_state_dict(official, "segnext-t-offset")
+    converted = convert_state_dict(official, "segnext-t-offset", classifier="per_pixel")
+    assert torch.equal(converted["classifier.classifier.bias"], baseline.state_dict()["classifier.classifier.bias"])
+    offset = OffSegForSemanticSegmentation(OffSegConfig.from_variant("segnext-t-offset", num_labels=5))
+    with pytest.raises(ValueError, match="has offset learning, but 'segnext-t' is built with a per-pixel"):
+        convert_state_dict(to_official_state_dict(offset.state_dict(), "segnext-t-offset"), "segnext-t")
 
 
 def test_unknown_and_missing_keys_are_listed():

@@ -14,6 +14,7 @@ from .conftest import tiny_config
 CONFIGS = {
     "segformer": lambda: tiny_config(),
     "timm_backbone": lambda: OffSegConfig.from_variant("offseg-t", num_labels=4),
+    "mscan": lambda: OffSegConfig.from_variant("segnext-t-offset", num_labels=4),
 }
 
 
@@ -50,10 +51,11 @@ def test_attentions_come_back_from_a_backbone_that_has_them():
     torch.testing.assert_close(first.sum(-1), torch.ones_like(first.sum(-1)))
 
 
-def test_a_backbone_without_attention_maps_says_so():
-    model = OffSegForSemanticSegmentation(CONFIGS["timm_backbone"]()).eval()
+@pytest.mark.parametrize(("model_type", "name"), [("timm_backbone", "EfficientFormerV2"), ("mscan", "MSCAN")])
+def test_a_backbone_without_attention_maps_says_so(model_type, name):
+    model = OffSegForSemanticSegmentation(CONFIGS[model_type]()).eval()
     assert not model.offseg.encoder.has_attentions
-    with pytest.raises(ValueError, match="EfficientFormerV2 backbone does not return attention maps"):
+    with pytest.raises(ValueError, match=f"{name} backbone does not return attention maps"):
         model(torch.randn(1, 3, 64, 64), output_attentions=True)
     with torch.no_grad():
         assert model(torch.randn(1, 3, 64, 64)).attentions is None
@@ -62,5 +64,5 @@ def test_a_backbone_without_attention_maps_says_so():
 def test_unknown_encoder_type_is_named_with_the_supported_ones():
     config = tiny_config()
     config.encoder_config.model_type = "swin"
-    with pytest.raises(ValueError, match=r"Unsupported encoder model type 'swin'; supported: segformer, timm_backbone"):
+    with pytest.raises(ValueError, match=r"Unsupported encoder model type 'swin'; supported: segformer, timm_backbone, mscan"):
         build_encoder(config)

@@ -64,7 +64,10 @@ def test_output_dir_gets_one_loadable_repo_per_variant(tmp_path):
         OffSegForSemanticSegmentation(OffSegConfig.from_variant("offseg-t"))
     )
     write_results(results, "offseg-t", measured)
-    overrides = {"segformer": {"encoder_config": TINY_ENCODER, "decoder_hidden_size": 32}}
+    overrides = {
+        "segformer": {"encoder_config": TINY_ENCODER, "decoder_hidden_size": 32},
+        "lightham": {"encoder_config": {"depths": [1, 1, 1, 1]}, "decoder_hidden_size": 64},
+    }
     folders = load_script().main(
         [
             "--output_dir",
@@ -76,7 +79,7 @@ def test_output_dir_gets_one_loadable_repo_per_variant(tmp_path):
             str(results),
         ]
     )
-    assert sorted(f.name for f in folders) == sorted(VARIANTS) and len(folders) == 9
+    assert sorted(f.name for f in folders) == sorted(VARIANTS) and len(folders) == 15
     for folder in folders:
         names = {p.name for p in folder.iterdir()}
         assert {
@@ -130,7 +133,7 @@ def test_results_measured_on_other_weights_are_refused(tmp_path, capsys):
         (["--random_init", "--variants", "segformer-b9"], "unknown variant 'segformer-b9'; known: offseg-b, "),
         (["--weights_dir", "nowhere"], "no saved model for 'offseg-b': nowhere/offseg-b is not a folder."),
         (["--random_init", "--config_overrides", "{"], "--config_overrides is not JSON"),
-        (["--random_init", "--config_overrides", '{"mit": {}}'], "keys among ['offseg', 'segformer']"),
+        (["--random_init", "--config_overrides", '{"mit": {}}'], "keys among ['lightham', 'offseg', 'segformer']"),
         (["--random_init", "--results_dir", "nowhere"], "--results_dir nowhere is not a folder."),
         (["--random_init", "--hub_namespace", "org"], "apply with --push_to_hub"),
     ],
@@ -227,5 +230,21 @@ def test_card_figures_are_labelled_and_results_carry_the_protocol():
     result["measured_by"] = "examples/train.py (final evaluation)"
     card = render_card(template, "offseg-t", "org/offseg-t", 6.18, 8.07, 150, "scene_parse_150", "ADE20K", "x", result)
     assert "measured by offseg-hf's `examples/train.py (final evaluation)`" in card.text
+    assert "with **offset learning**, from the ICCV 2025 paper" in text
+    assert "without mmseg's unused `conv_seg`" in text and "--variant offseg-t --recipe ade20k-160k" in text
     segformer = render_card(template, "segformer-b0-offset", "o/b0", 3.9, 5.48, 19, "cityscapes", "Cityscapes", "x")
     assert "fewer multiply-adds" in segformer.text and "official modules count" not in segformer.text  # not 150
+
+
+def test_segnext_cards_name_the_classifier_and_every_data_set_of_the_paper():
+    from offseg_hf.hub import render_card
+
+    template = (Path(__file__).parents[1] / "MODEL_CARD.md").read_text()
+    baseline = render_card(template, "segnext-t", "o/t", 4.26, 6.01, 150, "scene_parse_150", "ADE20K", "x").text
+    assert "SegNeXt-T (MSCAN-T encoder, LightHam decoder" in baseline and "with the **per-pixel** classifier" in baseline
+    assert "offset learning**" not in baseline and "unused `conv_seg`" not in baseline
+    assert "41.1 mIoU on ADE20K (single scale, whole image); mIoU 79.8 on Cityscapes (50.5 GFLOPs at 2048x1024)" in baseline
+    assert "51.2 on Pascal Context 59" in baseline and "38.7 on COCO-Stuff-164k" in baseline
+    assert "The official modules count 6.40 GMAC" in baseline and "squeeze convolution" in baseline
+    offset = render_card(template, "segnext-b-offset", "o/b", 28.16, 31.95, 150, "scene_parse_150", "ADE20K", "x").text
+    assert "with **offset learning**" in offset and "49.4 mIoU on ADE20K" in offset and "28.2 M parameters" in offset
