@@ -34,7 +34,15 @@ import offseg_hf  # noqa: F401  (registers OffSeg with the Auto classes)
 from offseg_hf.data import IGNORE_INDEX, SegmentationDataset, labels_need_reducing, load_segmentation_splits
 from offseg_hf.hub import eval_results, weights_fingerprint
 from offseg_hf.inference import evaluate_dataset
-from offseg_hf.training import DEFAULT_RECIPE, RECIPE_FIELDS, RECIPES, eval_protocol, format_metrics, resolve_settings
+from offseg_hf.training import (
+    DEFAULT_RECIPE,
+    RECIPE_FIELDS,
+    RECIPES,
+    eval_protocol,
+    format_metrics,
+    resolve_settings,
+    saved_model_family,
+)
 from offseg_hf.transforms import EvalTransform
 
 # The recipe fields that make up the evaluation protocol; each is a flag here, defaulting to --recipe's value.
@@ -90,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(RECIPES),
         default=None,
         help=f"Evaluate as this training recipe does; default {DEFAULT_RECIPE} with --demo, else ade20k-160k "
-        "(the paper's protocol: scale 2048x512, slide, windows 512 every 480).",
+        "(the paper's protocol: scale 2048x512, slide, windows 512 every 480; whole images for SegNeXt, whose "
+        "official configs test ADE20K and COCO-Stuff that way).",
     )
     for name in PROTOCOL_FIELDS:
         field = RECIPE_FIELDS[name]
@@ -148,7 +157,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.recipe is None:
         args.recipe = DEFAULT_RECIPE if args.demo else "ade20k-160k"
     try:
-        args.settings = resolve_settings({name: getattr(args, name) for name in PROTOCOL_FIELDS}, args.recipe)
+        family = saved_model_family(args.model_name_or_path, token=args.hub_token)
+        args.settings = resolve_settings({name: getattr(args, name) for name in PROTOCOL_FIELDS}, args.recipe, family)
     except ValueError as error:
         parser.error(str(error))
     return args

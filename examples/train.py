@@ -43,7 +43,9 @@ from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation, OffSegImagePr
 from offseg_hf.configuration_offseg import VARIANTS
 from offseg_hf.data import IGNORE_INDEX, SegmentationDataset, labels_need_reducing, load_segmentation_splits
 from offseg_hf.hub import weights_fingerprint
+from offseg_hf.modeling_offseg import ENCODERS
 from offseg_hf.training import (
+    FAMILY_CHANGES,
     PAPER_RECIPE,
     RECIPE_FIELDS,
     RECIPES,
@@ -67,6 +69,7 @@ from offseg_hf.training import (
     remove_checkpoints,
     resolve_checkpoint,
     resolve_settings,
+    saved_model_family,
     save_checkpoint,
     stream_loader,
     train,
@@ -97,6 +100,14 @@ def _add_recipe_flags(group) -> None:
             defaults = f"every recipe: {PAPER_RECIPE[name]}"
         else:
             defaults = ", ".join(f"{recipe}: {value}" for recipe, value in values.items())
+        changes = [
+            f"{family} on {recipe}: {values[name]}"
+            for family, recipes in FAMILY_CHANGES.items()
+            for recipe, values in recipes.items()
+            if name in values
+        ]
+        if changes:
+            defaults += f"; model family {', '.join(changes)}"
         text = field.help + (f" One of: {', '.join(field.choices)}." if field.choices else "")
         text += f" [recipe default, {defaults}]"
         example = PAPER_RECIPE[name]
@@ -140,9 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model_name_or_path", help="Fine-tune a saved OffSeg model (folder or Hub id).")
     model.add_argument(
         "--pretrained_encoder",
-        help="Start a fresh model's encoder from pretrained weights. MiT variants (segformer-b*-offset): a Hub id "
-        "like nvidia/mit-b0 or a saved SegformerModel folder; EfficientFormerV2 variants (offseg-*): a local timm "
-        "state-dict file or a timm name like efficientformerv2_s1.snap_dist_in1k.",
+        help="Start a fresh model's encoder from pretrained weights. "
+        + "; ".join(f"{encoder.display_name} variants: {encoder.pretrained_sources}" for encoder in ENCODERS.values())
+        + ".",
     )
     model.add_argument(
         "--config_overrides", help="JSON overrides of the variant, e.g. '{\"decoder_hidden_size\": 128}'."
@@ -152,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--backbone_norm_eval",
         choices=("config", "yes", "no"),
         default="config",
-        help="Keep an EfficientFormerV2 backbone's BatchNorms in eval mode while training (mmseg's norm_eval). "
+        help="Keep an EfficientFormerV2 or MSCAN backbone's BatchNorms in eval mode while training (mmseg's "
+        "norm_eval). "
         "config: the model's encoder_config.norm_eval (off in the presets: the official runs train them as SyncBN).",
     )
 
@@ -208,19 +220,12 @@ def _check_model(parser, args) -> None:
     if args.ignore_mismatched_sizes and not args.model_name_or_path:
         parser.error("--ignore_mismatched_sizes applies to --model_name_or_path.")
     variant = args.settings["variant"]
-    if args.pretrained_encoder:
-        # EfficientFormerV2 weights are a timm name or a local file; MiT weights a Hub id or a folder.
-        timm_like = "efficientformer" in args.pretrained_encoder.lower() or Path(args.pretrained_encoder).is_file()
-        if VARIANTS[variant]["decode_head"] == "offseg" and not timm_like:
-            parser.error(
-                f"--pretrained_encoder {args.pretrained_encoder}: {variant} has an EfficientFormerV2 encoder; give a "
-                "timm state-dict file or a timm name like efficientformerv2_s1.snap_dist_in1k."
-            )
-        if VARIANTS[variant]["decode_head"] != "offseg" and timm_like:
-            parser.error(
-                f"--pretrained_encoder {args.pretrained_encoder}: {variant} has a MiT encoder; give a Hub id like "
-                "nvidia/mit-b0 or a saved SegformerModel folder."
-            )
+    encoder = ENCODERS[VARIANTS[variant]["encoder_config"]["model_type"]]
+    if args.pretrained_encoder and not encoder.accepts_pretrained(args.pretrained_encoder):
+        parser.error(
+            f"--pretrained_encoder {args.pretrained_encoder}: the encoder of {variant} is {encoder.display_name}; "
+            f"give {encoder.pretrained_sources}."
+        )
     try:
         args.config_overrides = json.loads(args.config_overrides or "{}")
     except json.JSONDecodeError as error:
@@ -257,7 +262,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _check_data(parser, args)
     args.recipe = args.recipe or default_recipe(args.demo)
     try:
-        args.settings = resolve_settings({name: getattr(args, name) for name in RECIPE_FIELDS}, args.recipe)
+        family = saved_model_family(args.model_name_or_path, token=args.hub_token) if args.model_name_or_path else None
+        args.settings = resolve_settings({name: getattr(args, name) for name in RECIPE_FIELDS}, args.recipe, family)
     except ValueError as error:
         parser.error(str(error))
     _check_model(parser, args)

@@ -140,6 +140,12 @@ class EfficientFormerV2Backbone(nn.Module):
         self.norm_eval = norm_eval
 
     has_attentions = False
+    display_name = "EfficientFormerV2"
+    pretrained_sources = "a timm state-dict file or a timm name like efficientformerv2_s1.snap_dist_in1k"
+
+    @staticmethod
+    def accepts_pretrained(name_or_path: str) -> bool:
+        return "efficientformer" in name_or_path.lower() or os.path.isfile(name_or_path)
 
     @classmethod
     def from_encoder_config(cls, config: PreTrainedConfig) -> EfficientFormerV2Backbone:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 from transformers import SegformerConfig, SegformerModel
@@ -21,6 +23,12 @@ class MixTransformerEncoder(SegformerModel):
     """
 
     has_attentions = True
+    display_name = "MiT"
+    pretrained_sources = "a Hub id like nvidia/mit-b0 or a saved SegformerModel folder"
+
+    @staticmethod
+    def accepts_pretrained(name_or_path: str) -> bool:
+        return not os.path.isfile(name_or_path) and "efficientformer" not in name_or_path.lower()
 
     def __init__(self, config: SegformerConfig):
         super().__init__(config)

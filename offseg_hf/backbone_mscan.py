@@ -209,6 +209,12 @@ class MSCANEncoder(nn.Module):
     """MSCAN's four stages; returns the channel-LayerNormed output of each (strides 4, 8, 16, 32)."""
 
     has_attentions = False
+    display_name = "MSCAN"
+    pretrained_sources = "a local MSCAN ImageNet checkpoint file (the official mscan_t/s/b .pth)"
+
+    @staticmethod
+    def accepts_pretrained(name_or_path: str) -> bool:
+        return os.path.isfile(name_or_path)
 
     def __init__(self, config: MSCANConfig):
         super().__init__()
@@ -277,7 +283,7 @@ class MSCANEncoder(nn.Module):
         if not os.path.isfile(name_or_path):
             raise ValueError(
                 f"MSCAN weights are read from a local file; {name_or_path!r} is not one. Download the official "
-                "ImageNet checkpoint (mscan_t/s/b .pth, linked from the SegNeXt configs) first."
+                "ImageNet checkpoint (mscan_t/s/b .pth, linked from mmseg's SegNeXt configs) first."
             )
         if name_or_path.endswith(".safetensors"):
             from safetensors.torch import load_file

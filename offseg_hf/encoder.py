@@ -6,7 +6,9 @@ An encoder is an `nn.Module` built from the model config's `encoder_config` (`En
 * `has_attentions`: whether `forward(..., output_attentions=True)` can return attention maps;
 * `forward(pixel_values, output_attentions=False) -> EncoderOutput`: the maps at strides 4, 8, 16 and 32, finest
   first, and the attention maps when asked for (an encoder without them raises `ValueError` instead);
-* `load_pretrained(name_or_path)`: start from pretrained (e.g. ImageNet) weights, strictly.
+* `load_pretrained(name_or_path)`: start from pretrained (e.g. ImageNet) weights, strictly;
+* `display_name`, `pretrained_sources` (what `load_pretrained` takes, in words, for help and error messages) and
+  `accepts_pretrained(name_or_path)` (whether a name or path is of that kind, checked before any work is done).
 
 Fixes that one backbone needs to match the official model (MiT's LayerNorm eps, EfficientFormerV2's resizable
 attention biases) live in that backbone's module. `OffSegModel` looks up the class by the encoder config's

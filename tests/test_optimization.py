@@ -92,6 +92,26 @@ def test_official_groups_of_offseg_t():
     assert {name: found[name] for name in expected} == expected
 
 
+def test_official_groups_of_segnext():
+    config = OffSegConfig.from_variant("segnext-t-offset", num_labels=6, encoder_config={"depths": [1, 1, 1, 1]})
+    found = treatment(OffSegForSemanticSegmentation(config), "official")
+    block = "offseg.encoder.block2.0"
+    expected = {
+        f"{block}.norm1.weight": LR1_NO_DECAY,  # backbone.block2.0.norm1
+        f"{block}.norm2.bias": LR1_NO_DECAY,
+        f"{block}.layer_scale_1": LR1_DECAY,
+        f"{block}.attn.spatial_gating_unit.conv0_1.weight": LR1_DECAY,
+        "offseg.encoder.patch_embed1.proj.1.weight": LR1_DECAY,  # the stem's BatchNorm: no 'norm' in its name
+        "offseg.encoder.patch_embed2.norm.weight": LR1_NO_DECAY,
+        "offseg.encoder.norm4.bias": LR1_NO_DECAY,  # the end-of-stage LayerNorm
+        "offseg.decode_head.squeeze.norm.weight": LR10_DECAY,  # decode_head.squeeze.gn
+        "offseg.decode_head.hamburger.ham_in.bias": LR10_DECAY,
+        "offseg.decode_head.hamburger.ham_out.norm.bias": LR10_DECAY,
+        "classifier.feature_offset_proj.weight": LR10_DECAY,
+    }
+    assert {name: found[name] for name in expected} == expected
+
+
 @pytest.mark.parametrize("variant", ["segformer", "offseg-t"])
 def test_all_norms_rule_exempts_every_norm_layer(variant):
     config = tiny_config() if variant == "segformer" else OffSegConfig.from_variant("offseg-t", num_labels=6)

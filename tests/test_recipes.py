@@ -45,11 +45,43 @@ def test_evaluation_protocols():
     assert eval_protocol(settings) == EvalProtocol((512, 128), "slide", (64, 64), (48, 48), 8)
 
 
+def test_pascal_context_and_the_segnext_family_changes():
+    # The SegNeXt Pascal Context 59 configs: scale 520, crop 480, 80k iterations, test windows 480 every 320.
+    pascal = get_recipe("pascal-context-59-80k")
+    assert (pascal["crop_size"], pascal["resize_scale"], pascal["max_train_steps"]) == ((480, 480), (520, 520), 80_000)
+    assert eval_protocol("pascal-context-59-80k") == EvalProtocol((520, 520), "slide", (480, 480), (320, 320), 1)
+    # SegNeXt's official configs test ADE20K and COCO-Stuff on whole images; Cityscapes and Pascal Context slide.
+    assert eval_protocol("ade20k-160k", family="lightham").mode == "whole"
+    assert eval_protocol("coco-stuff-80k", family="lightham").mode == "whole"
+    assert eval_protocol("cityscapes-160k", family="lightham").mode == "slide"
+    assert eval_protocol("ade20k-160k", family="offseg").mode == "slide"
+    # The family follows the variant the settings name; a flag still wins.
+    assert resolve_settings({"variant": "segnext-t-offset"}, "ade20k-160k")["eval_mode"] == "whole"
+    assert resolve_settings({"variant": "offseg-t"}, "ade20k-160k")["eval_mode"] == "slide"
+    overridden = resolve_settings({"variant": "segnext-t", "eval_mode": "slide"}, "ade20k-160k")
+    assert overridden["eval_mode"] == "slide"
+    assert resolve_settings({}, "ade20k-160k", family="lightham")["eval_mode"] == "whole"  # a saved model's family
+    segnext = resolve_settings({"variant": "segnext-b-offset"}, "ade20k-160k")
+    assert {k: v for k, v in segnext.items() if v != get_recipe("ade20k-160k")[k]} == {
+        "variant": "segnext-b-offset",
+        "eval_mode": "whole",
+    }  # optimizer, schedule, batch, augmentation: the paper base's, as the SegNeXt configs set them
+
+
+def test_saved_model_family_reads_the_config_alone(tmp_path):
+    from offseg_hf import OffSegConfig
+    from offseg_hf.training import saved_model_family
+
+    OffSegConfig.from_variant("segnext-t-offset", num_labels=3).save_pretrained(tmp_path)
+    assert saved_model_family(str(tmp_path)) == "lightham"
+    assert saved_model_family(str(tmp_path / "missing")) is None
+
+
 def test_every_recipe_is_the_paper_base_plus_its_own_changes():
     def changed(name):
         return {key for key, value in RECIPES[name].items() if value != PAPER_RECIPE[key]}
 
-    assert set(RECIPES) == {"demo", "ade20k-160k", "cityscapes-160k", "coco-stuff-80k"}
+    assert set(RECIPES) == {"demo", "ade20k-160k", "cityscapes-160k", "coco-stuff-80k", "pascal-context-59-80k"}
     assert all(set(recipe) == set(PAPER_RECIPE) for recipe in RECIPES.values())
     assert changed("ade20k-160k") == set()
     assert changed("cityscapes-160k") == {
@@ -61,6 +93,13 @@ def test_every_recipe_is_the_paper_base_plus_its_own_changes():
         "eval_stride",
     }
     assert changed("coco-stuff-80k") == {"max_train_steps", "eval_steps", "checkpointing_steps"}
+    assert changed("pascal-context-59-80k") == changed("coco-stuff-80k") | {
+        "crop_size",
+        "resize_scale",
+        "eval_scale",
+        "eval_crop_size",
+        "eval_stride",
+    }
     assert "param_group_rule" not in changed("demo") and "weight_decay" not in changed("demo")
     with pytest.raises(TypeError):
         RECIPES["demo"]["learning_rate"] = 1.0  # read-only: get_recipe gives a copy

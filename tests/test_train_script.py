@@ -91,8 +91,9 @@ BAD_ARGUMENTS = [
     ("--train_dir data --ade20k_root ade", "give one data source"),
     ("--validation_dir val", "--validation_dir needs --train_dir"),
     ("--model_name_or_path some/model --variant offseg-t", "build a fresh model; --model_name_or_path loads"),
-    ("--variant offseg-t --pretrained_encoder nvidia/mit-b0", "offseg-t has an EfficientFormerV2 encoder"),
-    ("--pretrained_encoder efficientformerv2_s1", "segformer-b0-offset has a MiT encoder"),
+    ("--variant offseg-t --pretrained_encoder nvidia/mit-b0", "the encoder of offseg-t is EfficientFormerV2; give a"),
+    ("--pretrained_encoder efficientformerv2_s1", "the encoder of segformer-b0-offset is MiT; give a Hub id"),
+    ("--variant segnext-t-offset --pretrained_encoder nvidia/mit-b0", "is MSCAN; give a local MSCAN ImageNet"),
     ("--config_overrides [bad", "--config_overrides is not JSON"),
     ("--ignore_mismatched_sizes", "--ignore_mismatched_sizes applies to --model_name_or_path"),
     ("--gradient_accumulation_steps 0", "--gradient_accumulation_steps must be at least 1"),
@@ -303,6 +304,23 @@ def test_fine_tune_a_saved_folder_with_bf16_and_accumulation(train_script, tmp_p
     assert [group["lr"] for group in optimizer.param_groups] == [0.0] * len(optimizer.param_groups)
     assert second["model"].config.decoder_hidden_size == 32  # the folder's model, not a fresh variant
     assert 0 <= second["metrics"]["mean_iou"] <= 1
+
+
+def test_segnext_offset_trains_on_the_demo_set_and_its_folder_loads(train_script, tmp_path):
+    small = {"encoder_config": {"depths": [1, 1, 1, 1]}, "decoder_hidden_size": 32}
+    model = ["--variant", "segnext-t-offset", "--config_overrides", json.dumps(small)]
+    result = run(train_script, tmp_path / "segnext", "--max_train_steps", "3", model=model)
+    assert result["step"] == 3 and 0 <= result["metrics"]["mean_iou"] <= 1
+    trained = result["model"]
+    assert trained.config.decode_head == "lightham" and trained.config.encoder_config.model_type == "mscan"
+    from transformers import AutoModelForSemanticSegmentation
+
+    loaded = AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "segnext").eval()
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, trained.state_dict()[key].cpu()), key
+    images = torch.randn(2, 3, 40, 56)
+    with torch.no_grad():  # evaluation is deterministic: the NMF's evaluation bases come from the config's seed
+        assert torch.equal(loaded(images).logits, trained.eval()(images).logits)
 
 
 @pytest.mark.slow

@@ -44,6 +44,7 @@ from .optimization import (
 )
 from .recipes import (
     DEFAULT_RECIPE,
+    FAMILY_CHANGES,
     PAPER_RECIPE,
     RECIPE_FIELDS,
     RECIPES,
@@ -52,14 +53,17 @@ from .recipes import (
     default_output_dir,
     default_recipe,
     eval_protocol,
+    family_of,
     get_recipe,
     per_device_batch_size,
     resolve_settings,
+    saved_model_family,
     validate_settings,
 )
 
 __all__ = [
     "DEFAULT_RECIPE",
+    "FAMILY_CHANGES",
     "PAPER_RECIPE",
     "RECIPES",
     "RECIPE_FIELDS",
@@ -81,6 +85,7 @@ __all__ = [
     "default_recipe",
     "eval_protocol",
     "evaluate",
+    "family_of",
     "first_matching_key",
     "format_metrics",
     "get_recipe",
@@ -98,6 +103,7 @@ __all__ = [
     "resolve_checkpoint",
     "resolve_settings",
     "save_checkpoint",
+    "saved_model_family",
     "stream_loader",
     "sync_buffers",
     "train",

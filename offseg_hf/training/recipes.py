@@ -12,9 +12,14 @@ plus the few values its data set changes:
 * evaluation: keep-ratio resize to the scale, sliding windows, one image a batch (`val_dataloader` batch 1).
 
 ADE20K (160k iterations, 16 images a step: 8 GPUs x 2), Cityscapes (160k, 8 images: 8 GPUs x 1, crop 1024, test
-windows 1024 every 768) and COCO-Stuff-164k (80k iterations) differ only there. The OffSeg-T/L COCO-Stuff configs
-run 160k iterations but end their poly decay at 80k, after which mmengine leaves the learning rate at its last,
-near-zero value; `coco-stuff-80k` is the 80k run of the SegFormer-offset and OffSeg-B configs.
+windows 1024 every 768), COCO-Stuff-164k (80k iterations) and Pascal Context 59 (80k, scale 520, crop 480, test
+windows 480 every 320; the paper reports SegNeXt there) differ only there. The OffSeg-T/L and SegNeXt COCO-Stuff
+configs run 160k iterations but end their poly decay at 80k, after which mmengine leaves the learning rate at its
+last, near-zero value; `coco-stuff-80k` is the 80k run of the SegFormer-offset and OffSeg-B configs.
+
+A model family whose official configs differ from that on a data set says so in `FAMILY_CHANGES` (by decode head):
+the SegNeXt configs (`lightham`) test ADE20K and COCO-Stuff on whole images, not sliding windows. Their optimizer,
+schedule, batch and augmentation are the paper base's.
 """
 
 from __future__ import annotations
@@ -141,8 +146,23 @@ RECIPES: dict[str, MappingProxyType] = {
         eval_stride=(768, 768),
     ),
     "coco-stuff-80k": _recipe(max_train_steps=80_000, eval_steps=8_000, checkpointing_steps=8_000),  # 171 classes
+    "pascal-context-59-80k": _recipe(  # 59 classes: the 60th, background, is ignored (reduced labels)
+        max_train_steps=80_000,
+        eval_steps=8_000,
+        checkpointing_steps=8_000,
+        crop_size=(480, 480),
+        resize_scale=(520, 520),
+        eval_scale=(520, 520),
+        eval_crop_size=(480, 480),
+        eval_stride=(320, 320),
+    ),
 }
 DEFAULT_RECIPE = "demo"
+
+# Per model family (the config's `decode_head`): recipe values its official configs set differently.
+FAMILY_CHANGES: dict[str, dict[str, dict[str, Any]]] = {
+    "lightham": {"ade20k-160k": {"eval_mode": "whole"}, "coco-stuff-80k": {"eval_mode": "whole"}},
+}
 
 
 def default_recipe(demo: bool) -> str:
@@ -150,11 +170,28 @@ def default_recipe(demo: bool) -> str:
     return DEFAULT_RECIPE if demo else "ade20k-160k"
 
 
-def get_recipe(name: str) -> dict[str, Any]:
-    """A mutable copy of a recipe's values."""
+def get_recipe(name: str, family: str | None = None) -> dict[str, Any]:
+    """A mutable copy of a recipe's values, with `family`'s changes (`FAMILY_CHANGES`) when given."""
     if name not in RECIPES:
         raise ValueError(f"Unknown recipe {name!r}; known: {', '.join(RECIPES)}.")
-    return dict(RECIPES[name])
+    return {**RECIPES[name], **FAMILY_CHANGES.get(family, {}).get(name, {})}
+
+
+def family_of(variant: str) -> str:
+    """The model family (decode head) of a variant, the key of `FAMILY_CHANGES`."""
+    return VARIANTS[variant]["decode_head"]
+
+
+def saved_model_family(name_or_path: str, **hub_kwargs: Any) -> str | None:
+    """The model family (decode head) of a saved OffSeg model (folder or Hub id), read from its config.json alone;
+    None when that cannot be read here (the model's own loading then says why)."""
+    from transformers import PreTrainedConfig
+
+    try:
+        config, _ = PreTrainedConfig.get_config_dict(name_or_path, **hub_kwargs)
+    except (OSError, ValueError):
+        return None
+    return config.get("decode_head")
 
 
 def validate_settings(settings: dict[str, Any]) -> None:
@@ -179,10 +216,14 @@ def validate_settings(settings: dict[str, Any]) -> None:
         raise ValueError(f"--ratio_range needs 0 < MIN <= MAX, got {low} {high}.")
 
 
-def resolve_settings(overrides: dict[str, Any], recipe: str) -> dict[str, Any]:
-    """The recipe's values with every non-None override on top (CLI flags left unset are None), pairs as tuples,
-    checked by `validate_settings`."""
-    settings = get_recipe(recipe)
+def resolve_settings(overrides: dict[str, Any], recipe: str, family: str | None = None) -> dict[str, Any]:
+    """The recipe's values (with `family`'s changes; by default the family of the variant the settings name) and
+    every non-None override on top (CLI flags left unset are None), pairs as tuples, checked by
+    `validate_settings`."""
+    if family is None:
+        variant = overrides.get("variant") or get_recipe(recipe)["variant"]
+        family = family_of(variant) if variant in VARIANTS else None
+    settings = get_recipe(recipe, family)
     unknown = set(overrides) - set(settings)
     if unknown:
         raise ValueError(f"Not recipe fields: {sorted(unknown)}")
@@ -209,9 +250,12 @@ class EvalProtocol:
         return {"mode": self.mode, "crop_size": self.crop_size, "stride": self.stride, "batch_size": self.batch_size}
 
 
-def eval_protocol(recipe_or_settings: str | dict[str, Any]) -> EvalProtocol:
-    """The evaluation protocol of a recipe (by name) or of resolved settings."""
-    settings = get_recipe(recipe_or_settings) if isinstance(recipe_or_settings, str) else recipe_or_settings
+def eval_protocol(recipe_or_settings: str | dict[str, Any], family: str | None = None) -> EvalProtocol:
+    """The evaluation protocol of a recipe (by name, for a model `family`) or of resolved settings."""
+    if isinstance(recipe_or_settings, str):
+        settings = get_recipe(recipe_or_settings, family)
+    else:
+        settings = recipe_or_settings
     return EvalProtocol(
         scale=tuple(settings["eval_scale"]),
         mode=settings["eval_mode"],
