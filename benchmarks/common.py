@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
 from offseg_hf import OffSegForSemanticSegmentation
 from offseg_hf.hub import count_gmac  # noqa: F401  (re-exported for the benchmark scripts)
@@ -39,6 +41,64 @@ def measure(models: dict[str, nn.Module], pixel_values: torch.Tensor, warmup: in
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+class ForwardTimer:
+    """Wall time of every forward call of the given modules, from forward pre/post hooks that read
+    `time.perf_counter()` (after a `torch.cuda.synchronize` on CUDA), so it can time parts of the very passes
+    `measure` times. `times[name]` lists ms per call in call order; the hooks are removed when the block ends.
+
+        with ForwardTimer({"nmf": model.offseg.decode_head.hamburger.nmf}, device) as timer:
+            times = measure(models, pixel_values, warmup, repeats)
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], device: torch.device):
+        self.modules, self.device = modules, device
+        self.times: dict[str, list[float]] = {name: [] for name in modules}
+        self._handles = []
+
+    def __enter__(self) -> ForwardTimer:
+        for name, module in self.modules.items():
+            starts = []
+
+            def before(*_, starts=starts):
+                synchronize(self.device)
+                starts.append(time.perf_counter())
+
+            def after(*_, name=name, starts=starts):
+                synchronize(self.device)
+                self.times[name].append((time.perf_counter() - starts.pop()) * 1e3)
+
+            self._handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+HF_SEGFORMER_B0 = "hf-segformer-b0"
+# Table 4's SegFormer-B0 (mmseg's figures), the per-pixel model transformers' SegFormer-B0 corresponds to.
+HF_SEGFORMER_B0_PAPER = {"params_m": 3.8, "gflops": 8.4}
+
+
+def hf_segformer_b0(num_labels: int) -> SegformerForSemanticSegmentation:
+    """transformers' SegFormer-B0 with mmseg's decoder width (256), the baseline of the benchmark ratios."""
+    return SegformerForSemanticSegmentation(SegformerConfig(num_labels=num_labels, decoder_hidden_size=256))
+
+
+def add_input_arguments(parser: argparse.ArgumentParser, warmup: int = 3, repeats: int = 15) -> None:
+    """The input and timing flags of the benchmarks: --height --width --batch_size --num_labels --warmup --repeats
+    --threads --device."""
+    parser.add_argument("--height", type=int, default=512)
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--num_labels", type=int, default=150)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu")
 
 
 def literal_offset_learning(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
