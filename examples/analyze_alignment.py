@@ -16,8 +16,8 @@ the pairwise cosine similarity of W* across images (Fig. 3), its mean off the di
 similarity of W* to the model's fixed W and, for offset models, to the image's W + dW.
 
 Writes `alignment.json` (every figure) and `alignment.png` (one heatmap per class) into `--output_dir`. Images
-are resized and normalised by `--recipe`'s evaluation scale (the `demo` recipe with `--demo`, else ade20k-160k)
-and run whole. The data flags are `evaluate_segmentation.py`'s.
+are resized and normalised by `--recipe`'s evaluation scale (the `demo` recipe with `--demo`, pascal-context-59-80k
+with `--pascal_context_root`, else ade20k-160k) and run whole. The data flags are `evaluate_segmentation.py`'s.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from offseg_hf.analysis import (
     reconstruction_summary,
 )
 from offseg_hf.data import IGNORE_INDEX, SegmentationDataset
-from offseg_hf.training import DEFAULT_RECIPE, RECIPE_FIELDS, RECIPES, resolve_settings
+from offseg_hf.training import RECIPE_FIELDS, RECIPES, default_recipe, resolve_settings
 from offseg_hf.transforms import EvalTransform
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -92,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--recipe",
         choices=list(RECIPES),
         default=None,
-        help=f"Resize images by this training recipe's evaluation scale; default {DEFAULT_RECIPE} with --demo, "
-        "else ade20k-160k.",
+        help=f"Resize images by this training recipe's evaluation scale; default {default_recipe(demo=True)} with "
+        f"--demo, {default_recipe(demo=False, source='pascal_context_root')} with --pascal_context_root, else "
+        f"{default_recipe(demo=False)}.",
     )
     analysis.add_argument(
         "--eval_scale",
@@ -133,7 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         parser.error(f"--output_dir {args.output_dir} exists and is not a folder.")
     if args.recipe is None:
-        args.recipe = DEFAULT_RECIPE if args.demo else "ade20k-160k"
+        args.recipe = default_recipe(args.demo, args.data_source)
     try:
         args.settings = resolve_settings({"eval_scale": args.eval_scale}, args.recipe)
     except ValueError as error:

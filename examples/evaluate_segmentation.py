@@ -9,8 +9,9 @@ Each image is resized keeping its aspect ratio to `--eval_scale`, normalised, an
 (`--eval_mode slide`: windows of `--eval_crop_size` every `--eval_stride`, overlapping logits averaged); the logits
 are resized to the original image before the argmax, and mIoU / mAcc / aAcc come from one confusion matrix over
 the split. The loop is `offseg_hf.inference.evaluate_dataset`, the one `examples/train.py` evaluates with, and
-the protocol defaults to a training recipe's (`--recipe`: `demo` with `--demo`, else `ade20k-160k`, the paper's
-protocol), so a training run's folder evaluated on its held-out data gives exactly the figures training printed.
+the protocol defaults to a training recipe's (`--recipe`: `demo` with `--demo`, `pascal-context-59-80k` with
+`--pascal_context_root`, else `ade20k-160k`, the paper's protocol), so a training run's folder evaluated on its
+held-out data gives exactly the figures training printed.
 
 Prints a per-class table, writes `eval_results.json` into `--output_dir` (with `weights_sha256`, the fingerprint
 of the evaluated weights that `push_to_hub.py` checks), and can write the result into a model card's
@@ -38,6 +39,7 @@ from offseg_hf.training import (
     DEFAULT_RECIPE,
     RECIPE_FIELDS,
     RECIPES,
+    default_recipe,
     eval_protocol,
     format_metrics,
     resolve_settings,
@@ -54,7 +56,7 @@ PROTOCOL_FIELDS = (
     "per_device_eval_batch_size",
     "dataloader_num_workers",
 )
-DATA_SOURCES = ("dataset_name", "validation_dir", "ade20k_root", "demo")
+DATA_SOURCES = ("dataset_name", "validation_dir", "ade20k_root", "pascal_context_root", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--validation_dir", default=None, help="Folder with images/ and masks/ (see offseg_hf.data).")
     data.add_argument("--ade20k_root", default=None, help="The ADEChallengeData2016 folder (or its parent).")
+    data.add_argument(
+        "--pascal_context_root",
+        default=None,
+        help="Pascal Context 59 in mmseg's layout: VOCdevkit/VOC2010 (or a parent).",
+    )
     data.add_argument("--demo", action="store_true", help="The synthetic demo set's held-out split.")
     data.add_argument("--demo_image_size", type=int, default=None, help="Demo set: image side in pixels (train.py's).")
     data.add_argument("--demo_num_validation", type=int, default=None, help="Demo set: held-out images (train.py's).")
@@ -88,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--reduce_labels",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="Map id 0 to 255 and shift the others down (ADE20K). Default: on for ADE20K / scene_parse_150.",
+        help="Map id 0 to 255 and shift the others down (mmseg's reduce_zero_label). Default: on for ADE20K / "
+        "scene_parse_150 and Pascal Context.",
     )
     data.add_argument("--max_eval_samples", type=int, default=None, help="Evaluate only the first N images.")
 
@@ -97,9 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--recipe",
         choices=list(RECIPES),
         default=None,
-        help=f"Evaluate as this training recipe does; default {DEFAULT_RECIPE} with --demo, else ade20k-160k "
-        "(the paper's protocol: scale 2048x512, slide, windows 512 every 480; whole images for SegNeXt, whose "
-        "official configs test ADE20K and COCO-Stuff that way).",
+        help=f"Evaluate as this training recipe does; default {default_recipe(demo=True)} with --demo, "
+        f"{default_recipe(demo=False, source='pascal_context_root')} with --pascal_context_root, else "
+        f"{default_recipe(demo=False)} (the paper's protocol: scale 2048x512, slide, windows 512 every 480; whole "
+        "images for SegNeXt, whose official configs test ADE20K and COCO-Stuff that way).",
     )
     for name in PROTOCOL_FIELDS:
         field = RECIPE_FIELDS[name]
@@ -123,18 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument(
         "--dataset_pretty_name",
         default=None,
-        help="Data set name shown on the card (default: the Hub id, ADE20K, the folder name, or offseg-demo).",
+        help="Data set name shown on the card (default: the Hub id, ADE20K, Pascal Context 59, the folder name, "
+        "or offseg-demo).",
     )
     return parser
 
 
 def check_data_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
     """The data-flag checks of every script that reads one split: exactly one source, its folder exists, demo-set
-    flags only with --demo. Returns the demo-set flags given (for their own range checks)."""
+    flags only with --demo. Sets `args.data_source` (the source's flag name) and returns the demo-set flags given
+    (for their own range checks)."""
     sources = [name for name in DATA_SOURCES if getattr(args, name) not in (None, False)]
     if len(sources) != 1:
-        parser.error("give exactly one data source: --dataset_name, --validation_dir, --ade20k_root or --demo.")
-    for name in ("validation_dir", "ade20k_root"):
+        names = [f"--{name}" for name in DATA_SOURCES]
+        parser.error(f"give exactly one data source: {', '.join(names[:-1])} or {names[-1]}.")
+    args.data_source = sources[0]
+    for name in ("validation_dir", "ade20k_root", "pascal_context_root"):
         if getattr(args, name) is not None and not Path(getattr(args, name)).is_dir():
             parser.error(f"--{name} {getattr(args, name)} is not a folder.")
     demo_flags = [name for name in ("demo_image_size", "demo_num_validation") if getattr(args, name) is not None]
@@ -155,7 +168,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0 < args.validation_split < 1:
         parser.error(f"--validation_split must be in (0, 1), got {args.validation_split}.")
     if args.recipe is None:
-        args.recipe = DEFAULT_RECIPE if args.demo else "ade20k-160k"
+        args.recipe = default_recipe(args.demo, args.data_source)
     try:
         family = saved_model_family(args.model_name_or_path, token=args.hub_token)
         args.settings = resolve_settings({name: getattr(args, name) for name in PROTOCOL_FIELDS}, args.recipe, family)
@@ -168,7 +181,9 @@ def load_split(args, num_labels: int):
     """The split to evaluate as a `datasets.Dataset`, its id2label and whether labels are reduced."""
     reduce = args.reduce_labels
     if reduce is None:
-        reduce = labels_need_reducing(dataset_name=args.dataset_name, ade20k_root=args.ade20k_root)
+        reduce = labels_need_reducing(
+            dataset_name=args.dataset_name, ade20k_root=args.ade20k_root, pascal_context_root=args.pascal_context_root
+        )
     # The held-out scenes do not depend on how many training scenes there are: make none unless they are evaluated.
     demo_options = {"num_train": 0} if args.split == "validation" else {}
     if args.demo_image_size is not None:
@@ -180,6 +195,7 @@ def load_split(args, num_labels: int):
         train_dir=args.validation_dir,  # one folder is the only split, whichever --split names
         validation_dir=args.validation_dir,
         ade20k_root=args.ade20k_root,
+        pascal_context_root=args.pascal_context_root,
         demo=args.demo,
         seed=args.seed,
         num_labels=num_labels,
@@ -209,15 +225,16 @@ def print_table(result: dict, id2label: dict[int, str]) -> None:
 def dataset_names(args) -> tuple[str, str]:
     """(Hub id or stand-in, name shown) of the evaluated data, for a model card."""
     if args.dataset_name:
-        dataset_name = args.dataset_name
+        dataset_name = pretty = args.dataset_name
     elif args.ade20k_root:
-        dataset_name = "scene_parse_150"  # the Hub's copy of ADEChallengeData2016
+        dataset_name, pretty = "scene_parse_150", "ADE20K"  # the Hub's copy of ADEChallengeData2016
+    elif args.pascal_context_root:
+        dataset_name, pretty = "pascal_context", "Pascal Context 59"  # no Hub copy: the paper-figure key of the cards
     elif args.validation_dir:
-        dataset_name = Path(args.validation_dir).resolve().name
+        dataset_name = pretty = Path(args.validation_dir).resolve().name
     else:
-        dataset_name = "offseg-demo"
-    pretty = args.dataset_pretty_name or ("ADE20K" if args.ade20k_root else dataset_name)
-    return dataset_name, pretty
+        dataset_name = pretty = "offseg-demo"
+    return dataset_name, args.dataset_pretty_name or pretty
 
 
 def write_model_index(card_path: str, model_name: str, dataset_name: str, pretty_name: str, result: dict) -> None:

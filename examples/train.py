@@ -4,6 +4,7 @@
     accelerate launch examples/train.py                                   # offline demo: synthetic scenes, CPU
     accelerate launch examples/train.py --ade20k_root data/ADEChallengeData2016 --recipe ade20k-160k \\
         --pretrained_encoder nvidia/mit-b0
+    accelerate launch examples/train.py --pascal_context_root data/VOCdevkit/VOC2010 --variant segnext-t-offset
     accelerate launch --multi_gpu --num_processes 8 examples/train.py --dataset_name scene_parse_150 \\
         --recipe ade20k-160k --mixed_precision bf16
 
@@ -69,8 +70,8 @@ from offseg_hf.training import (
     remove_checkpoints,
     resolve_checkpoint,
     resolve_settings,
-    saved_model_family,
     save_checkpoint,
+    saved_model_family,
     stream_loader,
     train,
 )
@@ -135,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--train_dir", help="Training folder with images/ and masks/ (see offseg_hf.data).")
     data.add_argument("--validation_dir", help="Held-out folder in the same layout (needs --train_dir).")
     data.add_argument("--ade20k_root", help="The ADEChallengeData2016 folder (or its parent).")
+    data.add_argument(
+        "--pascal_context_root", help="Pascal Context 59 in mmseg's layout: VOCdevkit/VOC2010 (or a parent)."
+    )
     data.add_argument("--demo", action="store_true", help="The synthetic demo set (the default without a source).")
     data.add_argument("--demo_image_size", type=int, help="Demo set: image side in pixels (default 128).")
     data.add_argument("--demo_num_train", type=int, help="Demo set: training images (default 400).")
@@ -142,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--reduce_labels",
         action=argparse.BooleanOptionalAction,
-        help="Map id 0 to 255 and shift the others down (ADE20K). Default: on for ADE20K / scene_parse_150.",
+        help="Map id 0 to 255 and shift the others down (mmseg's reduce_zero_label). Default: on for ADE20K / "
+        "scene_parse_150 and Pascal Context.",
     )
     data.add_argument("--num_labels", type=int, help="Classes, when the data does not name them.")
     data.add_argument("--validation_split", type=float, default=0.15, help="Held-out share without a val split.")
@@ -172,8 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument(
         "--recipe",
         choices=list(RECIPES),
-        help=f"Training recipe; default {default_recipe(demo=True)} for the demo set, {default_recipe(demo=False)} for "
-        "other data.",
+        help=f"Training recipe; default {default_recipe(demo=True)} for the demo set, "
+        f"{default_recipe(demo=False, source='pascal_context_root')} for --pascal_context_root, "
+        f"{default_recipe(demo=False)} for other data.",
     )
     _add_recipe_flags(recipe)
 
@@ -199,15 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DATA_SOURCES = ("dataset_name", "train_dir", "ade20k_root", "pascal_context_root")
+
+
 def _check_data(parser, args) -> None:
-    sources = [name for name in ("dataset_name", "train_dir", "ade20k_root") if getattr(args, name) is not None]
+    sources = [name for name in DATA_SOURCES if getattr(args, name) is not None]
     if len(sources) + args.demo > 1:
-        parser.error("give one data source: --dataset_name, --train_dir, --ade20k_root or --demo.")
+        parser.error(f"give one data source: {', '.join(f'--{name}' for name in DATA_SOURCES)} or --demo.")
     if args.validation_dir and not args.train_dir:
         parser.error("--validation_dir needs --train_dir.")
     if not 0 < args.validation_split < 1:
         parser.error(f"--validation_split must be in (0, 1), got {args.validation_split}.")
     args.demo = not sources
+    args.data_source = sources[0] if sources else "demo"
     demo_flags = [f"--{name}" for name in ("demo_image_size", "demo_num_train", "demo_num_validation")]
     if not args.demo and any(getattr(args, flag[2:]) is not None for flag in demo_flags):
         parser.error(f"{'/'.join(demo_flags)} describe the demo set; this run reads --{sources[0]}.")
@@ -260,7 +270,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_data(parser, args)
-    args.recipe = args.recipe or default_recipe(args.demo)
+    args.recipe = args.recipe or default_recipe(args.demo, args.data_source)
     try:
         family = saved_model_family(args.model_name_or_path, token=args.hub_token) if args.model_name_or_path else None
         args.settings = resolve_settings({name: getattr(args, name) for name in RECIPE_FIELDS}, args.recipe, family)
@@ -317,7 +327,9 @@ def load_data(args, settings: dict, accelerator):
     labels are reduced)."""
     reduce = args.reduce_labels
     if reduce is None:
-        reduce = labels_need_reducing(dataset_name=args.dataset_name, ade20k_root=args.ade20k_root)
+        reduce = labels_need_reducing(
+            dataset_name=args.dataset_name, ade20k_root=args.ade20k_root, pascal_context_root=args.pascal_context_root
+        )
     demo_options = {
         key: getattr(args, f"demo_{key}")
         for key in ("image_size", "num_train", "num_validation")
@@ -329,6 +341,7 @@ def load_data(args, settings: dict, accelerator):
             train_dir=args.train_dir,
             validation_dir=args.validation_dir,
             ade20k_root=args.ade20k_root,
+            pascal_context_root=args.pascal_context_root,
             demo=args.demo,
             seed=args.seed,
             num_labels=args.num_labels,

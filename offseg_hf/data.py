@@ -1,5 +1,5 @@
-"""Segmentation data: one loader for the Hub, plain folders, the ADE20K layout and the synthetic demo set, and a
-torch `Dataset` that decodes, checks and augments samples for training and evaluation.
+"""Segmentation data: one loader for the Hub, plain folders, the ADE20K and Pascal Context layouts and the synthetic
+demo set, and a torch `Dataset` that decodes, checks and augments samples for training and evaluation.
 
 Every source comes back in the schema of the Hub's `scene_parse_150`: a `datasets.DatasetDict` with splits
 "train" and "validation", columns "image" (PIL, RGB) and "annotation" (PIL, mode "L", one class id per pixel),
@@ -21,8 +21,14 @@ ADE20K (`ade20k_root`): the official `ADEChallengeData2016` folder (or its paren
 `images/{training,validation}/*.jpg` and `annotations/{training,validation}/*.png`. Its id 0 is "other": the
 150 classes are ids 1..150 and need `reduce_labels` (0 -> 255, others minus 1), as does `scene_parse_150`.
 
+Pascal Context 59 (`pascal_context_root`): mmseg's layout, the `VOCdevkit/VOC2010` folder (or `VOCdevkit`, or its
+parent), with `JPEGImages/<id>.jpg`, `SegmentationClassContext/<id>.png` and the split lists
+`ImageSets/SegmentationContext/{train,val}.txt` (one id a line; "train" and "validation" here). Only the listed ids
+are read. Its id 0 is background: the 59 classes are ids 1..59 and need `reduce_labels` too (mmseg's
+`reduce_zero_label`).
+
 Annotations are returned as stored; `labels_need_reducing(...)` says whether to reduce them, and `id2label`
-always describes the label space after that reduction (ADE20K: 150 classes).
+always describes the label space after that reduction (ADE20K: 150 classes, Pascal Context: 59).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +69,15 @@ ADE20K_CLASSES: tuple[str, ...] = (
     "bulletin board", "shower", "radiator", "glass", "clock", "flag",
 )  # fmt: skip
 
+# The 59 Pascal Context classes in id order after label reduction (mmseg's PascalContextDataset59).
+PASCAL_CONTEXT_59_CLASSES: tuple[str, ...] = (
+    "aeroplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat", "book", "bottle", "building", "bus",
+    "cabinet", "car", "cat", "ceiling", "chair", "cloth", "computer", "cow", "cup", "curtain", "dog", "door",
+    "fence", "floor", "flower", "food", "grass", "ground", "horse", "keyboard", "light", "motorbike", "mountain",
+    "mouse", "person", "plate", "platform", "pottedplant", "road", "rock", "sheep", "shelves", "sidewalk", "sign",
+    "sky", "snow", "sofa", "table", "track", "train", "tree", "truck", "tvmonitor", "wall", "water", "window", "wood",
+)  # fmt: skip
+
 # Hub data sets whose id 0 is "other" (the ADE20K convention).
 _ADE20K_HUB_NAMES = ("scene_parse_150", "zhoubolei/scene_parse_150")
 
@@ -79,7 +94,8 @@ class SegmentationDataError(ValueError):
 
 
 def reduce_labels(mask: np.ndarray | Image.Image | torch.Tensor) -> np.ndarray:
-    """ADE20K's label reduction: 0 ("other") -> 255 (ignored), every other id minus one; 255 stays 255.
+    """ADE20K's label reduction (mmseg's `reduce_zero_label`, Pascal Context's too): 0 ("other", background) -> 255
+    (ignored), every other id minus one; 255 stays 255.
 
     Returns a new uint8 array (ids above 255 are an error: they cannot be ADE20K ids).
     """
@@ -92,9 +108,14 @@ def reduce_labels(mask: np.ndarray | Image.Image | torch.Tensor) -> np.ndarray:
     return reduced
 
 
-def labels_need_reducing(dataset_name: str | None = None, ade20k_root: str | os.PathLike | None = None) -> bool:
-    """Whether a source stores ADE20K-style labels (0 = "other", classes from 1) that `reduce_labels` must map."""
-    if ade20k_root is not None:
+def labels_need_reducing(
+    dataset_name: str | None = None,
+    ade20k_root: str | os.PathLike | None = None,
+    pascal_context_root: str | os.PathLike | None = None,
+) -> bool:
+    """Whether a source stores ADE20K-style labels (0 = "other" or background, classes from 1) that `reduce_labels`
+    must map: the ADE20K and Pascal Context layouts, and the Hub's ADE20K."""
+    if ade20k_root is not None or pascal_context_root is not None:
         return True
     return dataset_name is not None and dataset_name.split("@")[0] in _ADE20K_HUB_NAMES
 
@@ -111,6 +132,7 @@ def load_segmentation_splits(
     demo: bool = False,
     seed: int = 0,
     *,
+    pascal_context_root: str | os.PathLike | None = None,
     num_labels: int | None = None,
     do_reduce_labels: bool | None = None,
     dataset_config_name: str | None = None,
@@ -128,6 +150,7 @@ def load_segmentation_splits(
         train_dir / validation_dir: folders in the layout of this module's docstring. Without `validation_dir`,
             `validation_split` of the training folder is held out.
         ade20k_root: the official ADEChallengeData2016 folder or its parent.
+        pascal_context_root: Pascal Context 59 in mmseg's layout: VOCdevkit/VOC2010, VOCdevkit or its parent.
         demo: the synthetic demo set (`offseg_hf.demo_data`); `demo_options` go to `make_demo_splits`.
         seed: seeds the demo set and any held-out split.
         num_labels: number of classes when neither the source nor an id2label.json names them.
@@ -141,14 +164,15 @@ def load_segmentation_splits(
             ("dataset_name", dataset_name),
             ("train_dir", train_dir),
             ("ade20k_root", ade20k_root),
+            ("pascal_context_root", pascal_context_root),
             ("demo", demo or None),
         )
         if value is not None
     ]
     if len(chosen) != 1:
         raise ValueError(
-            "Give exactly one data source: dataset_name, train_dir (+ validation_dir), ade20k_root or demo=True; "
-            f"got {chosen or 'none'}."
+            "Give exactly one data source: dataset_name, train_dir (+ validation_dir), ade20k_root, "
+            f"pascal_context_root or demo=True; got {chosen or 'none'}."
         )
     if validation_dir is not None and train_dir is None:
         raise ValueError("validation_dir needs train_dir.")
@@ -159,6 +183,8 @@ def load_segmentation_splits(
         return make_demo_splits(seed=seed, **(demo_options or {}))
     if ade20k_root is not None:
         return _load_ade20k(Path(ade20k_root))
+    if pascal_context_root is not None:
+        return _load_pascal_context(Path(pascal_context_root))
     if do_reduce_labels is None:
         do_reduce_labels = labels_need_reducing(dataset_name=dataset_name)
     if train_dir is not None:
@@ -202,16 +228,52 @@ def _find_pairs(directory: Path) -> list[tuple[str, Any]]:
             f"{directory} must hold an images/ folder and a masks/ (or annotations/) folder with same-named PNG "
             "masks; see offseg_hf.data's docstring for the layout."
         )
+    images = sorted(p for p in image_root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    return _pair_files(
+        ((path, mask_root / path.relative_to(image_root).with_suffix(".png")) for path in images),
+        f"No images ({', '.join(IMAGE_EXTENSIONS)}) under {image_root}.",
+        mask_entry=_mask_entry,
+    )
+
+
+def _pair_files(
+    candidates: Iterable[tuple[Path, Path]],
+    none_message: str,
+    mask_entry: Callable[[Path], Any] = str,
+    listed_in: Path | None = None,
+) -> list[tuple[str, Any]]:
+    """(image path, mask entry) for each (image, mask) candidate. A missing image or mask is a FileNotFoundError
+    naming it (and the split list that named it, `listed_in`); no candidate at all is one with `none_message`."""
+    where = f" (listed in {listed_in})" if listed_in is not None else ""
     pairs = []
-    for image_path in sorted(p for p in image_root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
-        relative = image_path.relative_to(image_root).with_suffix(".png")
-        mask_path = mask_root / relative
+    for image_path, mask_path in candidates:
+        if not image_path.is_file():
+            raise FileNotFoundError(f"No image {image_path}{where}.")
         if not mask_path.is_file():
-            raise FileNotFoundError(f"No mask for image {image_path}: expected {mask_path}.")
-        pairs.append((str(image_path), _mask_entry(mask_path)))
+            raise FileNotFoundError(f"No mask for image {image_path}: expected {mask_path}{where}.")
+        pairs.append((str(image_path), mask_entry(mask_path)))
     if not pairs:
-        raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under {image_root}.")
+        raise FileNotFoundError(none_message)
     return pairs
+
+
+def _layout_root(root: Path, name: str, required: list[str], *inner: str) -> Path:
+    """The folder of a data set's official layout (named by the last of `inner`): the first of `root`'s `inner`
+    folders that exists, else `root` itself. It must hold every `required` folder, or a FileNotFoundError names
+    the missing ones."""
+    root = next((root / path for path in inner if (root / path).is_dir()), root)
+    missing = [path for path in required if not (root / path).is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            f"{root} is not a {name} folder: expected {' and '.join(missing)} ({inner[-1]} layout)."
+        )
+    return root
+
+
+def _split_datasets(pairs: dict[str, list[tuple[str, Any]]]):
+    import datasets
+
+    return datasets.DatasetDict({split: _files_dataset(split_pairs) for split, split_pairs in pairs.items()})
 
 
 def _mask_entry(mask_path: Path) -> Any:
@@ -281,28 +343,33 @@ def _load_folders(train_dir: Path, validation_dir, num_labels, do_reduce_labels,
 
 
 def _load_ade20k(root: Path):
-    import datasets
-
-    if (root / "ADEChallengeData2016").is_dir():
-        root = root / "ADEChallengeData2016"
-    splits = {}
-    for split, folder in (("train", "training"), ("validation", "validation")):
+    folders = {"train": "training", "validation": "validation"}
+    required = [f"{kind}/{folder}" for folder in folders.values() for kind in ("images", "annotations")]
+    root = _layout_root(root, "ADE20K", required, "ADEChallengeData2016")
+    pairs = {}
+    for split, folder in folders.items():
         image_dir, mask_dir = root / "images" / folder, root / "annotations" / folder
-        if not image_dir.is_dir() or not mask_dir.is_dir():
-            raise FileNotFoundError(
-                f"{root} is not an ADE20K folder: expected images/{folder} and annotations/{folder} "
-                "(ADEChallengeData2016 layout)."
-            )
-        pairs = []
-        for image_path in sorted(image_dir.glob("*.jpg")):
-            mask_path = mask_dir / f"{image_path.stem}.png"
-            if not mask_path.is_file():
-                raise FileNotFoundError(f"No annotation for ADE20K image {image_path}: expected {mask_path}.")
-            pairs.append((str(image_path), str(mask_path)))
-        if not pairs:
-            raise FileNotFoundError(f"No .jpg images under {image_dir}.")
-        splits[split] = _files_dataset(pairs)
-    return datasets.DatasetDict(splits), dict(enumerate(ADE20K_CLASSES))
+        images = sorted(image_dir.glob("*.jpg"))
+        candidates = ((path, mask_dir / f"{path.stem}.png") for path in images)
+        pairs[split] = _pair_files(candidates, f"No .jpg images under {image_dir}.")
+    return _split_datasets(pairs), dict(enumerate(ADE20K_CLASSES))
+
+
+def _load_pascal_context(root: Path):
+    lists = Path("ImageSets", "SegmentationContext")
+    required = ["JPEGImages", "SegmentationClassContext", str(lists)]
+    root = _layout_root(root, "Pascal Context", required, "VOC2010", "VOCdevkit/VOC2010")
+    pairs = {}
+    for split, name in (("train", "train"), ("validation", "val")):
+        list_file = root / lists / f"{name}.txt"
+        if not list_file.is_file():
+            raise FileNotFoundError(f"No split list {list_file} (Pascal Context: {lists}/{{train,val}}.txt).")
+        ids = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
+        candidates = (
+            (root / "JPEGImages" / f"{id_}.jpg", root / "SegmentationClassContext" / f"{id_}.png") for id_ in ids
+        )
+        pairs[split] = _pair_files(candidates, f"{list_file} lists no image.", listed_in=list_file)
+    return _split_datasets(pairs), dict(enumerate(PASCAL_CONTEXT_59_CLASSES))
 
 
 def _load_hub(dataset_name, config_name, columns, num_labels, do_reduce_labels, validation_split, seed, cache_dir):
@@ -511,6 +578,7 @@ def seed_worker(worker_id: int) -> None:
 __all__ = [
     "ADE20K_CLASSES",
     "IGNORE_INDEX",
+    "PASCAL_CONTEXT_59_CLASSES",
     "SegmentationDataError",
     "SegmentationDataset",
     "StreamSampler",

@@ -1,7 +1,10 @@
-"""Data sources (folders, ADE20K layout, demo), label reduction, sample checks and the resumable sample stream."""
+"""Data sources (folders, ADE20K and Pascal Context layouts, demo), label reduction, sample checks and the resumable
+sample stream."""
 
 import json
+from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -9,6 +12,7 @@ from PIL import Image
 
 from offseg_hf.data import (
     ADE20K_CLASSES,
+    PASCAL_CONTEXT_59_CLASSES,
     SegmentationDataError,
     SegmentationDataset,
     StreamSampler,
@@ -124,6 +128,65 @@ def test_ade20k_layout(tmp_path):
     assert set(torch.unique(labels).tolist()) == {255, 0, 149}  # 0 -> ignore, 1 -> 0, 150 -> 149
     with pytest.raises(FileNotFoundError, match="ADEChallengeData2016 layout"):
         load_segmentation_splits(ade20k_root=tmp_path / "nothing")
+
+
+def write_pascal_context(parent, ids=(0, 5, 59, 255)):
+    """A tiny VOCdevkit/VOC2010 under `parent`: 20x16 images 2008_000000..4 (the last listed in no split), their
+    masks with `ids` in bands, train.txt listing three and val.txt one."""
+    root = parent / "VOCdevkit" / "VOC2010"
+    names = [f"2008_{index:06d}" for index in range(5)]
+    for index, name in enumerate(names):
+        write_pair(root / "JPEGImages", root / "SegmentationClassContext", f"{name}.jpg", (20, 16), ids, seed=index)
+    lists = root / "ImageSets" / "SegmentationContext"
+    lists.mkdir(parents=True)
+    (lists / "train.txt").write_text("\n".join(names[:3]) + "\n")
+    (lists / "val.txt").write_text(f"{names[3]}\n\n")  # a blank line is no id
+    return root
+
+
+def test_pascal_context_layout(tmp_path):
+    root = write_pascal_context(tmp_path)
+    assert len(PASCAL_CONTEXT_59_CLASSES) == 59 == len(set(PASCAL_CONTEXT_59_CLASSES))
+    for path in (root, root.parent, tmp_path):  # VOC2010, VOCdevkit or its parent
+        splits, id2label = load_segmentation_splits(pascal_context_root=path)
+        assert id2label == dict(enumerate(PASCAL_CONTEXT_59_CLASSES))
+        assert (id2label[0], id2label[58]) == ("aeroplane", "wood")
+        assert (len(splits["train"]), len(splits["validation"])) == (3, 1)
+    # Only the listed ids, in list order: 2008_000004 is in no split.
+    undecoded = {name: split.cast_column("image", datasets.Image(decode=False)) for name, split in splits.items()}
+    stems = {name: [Path(row["image"]["path"]).stem for row in split] for name, split in undecoded.items()}
+    assert stems == {"train": ["2008_000000", "2008_000001", "2008_000002"], "validation": ["2008_000003"]}
+    sample = splits["validation"][0]
+    assert sample["image"].size == sample["annotation"].size == (20, 16)
+    assert set(np.unique(np.asarray(sample["annotation"]))) == {0, 5, 59, 255}  # as stored
+    assert labels_need_reducing(pascal_context_root=root)
+    dataset = SegmentationDataset(splits["validation"], identity, num_labels=59, do_reduce_labels=True)
+    _, labels = dataset.load(0)
+    assert set(torch.unique(labels).tolist()) == {255, 4, 58}  # 0 (background) -> ignore, 5 -> 4, 59 -> 58, 255
+
+
+def test_pascal_context_errors_name_the_missing_file(tmp_path):
+    root = write_pascal_context(tmp_path)
+    (root / "JPEGImages" / "2008_000001.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match=r"2008_000001\.jpg \(listed in .*train\.txt\)"):
+        load_segmentation_splits(pascal_context_root=tmp_path)
+    (root / "JPEGImages" / "2008_000004.jpg").rename(root / "JPEGImages" / "2008_000001.jpg")
+    load_segmentation_splits(pascal_context_root=tmp_path)  # whole again
+    (root / "SegmentationClassContext" / "2008_000003.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"No mask for image .*2008_000003\.jpg: expected .*2008_000003\.png"):
+        load_segmentation_splits(pascal_context_root=root)
+    (root / "ImageSets" / "SegmentationContext" / "val.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"No split list .*SegmentationContext/val\.txt"):
+        load_segmentation_splits(pascal_context_root=root)
+    (root / "ImageSets" / "SegmentationContext" / "train.txt").write_text("\n")
+    with pytest.raises(FileNotFoundError, match=r"train\.txt lists no image"):
+        load_segmentation_splits(pascal_context_root=root)
+    with pytest.raises(
+        FileNotFoundError, match=r"not a Pascal Context folder: expected JPEGImages and .*VOC2010 layout"
+    ):
+        load_segmentation_splits(pascal_context_root=tmp_path / "nothing")
+    with pytest.raises(ValueError, match="exactly one data source"):
+        load_segmentation_splits(pascal_context_root=root, ade20k_root=root)
 
 
 def test_demo_set_schema_and_determinism():

@@ -17,6 +17,7 @@ from offseg_hf.hub import weights_fingerprint
 from offseg_hf.training import RECIPES
 
 from .conftest import TINY_ENCODER, tiny_config
+from .test_data import write_pascal_context
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 SCRIPT = EXAMPLES / "evaluate_segmentation.py"
@@ -87,10 +88,37 @@ def test_protocol_defaults_to_the_recipes():
     )
 
 
+def test_pascal_context_layout_with_its_recipe_and_reduced_labels(tmp_path):
+    write_pascal_context(tmp_path)  # one validation image, 20x16: ids 0, 5, 59, 255 in four bands of 4 rows
+    torch.manual_seed(0)
+    OffSegForSemanticSegmentation(tiny_config(num_labels=59)).save_pretrained(tmp_path / "model")
+    script = load_script()
+    argv = ["--model_name_or_path", str(tmp_path / "model"), "--pascal_context_root", str(tmp_path / "VOCdevkit")]
+    args = script.parse_args(argv)
+    assert args.recipe == "pascal-context-59-80k"  # its protocol: scale 520, windows 480 every 320
+    protocol = [args.settings[name] for name in ("eval_scale", "eval_mode", "eval_crop_size", "eval_stride")]
+    assert protocol == [(520, 520), "slide", (480, 480), (320, 320)]
+    card = tmp_path / "README.md"
+    small = ["--eval_scale", "64", "64", "--eval_crop_size", "48", "48", "--eval_stride", "32", "32"]
+    small += ["--dataloader_num_workers", "0"]
+    result = script.main([*argv, *small, "--model_card", str(card)])
+    assert (result["recipe"], result["num_images"], len(result["per_category_iou"])) == ("pascal-context-59-80k", 1, 59)
+    assert result["num_pixels"] == 2 * 4 * 20  # background (0 -> 255) and 255 are ignored: ids 5 -> 4 and 59 -> 58
+    assert result["class_names"][:2] == ["aeroplane", "bag"] and result["class_names"][-1] == "wood"
+    entry = ModelCard.load(card).data.eval_results[0]
+    assert (entry.dataset_type, entry.dataset_name) == ("pascal_context", "Pascal Context 59")
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--demo", "--ade20k_root", "."], "give exactly one data source"),
+        (
+            ["--ade20k_root", ".", "--pascal_context_root", "."],
+            "give exactly one data source: --dataset_name, --validation_dir, --ade20k_root, --pascal_context_root or "
+            "--demo.",
+        ),
+        (["--pascal_context_root", "nowhere"], "--pascal_context_root nowhere is not a folder."),
         ([], "give exactly one data source"),
         (["--validation_dir", "nowhere"], "--validation_dir nowhere is not a folder."),
         (["--dataset_name", "x", "--demo_image_size", "64"], "--demo_image_size describes the demo set"),
@@ -116,6 +144,7 @@ def test_the_three_clis_spell_shared_flags_alike():
     evaluate, train, publish = flags_of("evaluate_segmentation.py"), flags_of("train.py"), flags_of("push_to_hub.py")
     assert {"--dataset_name", "--output_dir", "--seed", "--hub_token"} <= evaluate & train & publish
     data = {"--dataset_config_name", "--validation_dir", "--ade20k_root", "--demo", "--reduce_labels", "--recipe"}
+    data |= {"--pascal_context_root"}
     data |= {"--demo_image_size", "--demo_num_validation", "--image_column_name", "--label_column_name"}
     data |= {"--model_name_or_path", "--eval_scale", "--eval_mode", "--eval_crop_size", "--eval_stride"}
     data |= {"--per_device_eval_batch_size", "--dataloader_num_workers", "--validation_split"}

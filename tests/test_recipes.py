@@ -135,6 +135,12 @@ def test_per_device_batch_size_and_default_output_dir():
     with pytest.raises(ValueError, match="not divisible by 3 processes x 1"):
         per_device_batch_size(16, 3, 1)
     assert (default_recipe(demo=True), default_recipe(demo=False)) == ("demo", "ade20k-160k")
+    assert default_recipe(demo=False, source="pascal_context_root") == "pascal-context-59-80k"
+    assert (
+        default_recipe(demo=False, source="ade20k_root")
+        == default_recipe(demo=False, source="train_dir")
+        == "ade20k-160k"
+    )
     assert default_output_dir("demo", "segformer-b0-offset") == "outputs/demo-segformer-b0-offset"
     assert default_output_dir("demo", "offseg-t") == "outputs/demo-offseg-t"
     assert default_output_dir("ade20k-160k", "someone/offseg-t-ade20k") == "outputs/ade20k-160k-offseg-t-ade20k"

@@ -89,6 +89,10 @@ BAD_ARGUMENTS = [
     ("--recipe ade20k", "invalid choice: 'ade20k'"),
     ("--train_dir data --demo_num_train 8", "describe the demo set; this run reads --train_dir"),
     ("--train_dir data --ade20k_root ade", "give one data source"),
+    (
+        "--ade20k_root a --pascal_context_root b",
+        "give one data source: --dataset_name, --train_dir, --ade20k_root, --pascal_context_root or --demo.",
+    ),
     ("--validation_dir val", "--validation_dir needs --train_dir"),
     ("--model_name_or_path some/model --variant offseg-t", "build a fresh model; --model_name_or_path loads"),
     ("--variant offseg-t --pretrained_encoder nvidia/mit-b0", "the encoder of offseg-t is EfficientFormerV2; give a"),
@@ -126,6 +130,17 @@ def test_each_model_gets_its_own_default_folder(train_script):
     assert train_script.parse_args([]).output_dir == "outputs/demo-segformer-b0-offset"
     assert train_script.parse_args(["--variant", "offseg-t"]).output_dir == "outputs/demo-offseg-t"
     assert train_script.parse_args(["--recipe", "ade20k-160k"]).output_dir == "outputs/ade20k-160k-segformer-b0-offset"
+
+
+def test_pascal_context_data_defaults_to_its_recipe(train_script, tmp_path):
+    absent = str(tmp_path / "VOCdevkit")  # parse_args checks the flags only: the folder is read by load_data
+    args = train_script.parse_args(["--pascal_context_root", absent, "--variant", "segnext-t-offset"])
+    assert (args.recipe, args.data_source, args.demo) == ("pascal-context-59-80k", "pascal_context_root", False)
+    assert (args.settings["crop_size"], args.settings["max_train_steps"]) == ((480, 480), 80_000)
+    assert (args.settings["eval_mode"], args.settings["eval_stride"]) == ("slide", (320, 320))  # SegNeXt slides here
+    assert args.output_dir == "outputs/pascal-context-59-80k-segnext-t-offset"
+    assert train_script.parse_args(["--pascal_context_root", absent, "--recipe", "demo"]).recipe == "demo"
+    assert train_script.parse_args(["--ade20k_root", absent]).recipe == "ade20k-160k"
 
 
 # ------------------------------------------------------------------------------------------------------------

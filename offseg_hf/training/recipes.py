@@ -165,9 +165,14 @@ FAMILY_CHANGES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def default_recipe(demo: bool) -> str:
-    """The recipe of a run that names none: the demo's on the demo set, the paper's ADE20K recipe on real data."""
-    return DEFAULT_RECIPE if demo else "ade20k-160k"
+# Data sources (`load_segmentation_splits` arguments, the scripts' flags) whose data set has a recipe of its own.
+SOURCE_RECIPES: dict[str, str] = {"pascal_context_root": "pascal-context-59-80k"}
+
+
+def default_recipe(demo: bool, source: str | None = None) -> str:
+    """The recipe of a run that names none: the demo's on the demo set, the data set's own for a `source` in
+    `SOURCE_RECIPES` (`pascal_context_root`: pascal-context-59-80k), else the paper's ADE20K recipe."""
+    return DEFAULT_RECIPE if demo else SOURCE_RECIPES.get(source, "ade20k-160k")
 
 
 def get_recipe(name: str, family: str | None = None) -> dict[str, Any]:
