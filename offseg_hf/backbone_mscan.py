@@ -295,6 +295,12 @@ class MSCANEncoder(nn.Module):
             if isinstance(checkpoint, dict) and isinstance(checkpoint.get(wrapper), dict):
                 checkpoint = checkpoint[wrapper]
                 break
+        # A file of another kind (or an object the safe reader left inert) is refused here, not by an AttributeError.
+        if not isinstance(checkpoint, dict):
+            raise ValueError(f"{name_or_path!r} holds a {type(checkpoint).__name__}, not a state dict.")
+        not_tensors = [key for key, value in checkpoint.items() if not isinstance(value, torch.Tensor)]
+        if not_tensors:
+            raise ValueError(f"{name_or_path!r} is not a state dict: entries that are not tensors: {not_tensors[:20]}.")
         state_dict = {}
         for key, value in checkpoint.items():
             for prefix in _CHECKPOINT_PREFIXES:

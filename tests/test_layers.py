@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation
-from offseg_hf.layers import ConvNormAct
+from offseg_hf.layers import ConvNormAct, resize_and_project
 
 from .conftest import tiny_config
 
@@ -33,3 +34,20 @@ def test_weights_a_checkpoint_lacks_get_the_official_init(classifier, tmp_path):
     else:
         weight = loaded.classifier.class_embeddings
         assert weight.shape[0] == 150 and 0.018 < weight.std() < 0.022 and weight.abs().max() < 0.1
+
+
+def test_resize_and_project_equals_resize_then_concat_then_conv():
+    """The blockwise projection (each map projected at its own resolution, then resized) is mmseg's
+    resize-concat-conv1x1, up to float rounding, for odd sizes that do not halve exactly."""
+    generator = torch.Generator().manual_seed(0)
+    sizes, channels = [(23, 37), (12, 19), (6, 10)], [8, 12, 16]
+    features = [torch.randn(2, c, h, w, generator=generator) for c, (h, w) in zip(channels, sizes, strict=True)]
+    weight = torch.randn(20, sum(channels), 1, 1, generator=generator) / sum(channels) ** 0.5
+    size = features[0].shape[-2:]
+    resized = [
+        f if f.shape[-2:] == size else F.interpolate(f, size, mode="bilinear", align_corners=False) for f in features
+    ]
+    expected = F.conv2d(torch.cat(resized, dim=1), weight)
+    result = resize_and_project(features, weight, size)
+    assert result.shape == (2, 20, 23, 37)
+    torch.testing.assert_close(result, expected, rtol=0, atol=1e-5)
