@@ -32,7 +32,7 @@ from transformers import initialization as init
 from .encoder import EncoderOutput, no_attentions_error
 from .layers import initialise_with
 from .safe_pickle import read_checkpoint
-from .state_dict_checks import require_fit
+from .state_dict_checks import require_fit, unwrap_state_dict
 
 
 class MSCANConfig(PreTrainedConfig):
@@ -202,7 +202,7 @@ def _layer_scale_init_(block: MSCABlock) -> None:
 # Keys of the original SegNeXt release (`mlp.dwconv.dwconv`) and of the ImageNet classifier, for `load_pretrained`.
 _ORIGINAL_RELEASE_NAMES = ((re.compile(r"\.mlp\.dwconv\.dwconv\."), ".mlp.dwconv."),)
 _IMAGENET_HEAD = ("head.",)
-_CHECKPOINT_PREFIXES = ("module.", "backbone.")
+_CHECKPOINT_PREFIXES = ("backbone.",)  # "module." goes in unwrap_state_dict
 
 
 class MSCANEncoder(nn.Module):
@@ -291,16 +291,10 @@ class MSCANEncoder(nn.Module):
             checkpoint = load_file(name_or_path)
         else:
             checkpoint = read_checkpoint(name_or_path)
-        for wrapper in ("state_dict", "model"):
-            if isinstance(checkpoint, dict) and isinstance(checkpoint.get(wrapper), dict):
-                checkpoint = checkpoint[wrapper]
-                break
-        # A file of another kind (or an object the safe reader left inert) is refused here, not by an AttributeError.
-        if not isinstance(checkpoint, dict):
-            raise ValueError(f"{name_or_path!r} holds a {type(checkpoint).__name__}, not a state dict.")
-        not_tensors = [key for key, value in checkpoint.items() if not isinstance(value, torch.Tensor)]
-        if not_tensors:
-            raise ValueError(f"{name_or_path!r} is not a state dict: entries that are not tensors: {not_tensors[:20]}.")
+        try:
+            checkpoint = unwrap_state_dict(checkpoint, wrappers=("state_dict", "model"))
+        except ValueError as error:
+            raise ValueError(f"{name_or_path!r}: {error}") from None
         state_dict = {}
         for key, value in checkpoint.items():
             for prefix in _CHECKPOINT_PREFIXES:

@@ -47,7 +47,7 @@ from .configuration_offseg import VARIANTS, OffSegConfig
 from .data import ADE20K_CLASSES
 from .image_processing_offseg import OffSegImageProcessor
 from .modeling_offseg import OffSegForSemanticSegmentation
-from .state_dict_checks import require_fit
+from .state_dict_checks import require_fit, unwrap_state_dict
 
 Tensor = torch.Tensor
 
@@ -476,16 +476,7 @@ def to_official_state_dict(
 
 def strip_checkpoint(checkpoint) -> dict[str, Tensor]:
     """The state dict of an mmseg checkpoint (`{"state_dict": ..., "meta": ...}`) or a bare state dict."""
-    if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
-        checkpoint = checkpoint["state_dict"]
-    if not isinstance(checkpoint, dict) or not all(isinstance(key, str) for key in checkpoint):
-        raise ValueError(f"Not a state dict: a {type(checkpoint).__name__} (expected a dict of name -> tensor).")
-    not_tensors = {key: type(value).__name__ for key, value in checkpoint.items() if not isinstance(value, Tensor)}
-    if not_tensors:
-        raise ValueError(
-            f"{len(not_tensors)} state dict entries are not tensors: {dict(list(not_tensors.items())[:20])}"
-        )
-    return {k.removeprefix("module."): v for k, v in checkpoint.items()}
+    return unwrap_state_dict(checkpoint)
 
 
 def read_official_checkpoint(path: str) -> tuple[dict[str, Tensor], list[str] | None]:

@@ -1,4 +1,5 @@
-"""Checking that a state dict fits a module before loading it, with an error that lists what does not fit."""
+"""Reading a state dict out of a loaded checkpoint, and checking that it fits a module before loading it, with
+errors that say what is wrong."""
 
 from __future__ import annotations
 
@@ -22,3 +23,22 @@ def require_fit(
         raise ValueError(
             f"{what}: missing {missing[:20]}, unexpected {unexpected[:20]}, shape mismatch {mismatched[:20]}."
         )
+
+
+def unwrap_state_dict(checkpoint, wrappers: tuple[str, ...] = ("state_dict",)) -> dict[str, torch.Tensor]:
+    """The state dict inside a loaded checkpoint: the value of the first of `wrappers` it has (mmseg/mmengine's
+    `{"state_dict": ..., "meta": ...}`, timm's `{"model": ...}`), else the checkpoint itself; "module." prefixes
+    (DistributedDataParallel) removed. Raises `ValueError` unless that is a dict of name -> tensor (a file of
+    another kind, or an object a safe reader left inert, is refused here rather than failing later)."""
+    for wrapper in wrappers:
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(wrapper), dict):
+            checkpoint = checkpoint[wrapper]
+            break
+    if not isinstance(checkpoint, dict) or not all(isinstance(key, str) for key in checkpoint):
+        raise ValueError(f"Not a state dict: a {type(checkpoint).__name__} (expected a dict of name -> tensor).")
+    not_tensors = {key: type(value).__name__ for key, value in checkpoint.items() if not isinstance(value, torch.Tensor)}
+    if not_tensors:
+        raise ValueError(
+            f"{len(not_tensors)} state dict entries are not tensors: {dict(list(not_tensors.items())[:20])}"
+        )
+    return {key.removeprefix("module."): value for key, value in checkpoint.items()}
