@@ -70,38 +70,41 @@ def _segnext(size: str, classifier: str) -> dict[str, Any]:
 
 
 # One place per fact: every named variant is its full set of config values (ADE20K: 150 classes).
-# `paper_params_m` / `paper_gflops` are the figures the paper reports (Table 4), kept for benchmarks and cards.
-VARIANTS: dict[str, dict[str, Any]] = {
-    f"segformer-{size}-offset": {
-        "encoder_config": {**_MIT_COMMON, **dims},
-        "decode_head": "segformer",
-        "decoder_hidden_size": 256,
-        "decoder_max_pool": True,
-        "classifier": "offset",
+VARIANTS: dict[str, dict[str, Any]] = (
+    {
+        f"segformer-{size}-offset": {
+            "encoder_config": {**_MIT_COMMON, **dims},
+            "decode_head": "segformer",
+            "decoder_hidden_size": 256,
+            "decoder_max_pool": True,
+            "classifier": "offset",
+        }
+        for size, dims in _MIT_SIZES.items()
     }
-    for size, dims in _MIT_SIZES.items()
-} | {
-    f"offseg-{size}": {
-        "encoder_config": {
-            "model_type": "timm_backbone",
-            "backbone": values["backbone"],
-            "out_indices": [0, 1, 2, 3],
-            "drop_path_rate": values["drop_path_rate"],
-            # The official backbone trains its BatchNorms (SyncBN); set True for mmseg's `norm_eval` behaviour.
-            "norm_eval": False,
-        },
-        "decode_head": "offseg",
-        "decoder_stage_channels": values["stage_channels"],
-        "decoder_hidden_size": 256,
-        "decoder_max_pool": False,
-        "classifier": "offset",
+    | {
+        f"offseg-{size}": {
+            "encoder_config": {
+                "model_type": "timm_backbone",
+                "backbone": values["backbone"],
+                "out_indices": [0, 1, 2, 3],
+                "drop_path_rate": values["drop_path_rate"],
+                # The official backbone trains its BatchNorms (SyncBN); set True for mmseg's `norm_eval` behaviour.
+                "norm_eval": False,
+            },
+            "decode_head": "offseg",
+            "decoder_stage_channels": values["stage_channels"],
+            "decoder_hidden_size": 256,
+            "decoder_max_pool": False,
+            "classifier": "offset",
+        }
+        for size, values in _OFFSEG_SIZES.items()
     }
-    for size, values in _OFFSEG_SIZES.items()
-} | {
-    # SegNeXt with offset learning, and the per-pixel SegNeXt the paper compares it with (Table 3).
-    **{f"segnext-{size}-offset": _segnext(size, "offset") for size in _SEGNEXT_SIZES},
-    **{f"segnext-{size}": _segnext(size, "per_pixel") for size in _SEGNEXT_SIZES},
-}
+    | {
+        # SegNeXt with offset learning, and the per-pixel SegNeXt the paper compares it with (Table 3).
+        **{f"segnext-{size}-offset": _segnext(size, "offset") for size in _SEGNEXT_SIZES},
+        **{f"segnext-{size}": _segnext(size, "per_pixel") for size in _SEGNEXT_SIZES},
+    }
+)
 
 # The paper's figures: params (M) at 150 classes and, per data set, GFLOPs (512x512 input; Cityscapes 2048x1024) and
 # single-scale mIoU. Table 4 (SegFormer-offset), Table 2 (OffSeg), Table 3 (SegNeXt with and without offset learning).

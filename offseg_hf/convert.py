@@ -147,6 +147,7 @@ OFFSET_LEARNING_RULES = [
 PER_PIXEL_RULES = [_same(r"decode_head\.conv_seg\.(weight|bias)", r"classifier.classifier.\1")]
 CLASSIFIER_RULES = OFFSET_LEARNING_RULES + PER_PIXEL_RULES
 
+
 def _conv_gn(official: str, ours: str) -> list[Rule]:
     """mmcv's ConvModule with GroupNorm (`conv` without bias, `gn`) -> our ConvNormAct (`conv`, `norm`)."""
     norm_group = re.compile(official).groups + 1  # the group number of the tensor name after the prefix's own
@@ -307,9 +308,7 @@ def _official_rule(key: str, rules: list[Rule]) -> tuple[Rule, re.Match] | None:
     return None
 
 
-def convert_state_dict(
-    official: dict[str, Tensor], variant: str, classifier: str | None = None
-) -> dict[str, Tensor]:
+def convert_state_dict(official: dict[str, Tensor], variant: str, classifier: str | None = None) -> dict[str, Tensor]:
     """Official (mmseg) state dict -> ours. Raises `ValueError` listing unmapped official keys.
 
     A checkpoint with `decode_head.offset_learning.*` keys has offset learning (its `conv_seg` is unused and
@@ -420,8 +419,8 @@ def _inverses(family: str) -> tuple[_Inverse, ...]:
 def official_key(key: str, family: str) -> str | None:
     """The official (mmseg) key whose conversion produces our `key`, or None if no rule produces it.
 
-    `family` is a key of `FAMILIES` ("segformer", "offseg", "lightham") or a variant name. The q/k/v projections of a MiT
-    block all come from one packed official `in_proj_weight`/`in_proj_bias`, which is returned for each.
+    `family` is a key of `FAMILIES` ("segformer", "offseg", "lightham") or a variant name. The q/k/v projections of a
+    MiT block all come from one packed official `in_proj_weight`/`in_proj_bias`, which is returned for each.
     """
     if family in VARIANTS:
         family = VARIANTS[family]["decode_head"]

@@ -33,6 +33,8 @@ NORM_GROUPS = 32
 # The stages the head reads: 1/8, 1/16, 1/32 (mmseg's in_index [1, 2, 3]).
 IN_INDEX = (1, 2, 3)
 EVAL_BASES = ("seeded", "global_rng")
+
+
 def check_eval_bases(value: str) -> None:
     if value not in EVAL_BASES:
         raise ValueError(f"Unknown nmf_eval_bases {value!r}; known: {', '.join(EVAL_BASES)}.")

@@ -36,7 +36,9 @@ def unwrap_state_dict(checkpoint, wrappers: tuple[str, ...] = ("state_dict",)) -
             break
     if not isinstance(checkpoint, dict) or not all(isinstance(key, str) for key in checkpoint):
         raise ValueError(f"Not a state dict: a {type(checkpoint).__name__} (expected a dict of name -> tensor).")
-    not_tensors = {key: type(value).__name__ for key, value in checkpoint.items() if not isinstance(value, torch.Tensor)}
+    not_tensors = {
+        key: type(value).__name__ for key, value in checkpoint.items() if not isinstance(value, torch.Tensor)
+    }
     if not_tensors:
         raise ValueError(
             f"{len(not_tensors)} state dict entries are not tensors: {dict(list(not_tensors.items())[:20])}"

@@ -64,5 +64,7 @@ def test_a_backbone_without_attention_maps_says_so(model_type, name):
 def test_unknown_encoder_type_is_named_with_the_supported_ones():
     config = tiny_config()
     config.encoder_config.model_type = "swin"
-    with pytest.raises(ValueError, match=r"Unsupported encoder model type 'swin'; supported: segformer, timm_backbone, mscan"):
+    with pytest.raises(
+        ValueError, match=r"Unsupported encoder model type 'swin'; supported: segformer, timm_backbone, mscan"
+    ):
         build_encoder(config)

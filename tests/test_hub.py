@@ -241,9 +241,14 @@ def test_segnext_cards_name_the_classifier_and_every_data_set_of_the_paper():
 
     template = (Path(__file__).parents[1] / "MODEL_CARD.md").read_text()
     baseline = render_card(template, "segnext-t", "o/t", 4.26, 6.01, 150, "scene_parse_150", "ADE20K", "x").text
-    assert "SegNeXt-T (MSCAN-T encoder, LightHam decoder" in baseline and "with the **per-pixel** classifier" in baseline
+    assert (
+        "SegNeXt-T (MSCAN-T encoder, LightHam decoder" in baseline and "with the **per-pixel** classifier" in baseline
+    )
     assert "offset learning**" not in baseline and "unused `conv_seg`" not in baseline
-    assert "41.1 mIoU on ADE20K (single scale, whole image); mIoU 79.8 on Cityscapes (50.5 GFLOPs at 2048x1024)" in baseline
+    assert (
+        "41.1 mIoU on ADE20K (single scale, whole image); mIoU 79.8 on Cityscapes (50.5 GFLOPs at 2048x1024)"
+        in baseline
+    )
     assert "51.2 on Pascal Context 59" in baseline and "38.7 on COCO-Stuff-164k" in baseline
     assert "The official modules count 6.40 GMAC" in baseline and "squeeze convolution" in baseline
     offset = render_card(template, "segnext-b-offset", "o/b", 28.16, 31.95, 150, "scene_parse_150", "ADE20K", "x").text
