@@ -110,6 +110,9 @@ class MatrixFactorization(nn.Module):
                 numerator = torch.bmm(features, coefficients)  # (B, D, R)
                 gram = torch.bmm(coefficients.transpose(1, 2), coefficients)  # (B, R, R)
                 bases = bases * numerator / (torch.bmm(bases, gram) + _EPS)
+            if x.is_contiguous(memory_format=torch.channels_last):  # keep the input's layout, without a copy
+                reconstruction = torch.bmm(coefficients, bases.transpose(1, 2))  # (B, N, D)
+                return reconstruction.unflatten(1, (height, width)).permute(0, 3, 1, 2).to(x.dtype)
             reconstruction = torch.bmm(bases, coefficients.transpose(1, 2))  # (B, D, N)
         return reconstruction.reshape(batch, channels, height, width).to(x.dtype)
 

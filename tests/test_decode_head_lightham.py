@@ -222,3 +222,31 @@ def test_outputs_are_at_one_eighth_for_sizes_not_multiple_of_32(variant):
     assert outputs.last_hidden_state.shape == (2, model.config.decoder_hidden_size, 9, 12)  # ceil(70/8), ceil(90/8)
     assert logits.shape == (2, 5, 9, 12)
     assert model.config.classifier == ("offset" if variant.endswith("offset") else "per_pixel")
+
+
+def test_nmf_keeps_the_memory_layout_of_its_input_and_its_values():
+    nmf = MatrixFactorization(32, rank=8).eval()
+    x = nmf_input()
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        default, fast = nmf(x), nmf(channels_last)
+    assert default.is_contiguous() and fast.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fast, default, rtol=0, atol=1e-6)
+
+
+def test_mscan_features_come_out_channels_last_and_equal_the_default_layout():
+    model = segnext().eval()
+    pixel_values = images()
+    with torch.no_grad():
+        features = model.offseg.encoder(pixel_values).feature_maps
+        assert all(f.is_contiguous(memory_format=torch.channels_last) for f in features)
+        # The same convolutions on contiguous (NCHW) memory: run the stages' modules on a contiguous copy.
+        x, reference = pixel_values, []
+        for i in range(1, 5):
+            x = getattr(model.offseg.encoder, f"patch_embed{i}")(x.contiguous())
+            for block in getattr(model.offseg.encoder, f"block{i}"):
+                x = block(x.contiguous())
+            x = getattr(model.offseg.encoder, f"norm{i}")(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
+            reference.append(x)
+    for fast, slow in zip(features, reference, strict=True):
+        torch.testing.assert_close(fast, slow, rtol=0, atol=1e-4)
