@@ -1,6 +1,6 @@
 """MSCAN, SegNeXt's convolutional-attention encoder (Guo et al., NeurIPS 2022), as an OffSeg backbone.
 
-Neither `timm` nor `transformers` has it, so it is written here, in plain PyTorch, channels-first throughout:
+Neither `timm` nor `transformers` has it, so it is written here, in plain PyTorch, on (B, C, H, W) tensors:
 
 * stage 1 embeds with two 3x3 stride-2 convolutions (BN, GELU between, BN after); stages 2-4 with one 3x3 stride-2
   convolution + BN;
