@@ -7,15 +7,17 @@ from transformers import (
     AutoModelForSemanticSegmentation,
 )
 
+from .configuration_mask2former import MASK2FORMER_PAPER_FIGURES, MASK2FORMER_VARIANTS, OffSegMask2FormerConfig
 from .configuration_offseg import PAPER_FIGURES, VARIANTS, OffSegConfig
 from .image_processing_offseg import OffSegImageProcessor
+from .modeling_mask2former import OffSegMask2FormerForSemanticSegmentation
 from .modeling_offseg import (
     OffSegForSemanticSegmentation,
     OffSegModel,
     OffSegModelOutput,
     OffSegPreTrainedModel,
 )
-from .offset_learning import OffsetLearning, PerPixelClassifier
+from .offset_learning import MaskOffsetLearning, OffsetLearning, PerPixelClassifier
 
 __version__ = "0.1.0"
 
@@ -37,12 +39,27 @@ def _register_auto_classes() -> None:
     OffSegConfig.register_for_auto_class()
     OffSegModel.register_for_auto_class("AutoModel")
     OffSegForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
+    # Mask2Former with offset learning: its own config class on transformers' Mask2Former.
+    AutoConfig.register(OffSegMask2FormerConfig.model_type, OffSegMask2FormerConfig, exist_ok=True)
+    AutoModelForSemanticSegmentation.register(
+        OffSegMask2FormerConfig, OffSegMask2FormerForSemanticSegmentation, exist_ok=True
+    )
+    AutoImageProcessor.register(
+        OffSegMask2FormerConfig, image_processor_classes={"torchvision": OffSegImageProcessor}, exist_ok=True
+    )
+    OffSegMask2FormerConfig.register_for_auto_class()
+    OffSegMask2FormerForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
 
 
 _register_auto_classes()
 
 __all__ = [
+    "MASK2FORMER_PAPER_FIGURES",
+    "MASK2FORMER_VARIANTS",
+    "MaskOffsetLearning",
     "OffSegConfig",
+    "OffSegMask2FormerConfig",
+    "OffSegMask2FormerForSemanticSegmentation",
     "OffSegForSemanticSegmentation",
     "OffSegImageProcessor",
     "OffSegModel",

@@ -1,4 +1,5 @@
-"""Offset learning (Zhang et al., ICCV 2025, Sec. 3.3) and the per-pixel baseline classifier.
+"""Offset learning (Zhang et al., ICCV 2025, Sec. 3.3), the per-pixel baseline classifier, and offset learning for
+mask classification (`MaskOffsetLearning`, Mask2Former).
 
 Notation of the paper: pixel embeddings E (HW, C), class embeddings W (K, C).
 
@@ -133,3 +134,44 @@ class PerPixelClassifier(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(features))  # (B, K, H, W)
+
+
+class MaskOffsetLearning(nn.Module):
+    """Offset learning for mask classification (Mask2Former, the paper's Sec. 4.3): aligns the mask embeddings q
+    (B, Q, C) of the queries and the per-pixel mask features F (B, C, H, W) before the masks are predicted.
+
+        A  = q F^T                         coupled attention, (Q, HW) per image
+        q' = q + P_c(Softmax_HW(A) F)      class (query) offset
+        F' = F + P_f(Softmax_Q(A)^T q)     feature offset
+        masks = q' F'^T
+
+    P_c and P_f are bias-free C x C maps; there is no LayerNorm (the masks go through a sigmoid). As in
+    `OffsetLearning`, the feature-offset term of the masks is evaluated right to left through a small (Q, Q) matrix,
+    q' F'^T = q' F^T + (q' P_f q^T) Softmax_Q(A), so F' (HW x C) is never formed; `forward` returns the masks.
+    """
+
+    def __init__(self, channels: int, initializer_range: float = 0.02):
+        super().__init__()
+        self.channels = channels
+        self.class_offset_proj = nn.Linear(channels, channels, bias=False)
+        self.feature_offset_proj = nn.Linear(channels, channels, bias=False)
+        for module in (self.class_offset_proj, self.feature_offset_proj):
+            initialise_with(module, partial(_trunc_normal_, std=initializer_range))
+
+    def forward(self, mask_embeddings: torch.Tensor, mask_features: torch.Tensor) -> torch.Tensor:
+        """(B, Q, C) mask embeddings and (B, C, H, W) mask features -> (B, Q, H, W) mask logits."""
+        height, width = mask_features.shape[-2:]
+        if mask_features.shape[1] != self.channels or mask_embeddings.shape[-1] != self.channels:
+            raise ValueError(
+                f"MaskOffsetLearning expects {self.channels} channels, got mask embeddings "
+                f"{tuple(mask_embeddings.shape)} and mask features {tuple(mask_features.shape)}."
+            )
+        features = mask_features.flatten(2)  # F^T: (B, C, HW), a view
+        coupled_attention = torch.matmul(mask_embeddings, features)  # A: (B, Q, HW)
+        class_context = torch.matmul(coupled_attention.softmax(dim=-1), features.transpose(1, 2))  # (B, Q, C)
+        aligned_queries = mask_embeddings + self.class_offset_proj(class_context)  # q'
+        masks = torch.matmul(aligned_queries, features)  # q' F^T: (B, Q, HW)
+        # q' dF^T = q' P_f(Softmax_Q(A)^T q)^T = (q' W_f q^T) Softmax_Q(A), with the (Q, Q) factor formed first.
+        query_mixing = torch.matmul(aligned_queries, self.feature_offset_proj(mask_embeddings).transpose(1, 2))
+        masks = torch.baddbmm(masks, query_mixing, coupled_attention.softmax(dim=1))
+        return masks.unflatten(2, (height, width))

@@ -1,0 +1,178 @@
+"""Mask2Former with offset learning (the paper's Table 5), on `transformers`' Mask2Former.
+
+Everything but the offset module is `transformers`' `Mask2FormerForUniversalSegmentation` (Swin backbone,
+multi-scale deformable pixel decoder, masked-attention decoder, Hungarian matcher and loss), unchanged. The paper
+adds one module, shared by every mask prediction (the initial one and one after each decoder layer): it aligns the
+mask embeddings and the per-pixel mask features before their product gives the masks
+(`offseg_hf.offset_learning.MaskOffsetLearning`). Class logits use the queries without offset, and the next
+layer's attention mask comes from the offset masks, as in the official head. In `transformers` that place is
+`Mask2FormerMaskPredictor`, which this file subclasses.
+
+`OffSegMask2FormerForSemanticSegmentation` adds semantic segmentation as the official model does it:
+
+* inputs are zero-padded to a multiple of `config.size_divisor` (32), as mmseg's test pipeline pads them;
+* `logits` are the official semantic inference: the last prediction's masks upsampled (bilinear) to the padded
+  input, `softmax(class logits)` without the no-object class times `sigmoid(masks)`, summed over queries, then
+  cropped to the input. They are class scores in [0, 1] at the input size, which `pipeline("image-segmentation")`,
+  `OffSegImageProcessor.post_process_semantic_segmentation` and the evaluation code resize and argmax like any
+  other logits. (`transformers`' own `post_process_semantic_segmentation` resizes masks to 384x384 first: not
+  used here.)
+* `labels` (B, H, W) semantic maps become, per image, one binary mask and one class label for each class present
+  (the ignore index dropped), for `transformers`' Mask2Former loss with the official weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+from transformers import Mask2FormerForUniversalSegmentation
+from transformers.models.mask2former.modeling_mask2former import (
+    Mask2FormerForUniversalSegmentationOutput,
+    Mask2FormerMaskPredictor,
+)
+
+from .configuration_mask2former import OffSegMask2FormerConfig
+from .image_processing_offseg import OffSegImageProcessor  # noqa: F401  (copied into saved folders: see the auto_map)
+from .layers import INIT_RULE
+from .offset_learning import MaskOffsetLearning
+
+IGNORE_INDEX = 255
+
+
+class OffsetMaskPredictor(Mask2FormerMaskPredictor):
+    """`transformers`' mask predictor with the paper's offset module between mask embeddings and mask features."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mask_feature_size: int, initializer_range: float = 0.02):
+        super().__init__(hidden_size, num_heads, mask_feature_size)
+        self.offset_learning = MaskOffsetLearning(mask_feature_size, initializer_range)
+
+    def forward(
+        self, outputs: torch.Tensor, pixel_embeddings: torch.Tensor, attention_mask_target_size: int | None = None
+    ):
+        mask_embeddings = self.mask_embedder(outputs.transpose(0, 1))  # (B, Q, C)
+        outputs_mask = self.offset_learning(mask_embeddings, pixel_embeddings)  # (B, Q, H/4, W/4)
+        # The attention mask of the next decoder layer, from these masks, as the parent class derives it.
+        attention_mask = F.interpolate(
+            outputs_mask, size=attention_mask_target_size, mode="bilinear", align_corners=False
+        )
+        attention_mask = attention_mask.sigmoid().flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1)
+        attention_mask = (attention_mask.flatten(0, 1) < 0.5).bool().detach()
+        return outputs_mask, attention_mask
+
+
+@dataclass
+class OffSegMask2FormerOutput(Mask2FormerForUniversalSegmentationOutput):
+    """`transformers`' Mask2Former output plus `logits` (B, num_labels, H, W): the official semantic inference at the
+    input size (computed in evaluation mode, or when no labels are given)."""
+
+    logits: torch.FloatTensor | None = None
+
+
+def semantic_targets(labels: torch.Tensor, num_labels: int, ignore_index: int = IGNORE_INDEX):
+    """Semantic maps (B, H, W) -> per image `mask_labels` (n, H, W) float and `class_labels` (n,) long, one entry per
+    class present, the ignore index dropped (mmseg's semantic-to-instance conversion for Mask2Former)."""
+    mask_labels, class_labels = [], []
+    for label_map in labels:
+        classes = torch.unique(label_map)
+        classes = classes[classes != ignore_index]
+        if ((classes < 0) | (classes >= num_labels)).any():
+            bad = classes[(classes < 0) | (classes >= num_labels)].tolist()
+            raise ValueError(
+                f"labels contain ids {bad[:10]} that are neither in [0, {num_labels}) nor the ignore index "
+                f"{ignore_index}."
+            )
+        mask_labels.append((label_map[None] == classes[:, None, None]).float())
+        class_labels.append(classes.long())
+    return mask_labels, class_labels
+
+
+class OffSegMask2FormerForSemanticSegmentation(Mask2FormerForUniversalSegmentation):
+    """Mask2Former (Swin) for semantic segmentation, with the paper's offset learning when
+    `config.offset_learning` (see the module docstring)."""
+
+    config_class = OffSegMask2FormerConfig
+
+    def __init__(self, config: OffSegMask2FormerConfig):
+        super().__init__(config)
+        if config.offset_learning:
+            decoder = self.model.transformer_module.decoder
+            decoder.mask_predictor = OffsetMaskPredictor(
+                config.hidden_dim, config.num_attention_heads, config.mask_feature_size, config.offset_initializer_range
+            )
+            self.post_init()
+
+    def _init_weights(self, module):
+        rule = getattr(module, INIT_RULE, None)  # the offset projections' truncated normal (layers.initialise_with)
+        if rule is not None:
+            rule(module)
+        else:
+            super()._init_weights(module)
+
+    def semantic_logits(
+        self, class_queries_logits: torch.Tensor, masks_queries_logits: torch.Tensor, size: tuple[int, int]
+    ) -> torch.Tensor:
+        """The official semantic inference: masks upsampled to `size`, softmax over classes without no-object times
+        sigmoid masks, summed over the queries -> (B, num_labels, *size)."""
+        masks = F.interpolate(masks_queries_logits, size=size, mode="bilinear", align_corners=False).sigmoid()
+        classes = class_queries_logits.softmax(dim=-1)[..., :-1]  # (B, Q, K)
+        return torch.einsum("bqk,bqhw->bkhw", classes, masks)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        mask_labels: list[torch.Tensor] | None = None,
+        class_labels: list[torch.Tensor] | None = None,
+        pixel_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_auxiliary_logits: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> OffSegMask2FormerOutput | tuple:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
+            Semantic maps (class ids, 255 ignored); turned into `mask_labels` and
+            `class_labels` for the Mask2Former loss. Alternatively pass those two directly, as for `transformers`'
+            Mask2Former.
+        """
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.backbone_config.num_channels:
+            raise ValueError(
+                f"pixel_values must have shape (batch, {self.config.backbone_config.num_channels}, height, width); got "
+                f"{tuple(pixel_values.shape)}. Convert grayscale or RGBA images to RGB first (the image processor "
+                "does this)."
+            )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        height, width = pixel_values.shape[-2:]
+        divisor = self.config.size_divisor
+        pad_h, pad_w = (-height) % divisor, (-width) % divisor
+        if pad_h or pad_w:
+            pixel_values = F.pad(pixel_values, (0, pad_w, 0, pad_h))  # zeros after normalisation, as mmseg pads
+        if labels is not None:
+            if labels.ndim != 3 or labels.shape[0] != pixel_values.shape[0]:
+                raise ValueError(f"labels must have shape (batch, height, width); got {tuple(labels.shape)}.")
+            if pad_h or pad_w:
+                labels = F.pad(labels, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
+            mask_labels, class_labels = semantic_targets(labels, self.config.num_labels)
+        outputs = super().forward(
+            pixel_values,
+            mask_labels=mask_labels,
+            class_labels=class_labels,
+            pixel_mask=pixel_mask,
+            output_hidden_states=output_hidden_states,
+            output_auxiliary_logits=output_auxiliary_logits,
+            output_attentions=output_attentions,
+            return_dict=True,
+        )
+        logits = None
+        if not self.training or mask_labels is None:
+            logits = self.semantic_logits(
+                outputs.class_queries_logits, outputs.masks_queries_logits, tuple(pixel_values.shape[-2:])
+            )[..., :height, :width]
+        output = OffSegMask2FormerOutput(**outputs, logits=logits)
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = ["MaskOffsetLearning", "OffSegMask2FormerForSemanticSegmentation", "OffSegMask2FormerOutput"]
