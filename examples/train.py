@@ -40,11 +40,11 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSemanticSegmentation
 
 import offseg_hf  # noqa: F401  (registers OffSeg with the Auto classes)
-from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation, OffSegImageProcessor
-from offseg_hf.configuration_offseg import VARIANTS
+from offseg_hf import OffSegImageProcessor
 from offseg_hf.data import IGNORE_INDEX, SegmentationDataset, labels_need_reducing, load_segmentation_splits
 from offseg_hf.hub import weights_fingerprint
 from offseg_hf.modeling_offseg import ENCODERS
+from offseg_hf.presets import encoder_sources, from_pretrained_encoder, model_for_variant
 from offseg_hf.training import (
     FAMILY_CHANGES,
     PAPER_RECIPE,
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--pretrained_encoder",
         help="Start a fresh model's encoder from pretrained weights. "
         + "; ".join(f"{encoder.display_name} variants: {encoder.pretrained_sources}" for encoder in ENCODERS.values())
-        + ".",
+        + f"; Mask2Former (Swin): {encoder_sources('mask2former-swin-t-offset')[1]}.",
     )
     model.add_argument(
         "--config_overrides", help="JSON overrides of the variant, e.g. '{\"decoder_hidden_size\": 128}'."
@@ -230,11 +230,11 @@ def _check_model(parser, args) -> None:
     if args.ignore_mismatched_sizes and not args.model_name_or_path:
         parser.error("--ignore_mismatched_sizes applies to --model_name_or_path.")
     variant = args.settings["variant"]
-    encoder = ENCODERS[VARIANTS[variant]["encoder_config"]["model_type"]]
-    if args.pretrained_encoder and not encoder.accepts_pretrained(args.pretrained_encoder):
+    encoder_name, sources, accepts = encoder_sources(variant)
+    if args.pretrained_encoder and not accepts(args.pretrained_encoder):
         parser.error(
-            f"--pretrained_encoder {args.pretrained_encoder}: the encoder of {variant} is {encoder.display_name}; "
-            f"give {encoder.pretrained_sources}."
+            f"--pretrained_encoder {args.pretrained_encoder}: the encoder of {variant} is {encoder_name}; give "
+            f"{sources}."
         )
     try:
         args.config_overrides = json.loads(args.config_overrides or "{}")
@@ -379,14 +379,11 @@ def build_model(args, id2label: dict[int, str], settings: dict):
             args.model_name_or_path, ignore_mismatched_sizes=args.ignore_mismatched_sizes, **labels
         )
     elif args.pretrained_encoder:
-        model = OffSegForSemanticSegmentation.from_pretrained_encoder(
-            args.pretrained_encoder, settings["variant"], **labels, **args.config_overrides
-        )
+        model = from_pretrained_encoder(args.pretrained_encoder, settings["variant"], **labels, **args.config_overrides)
     else:
-        model = OffSegForSemanticSegmentation(
-            OffSegConfig.from_variant(settings["variant"], **labels, **args.config_overrides)
-        )
-    if args.backbone_norm_eval != "config" and hasattr(model.offseg.encoder, "norm_eval"):
+        model = model_for_variant(settings["variant"], **labels, **args.config_overrides)
+    encoder = getattr(getattr(model, "offseg", None), "encoder", None)
+    if args.backbone_norm_eval != "config" and hasattr(encoder, "norm_eval"):
         model.offseg.encoder.norm_eval = model.config.encoder_config.norm_eval = args.backbone_norm_eval == "yes"
     return model
 
@@ -544,6 +541,7 @@ def main(argv: list[str] | None = None) -> dict:
     run_record["max_train_steps"] = settings["max_train_steps"]
     after_step = between_steps(args, accelerator, model, eval_dataset, id2label, run_record)
     loop = {"max_steps": settings["max_train_steps"], "logging_steps": args.logging_steps, "after_step": after_step}
+    loop["clip_grad_norm"] = settings["clip_grad_norm"]
     train(accelerator, model, optimizer, scheduler, batches, state, images_per_step=total_batch, **loop)
 
     result = evaluate_and_log(model, eval_dataset, accelerator, settings, id2label, state.step)

@@ -23,7 +23,9 @@ class PixelClassifier(nn.Module):
         return SimpleNamespace(loss=F.cross_entropy(self.conv(pixel_values), labels))
 
 
-def run(images, labels, micro_batch: int, accumulation: int, steps: int) -> dict[str, torch.Tensor]:
+def run(
+    images, labels, micro_batch: int, accumulation: int, steps: int, clip_grad_norm: float = 0.0
+) -> dict[str, torch.Tensor]:
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     try:
@@ -42,7 +44,17 @@ def run(images, labels, micro_batch: int, accumulation: int, steps: int) -> dict
             for i in range(0, len(images), micro_batch)
         )
         state = TrainerState()
-        train(accelerator, model, optimizer, scheduler, batches, state, max_steps=steps, images_per_step=4)
+        train(
+            accelerator,
+            model,
+            optimizer,
+            scheduler,
+            batches,
+            state,
+            max_steps=steps,
+            images_per_step=4,
+            clip_grad_norm=clip_grad_norm,
+        )
         assert state.step == steps and state.samples_seen == 4 * steps
         return {name: value.detach().clone() for name, value in accelerator.unwrap_model(model).state_dict().items()}
     finally:
@@ -63,3 +75,21 @@ def test_two_micro_batches_of_two_equal_one_batch_of_four():
     with pytest.raises(AssertionError):  # a step after every micro-batch is a different run: the test can tell
         for name in whole:
             torch.testing.assert_close(every_micro_batch[name], whole[name], rtol=0, atol=1e-6)
+
+
+def test_gradient_clipping_bounds_each_step_by_the_norm():
+    # With SGD (lr 0.5), a step moves the weights by lr x the clipped gradient: at most 0.5 x 0.01 in L2 norm. The
+    # unclipped gradient here is 20 times larger, so the bound is the clipping's doing.
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(4, 3, 5, 5, generator=generator)
+    labels = torch.randint(0, 4, (4, 5, 5), generator=generator)
+    torch.manual_seed(0)
+    start = {name: value.detach().clone() for name, value in PixelClassifier().state_dict().items()}
+    clipped = run(images, labels, micro_batch=4, accumulation=1, steps=1, clip_grad_norm=0.01)
+    free = run(images, labels, micro_batch=4, accumulation=1, steps=1)
+
+    def step_norm(weights):
+        return torch.sqrt(sum(((weights[name] - start[name]) ** 2).sum() for name in start)).item()
+
+    assert step_norm(clipped) == pytest.approx(0.5 * 0.01, rel=1e-4)
+    assert step_norm(free) > 10 * step_norm(clipped)

@@ -68,12 +68,45 @@ def test_pascal_context_and_the_segnext_family_changes():
     }  # optimizer, schedule, batch, augmentation: the paper base's, as the SegNeXt configs set them
 
 
+def test_mask2former_family_takes_its_official_optimizer_and_schedule():
+    # mask2former_offset_learning_swin-t_8xb2-160k_ade20k-512x512: AdamW 1e-4, wd 0.05, backbone lr x0.1, clip 0.01,
+    # poly 0.9 from step 0, evaluation and checkpoints every 5000 steps on whole images.
+    settings = resolve_settings({"variant": "mask2former-swin-t-offset"}, "ade20k-160k")
+    expected = {
+        "learning_rate": 1e-4,
+        "weight_decay": 0.05,
+        "head_lr_mult": 1.0,
+        "backbone_lr_mult": 0.1,
+        "clip_grad_norm": 0.01,
+        "warmup_steps": 0,
+        "poly_power": 0.9,
+        "eval_mode": "whole",
+        "eval_steps": 5_000,
+        "checkpointing_steps": 5_000,
+    }
+    assert {key: settings[key] for key in expected} == expected
+    assert (settings["max_train_steps"], settings["total_batch_size"], settings["crop_size"]) == (
+        160_000,
+        16,
+        (512, 512),
+    )
+    # The other families keep the paper base: no backbone multiplier, no clipping.
+    base = resolve_settings({"variant": "segnext-t-offset"}, "ade20k-160k")
+    assert (base["backbone_lr_mult"], base["clip_grad_norm"], base["learning_rate"]) == (1.0, 0.0, 6e-5)
+    with pytest.raises(ValueError, match="clip_grad_norm must not be negative"):
+        resolve_settings({"clip_grad_norm": -1.0}, "ade20k-160k")
+
+
 def test_saved_model_family_reads_the_config_alone(tmp_path):
     from offseg_hf import OffSegConfig
     from offseg_hf.training import saved_model_family
 
     OffSegConfig.from_variant("segnext-t-offset", num_labels=3).save_pretrained(tmp_path)
     assert saved_model_family(str(tmp_path)) == "lightham"
+    from offseg_hf import OffSegMask2FormerConfig
+
+    OffSegMask2FormerConfig.from_variant("mask2former-swin-t", num_labels=3).save_pretrained(tmp_path / "m2f")
+    assert saved_model_family(str(tmp_path / "m2f")) == "mask2former"
     assert saved_model_family(str(tmp_path / "missing")) is None
 
 

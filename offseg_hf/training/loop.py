@@ -120,6 +120,7 @@ def train(
     images_per_step: int,
     logging_steps: int = 10,
     after_step: Callable[[TrainerState], Any] | None = None,
+    clip_grad_norm: float = 0.0,
 ) -> None:
     """Optimizer steps from `state.step` to `max_steps`, each of `accelerator.gradient_accumulation_steps`
     micro-batches from `batches`, through Accelerate's accumulation: `accumulate` counts micro-steps (and skips
@@ -127,6 +128,10 @@ def train(
     prepared optimizer steps and zeroes only on the last micro-step. The loader is not prepared, so that count
     alone decides when a step completes. The scheduler (prepared with `step_scheduler_with_optimizer=False`)
     steps here once per applied optimizer step, not after an fp16 overflow skipped it.
+
+    `clip_grad_norm` > 0 clips the global L2 norm of the gradients before each applied step (mmengine's
+    `clip_grad=dict(max_norm=..., norm_type=2)`, the Mask2Former configs' 0.01), through Accelerate, which unscales
+    fp16 gradients first.
 
     Raises `NonFiniteLossError` before a NaN/inf loss (on any process) reaches the weights. Logs the mean loss
     and each parameter group's learning rate every `logging_steps`; calls `after_step(state)` after each step.
@@ -144,6 +149,8 @@ def train(
                 micro_step = (accelerator.step - 1) % accumulation + 1
                 raise NonFiniteLossError(_non_finite_message(mean_loss, state, micro_step))
             accelerator.backward(loss)
+            if clip_grad_norm > 0 and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), clip_grad_norm)
             optimizer.step()
             if accelerator.sync_gradients and not optimizer.step_was_skipped:
                 scheduler.step()

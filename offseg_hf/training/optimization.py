@@ -24,6 +24,28 @@ def official_custom_keys(head_lr_mult: float = 10.0) -> dict[str, Multipliers]:
     return {"pos_block": (1.0, 0.0), "norm": (1.0, 0.0), "head": (head_lr_mult, 1.0)}
 
 
+def mask2former_custom_keys(backbone_lr_mult: float = 0.1, depths=(2, 2, 6, 2)) -> dict[str, Multipliers]:
+    """The official Mask2Former(-offset) Swin config's custom keys: the backbone at `backbone_lr_mult`, its norms
+    (patch embedding, every block's and downsample's, the per-stage outputs) and position bias tables also without
+    decay, the query and level embeddings without decay. (Its `norm_decay_mult=0` then exempts every other norm
+    layer: see `official_rule`.)"""
+    backbone_no_decay = (backbone_lr_mult, 0.0)
+    keys = {
+        "backbone": (backbone_lr_mult, 1.0),
+        "backbone.patch_embed.norm": backbone_no_decay,
+        "backbone.norm": backbone_no_decay,
+        "absolute_pos_embed": backbone_no_decay,
+        "relative_position_bias_table": backbone_no_decay,
+        "query_embed": (1.0, 0.0),
+        "query_feat": (1.0, 0.0),
+        "level_embed": (1.0, 0.0),
+    }
+    for stage, blocks in enumerate(depths):
+        keys.update({f"backbone.stages.{stage}.blocks.{block}.norm": backbone_no_decay for block in range(blocks)})
+    keys.update({f"backbone.stages.{stage}.downsample.norm": backbone_no_decay for stage in range(len(depths) - 1)})
+    return keys
+
+
 def first_matching_key(name: str, keys) -> str | None:
     """mmengine's `DefaultOptimWrapperConstructor` rule: the keys sorted alphabetically, then by length, longest
     first; the first one contained in the parameter's full name applies, and only that one."""
@@ -47,7 +69,20 @@ def _trainable_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn
                 yield (f"{module_name}.{param_name}" if module_name else param_name), module, param
 
 
+MASK2FORMER_ENCODER = "model.pixel_level_module.encoder"
+
+
+def _family(model: nn.Module) -> str | None:
+    """The model family whose official names `convert.official_key` knows, or None."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) == "offseg_mask2former":
+        return "mask2former"
+    return getattr(config, "decode_head", None) if hasattr(model, "offseg") else None
+
+
 def _encoder_prefix(model: nn.Module) -> str:
+    if _family(model) == "mask2former":
+        return MASK2FORMER_ENCODER
     return "offseg.encoder" if hasattr(model, "offseg") else "encoder"
 
 
@@ -64,8 +99,7 @@ def official_names(model: nn.Module, encoder_prefix: str | None = None) -> dict[
     custom keys treat it as they treat its part of the official model.
     """
     encoder_prefix = encoder_prefix or _encoder_prefix(model)
-    config = getattr(model, "config", None)
-    family = getattr(config, "decode_head", None) if hasattr(model, "offseg") else None
+    family = _family(model)
     lookup = None
     if family is not None:
         from ..convert import official_key
@@ -81,28 +115,45 @@ def official_names(model: nn.Module, encoder_prefix: str | None = None) -> dict[
     return names
 
 
-def official_rule(model: nn.Module, head_lr_mult: float = 10.0, encoder_prefix: str | None = None):
-    """The official runs' parameter treatment: `first_matching_key` over `official_custom_keys`, applied to each
+def official_rule(
+    model: nn.Module, head_lr_mult: float = 10.0, encoder_prefix: str | None = None, backbone_lr_mult: float = 0.1
+):
+    """The official runs' parameter treatment: `first_matching_key` over the family's custom keys, applied to each
     parameter's official name (`official_names`).
 
-    On the official names this gives: every `decode_head.*` parameter (its BatchNorm/GroupNorm layers and offset
-    learning's `mask_norm` included) `head_lr_mult` x lr WITH weight decay ('head' comes before 'norm'); MiT's
-    `norm1`/`norm2`/`attn.norm`/patch-embedding norms no decay, but its end-of-stage norms (`layers.N.2`, no
-    'norm' in the name) decayed; EfficientFormerV2's `talking_head1/2` at the head lr with decay, its BatchNorms
-    named `norm1`/`norm2`/`mid_norm`/`norm` no decay and those inside Sequentials (`q.1`, `patch_embed.1`, ...)
-    decayed.
+    OffSeg, SegFormer-offset and SegNeXt (`official_custom_keys`): on the official names this gives every
+    `decode_head.*` parameter (its BatchNorm/GroupNorm layers and offset learning's `mask_norm` included)
+    `head_lr_mult` x lr WITH weight decay ('head' comes before 'norm'); MiT's `norm1`/`norm2`/`attn.norm`/patch-
+    embedding norms no decay, but its end-of-stage norms (`layers.N.2`, no 'norm' in the name) decayed;
+    EfficientFormerV2's `talking_head1/2` at the head lr with decay, its BatchNorms named `norm1`/`norm2`/
+    `mid_norm`/`norm` no decay and those inside Sequentials (`q.1`, `patch_embed.1`, ...) decayed.
+
+    Mask2Former (`mask2former_custom_keys`, with `backbone_lr_mult`): the backbone at that multiple of the lr, its
+    norms and bias tables and the query/level embeddings without decay; and, as its `norm_decay_mult=0`, every
+    other norm layer (LayerNorm, GroupNorm, BatchNorm) that no key matched without decay.
     """
-    keys = official_custom_keys(head_lr_mult)
+    family = _family(model)
+    if family == "mask2former":
+        depths = tuple(model.config.backbone_config.depths)
+        keys, norm_decay_mult = mask2former_custom_keys(backbone_lr_mult, depths), 0.0
+    else:
+        keys, norm_decay_mult = official_custom_keys(head_lr_mult), None
     names = official_names(model, encoder_prefix)
 
     def multipliers(name: str, module: nn.Module) -> Multipliers:
         key = first_matching_key(names[name], keys)
-        return keys[key] if key is not None else (1.0, 1.0)
+        if key is not None:
+            return keys[key]
+        if norm_decay_mult is not None and _is_norm_layer(module):
+            return 1.0, norm_decay_mult
+        return 1.0, 1.0
 
     return multipliers
 
 
-def all_norms_rule(model: nn.Module, head_lr_mult: float = 10.0, encoder_prefix: str | None = None):
+def all_norms_rule(
+    model: nn.Module, head_lr_mult: float = 10.0, encoder_prefix: str | None = None, backbone_lr_mult: float = 1.0
+):
     """The paper's recipe as written rather than as run: no weight decay for the parameters of every norm layer
     (LayerNorm, BatchNorm/SyncBatchNorm, GroupNorm, ..., found by module type) and for names containing
     'pos_block' or 'norm'; `head_lr_mult` x lr for everything outside the encoder (`offseg.encoder`, or `encoder`
@@ -110,7 +161,7 @@ def all_norms_rule(model: nn.Module, head_lr_mult: float = 10.0, encoder_prefix:
     encoder_prefix = encoder_prefix or _encoder_prefix(model)
 
     def multipliers(name: str, module: nn.Module) -> Multipliers:
-        lr_mult = 1.0 if _in_encoder(name, encoder_prefix) else head_lr_mult
+        lr_mult = backbone_lr_mult if _in_encoder(name, encoder_prefix) else head_lr_mult
         no_decay = _is_norm_layer(module) or any(key in name for key in NO_DECAY_NAME_KEYS)
         return lr_mult, 0.0 if no_decay else 1.0
 
@@ -130,6 +181,7 @@ def param_groups(
     head_lr_mult: float = 10.0,
     rule: str = "official",
     encoder_prefix: str | None = None,
+    backbone_lr_mult: float = 1.0,
 ) -> list[dict[str, Any]]:
     """AdamW parameter groups: parameters grouped by their (lr multiplier, decay multiplier) under `rule`
     ("official": `official_rule`, "all_norms": `all_norms_rule`), each group with lr = `learning_rate` x lr
@@ -137,7 +189,7 @@ def param_groups(
     carries its "lr_mult", "decay_mult" and a "name" such as "lr_x10_decay" (for logging)."""
     if rule not in PARAM_GROUP_RULES:
         raise ValueError(f"Unknown parameter-group rule {rule!r}; known: {', '.join(PARAM_GROUP_RULES)}.")
-    multipliers_of = PARAM_GROUP_RULES[rule](model, head_lr_mult, encoder_prefix)
+    multipliers_of = PARAM_GROUP_RULES[rule](model, head_lr_mult, encoder_prefix, backbone_lr_mult)
     grouped: dict[Multipliers, list[nn.Parameter]] = {}
     for name, module, param in _trainable_parameters(model):
         grouped.setdefault(multipliers_of(name, module), []).append(param)
@@ -162,6 +214,7 @@ def build_optimizer(model: nn.Module, settings: dict[str, Any]) -> torch.optim.A
         settings["weight_decay"],
         settings["head_lr_mult"],
         rule=settings.get("param_group_rule", "official"),
+        backbone_lr_mult=settings.get("backbone_lr_mult", 1.0),
     )
     return torch.optim.AdamW(
         groups,

@@ -29,7 +29,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from ..configuration_offseg import VARIANTS
+from ..configuration_mask2former import OffSegMask2FormerConfig
+from ..presets import ALL_VARIANTS, MASK2FORMER_FAMILY, variant_family
 
 
 @dataclass(frozen=True)
@@ -45,12 +46,16 @@ EVAL_MODES = ("slide", "whole")
 PARAM_GROUP_RULES = ("official", "all_norms")
 
 RECIPE_FIELDS: dict[str, RecipeField] = {
-    "variant": RecipeField("Model variant of a fresh model.", choices=tuple(sorted(VARIANTS))),
+    "variant": RecipeField("Model variant of a fresh model.", choices=ALL_VARIANTS),
     "learning_rate": RecipeField("Peak learning rate (AdamW); parameters with an lr multiplier get a multiple."),
     "adam_beta1": RecipeField("AdamW beta1."),
     "adam_beta2": RecipeField("AdamW beta2."),
     "weight_decay": RecipeField("AdamW weight decay (parameters exempt by --param_group_rule get 0)."),
     "head_lr_mult": RecipeField("Learning-rate multiplier of the 'head' parameters (see --param_group_rule)."),
+    "backbone_lr_mult": RecipeField(
+        "Learning-rate multiplier of the backbone (Mask2Former's official rule: 0.1; the other families have none)."
+    ),
+    "clip_grad_norm": RecipeField("Clip the gradients' global L2 norm to this before each step; 0 never."),
     "param_group_rule": RecipeField(
         "Which parameters get the head lr multiplier and no weight decay. official: mmseg's custom keys "
         "(pos_block, head, norm; the first one in the official parameter name wins), exactly as the official runs; "
@@ -89,6 +94,8 @@ PAPER_RECIPE: dict[str, Any] = {
     "adam_beta2": 0.999,
     "weight_decay": 0.01,
     "head_lr_mult": 10.0,
+    "backbone_lr_mult": 1.0,
+    "clip_grad_norm": 0.0,
     "param_group_rule": "official",
     "warmup_steps": 1500,
     "warmup_start_factor": 1e-6,
@@ -159,9 +166,28 @@ RECIPES: dict[str, MappingProxyType] = {
 }
 DEFAULT_RECIPE = "demo"
 
-# Per model family (the config's `decode_head`): recipe values its official configs set differently.
+# The official Mask2Former(-offset) Swin-T ADE20K config: AdamW lr 1e-4, weight decay 0.05; backbone at 0.1x the lr;
+# no weight decay for norms, position and query/level embeddings; gradients clipped to L2 norm 0.01; poly (0.9)
+# from the first step, no warmup; checkpoints and evaluation every 5000 steps, on whole images.
+_MASK2FORMER = {
+    "learning_rate": 1e-4,
+    "weight_decay": 0.05,
+    "head_lr_mult": 1.0,
+    "backbone_lr_mult": 0.1,
+    "clip_grad_norm": 0.01,
+    "warmup_steps": 0,
+    "poly_power": 0.9,
+    "eval_mode": "whole",
+}
+
+# Per model family (the variant's decode head, or "mask2former"): recipe values its official configs set differently.
 FAMILY_CHANGES: dict[str, dict[str, dict[str, Any]]] = {
     "lightham": {"ade20k-160k": {"eval_mode": "whole"}, "coco-stuff-80k": {"eval_mode": "whole"}},
+    "mask2former": {
+        "ade20k-160k": {**_MASK2FORMER, "eval_steps": 5_000, "checkpointing_steps": 5_000},
+        # The demo trains from scratch: the backbone at the full rate, a higher peak, the demo's short schedule.
+        "demo": {**_MASK2FORMER, "learning_rate": 3e-4, "backbone_lr_mult": 1.0, "eval_mode": "whole"},
+    },
 }
 
 
@@ -183,8 +209,8 @@ def get_recipe(name: str, family: str | None = None) -> dict[str, Any]:
 
 
 def family_of(variant: str) -> str:
-    """The model family (decode head) of a variant, the key of `FAMILY_CHANGES`."""
-    return VARIANTS[variant]["decode_head"]
+    """The model family of a variant (its decode head, or "mask2former"), the key of `FAMILY_CHANGES`."""
+    return variant_family(variant)
 
 
 def saved_model_family(name_or_path: str, **hub_kwargs: Any) -> str | None:
@@ -196,6 +222,8 @@ def saved_model_family(name_or_path: str, **hub_kwargs: Any) -> str | None:
         config, _ = PreTrainedConfig.get_config_dict(name_or_path, **hub_kwargs)
     except (OSError, ValueError):
         return None
+    if config.get("model_type") == OffSegMask2FormerConfig.model_type:
+        return MASK2FORMER_FAMILY
     return config.get("decode_head")
 
 
@@ -210,7 +238,15 @@ def validate_settings(settings: dict[str, Any]) -> None:
         values = settings[name] if name in pairs else (settings[name],)
         if not all(value > 0 for value in values):
             raise ValueError(f"--{name} must be positive, got {settings[name]}.")
-    for name in ("weight_decay", "warmup_steps", "eval_steps", "checkpointing_steps", "dataloader_num_workers"):
+    for name in (
+        "weight_decay",
+        "warmup_steps",
+        "eval_steps",
+        "checkpointing_steps",
+        "dataloader_num_workers",
+        "backbone_lr_mult",
+        "clip_grad_norm",
+    ):
         if settings[name] < 0:
             raise ValueError(f"--{name} must not be negative, got {settings[name]}.")
     for name in ("flip_prob", "cat_max_ratio", "warmup_start_factor"):
@@ -227,7 +263,7 @@ def resolve_settings(overrides: dict[str, Any], recipe: str, family: str | None 
     `validate_settings`."""
     if family is None:
         variant = overrides.get("variant") or get_recipe(recipe)["variant"]
-        family = family_of(variant) if variant in VARIANTS else None
+        family = family_of(variant) if variant in ALL_VARIANTS else None
     settings = get_recipe(recipe, family)
     unknown = set(overrides) - set(settings)
     if unknown:

@@ -1,0 +1,100 @@
+"""Every named preset, whatever its model class: one place that turns a variant name into a config and a model.
+
+Two config classes carry the presets: `OffSegConfig` (SegFormer-offset, OffSeg, SegNeXt: `VARIANTS`) and
+`OffSegMask2FormerConfig` (Mask2Former: `MASK2FORMER_VARIANTS`). Scripts and tools that take `--variant` go through
+`config_for_variant` / `model_for_variant`, and group presets by `variant_family` (the decode head; "mask2former"
+for Mask2Former).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from transformers import PreTrainedConfig, PreTrainedModel
+
+from .configuration_mask2former import MASK2FORMER_PAPER_FIGURES, MASK2FORMER_VARIANTS, OffSegMask2FormerConfig
+from .configuration_offseg import PAPER_FIGURES, VARIANTS, OffSegConfig
+from .modeling_mask2former import OffSegMask2FormerForSemanticSegmentation
+from .modeling_offseg import ENCODERS, OffSegForSemanticSegmentation
+
+MASK2FORMER_FAMILY = "mask2former"
+ALL_VARIANTS: tuple[str, ...] = (*sorted(VARIANTS), *sorted(MASK2FORMER_VARIANTS))
+ALL_PAPER_FIGURES: dict[str, dict[str, float]] = {**PAPER_FIGURES, **MASK2FORMER_PAPER_FIGURES}
+
+
+def _check(name: str) -> None:
+    if name not in ALL_VARIANTS:
+        raise ValueError(f"Unknown variant {name!r}. Known variants: {', '.join(ALL_VARIANTS)}.")
+
+
+def variant_family(name: str) -> str:
+    """The model family of a preset: its decode head ("segformer", "offseg", "lightham") or "mask2former"."""
+    _check(name)
+    return MASK2FORMER_FAMILY if name in MASK2FORMER_VARIANTS else VARIANTS[name]["decode_head"]
+
+
+def has_offset_learning(name: str) -> bool:
+    """Whether a preset classifies with offset learning (else it is a per-pixel or plain Mask2Former baseline)."""
+    _check(name)
+    if name in MASK2FORMER_VARIANTS:
+        return MASK2FORMER_VARIANTS[name]["offset_learning"]
+    return VARIANTS[name]["classifier"] == "offset"
+
+
+def config_for_variant(name: str, **overrides) -> PreTrainedConfig:
+    """The config of a preset (`from_variant` of its config class), with overrides."""
+    _check(name)
+    if name in MASK2FORMER_VARIANTS:
+        return OffSegMask2FormerConfig.from_variant(name, **overrides)
+    return OffSegConfig.from_variant(name, **overrides)
+
+
+def model_class_for(config: PreTrainedConfig) -> type[PreTrainedModel]:
+    """The semantic-segmentation model class of a config."""
+    if isinstance(config, OffSegMask2FormerConfig):
+        return OffSegMask2FormerForSemanticSegmentation
+    return OffSegForSemanticSegmentation
+
+
+def model_for_variant(name: str, **overrides) -> PreTrainedModel:
+    """A fresh (randomly initialised) model of a preset."""
+    config = config_for_variant(name, **overrides)
+    return model_class_for(config)(config)
+
+
+# What `from_pretrained_encoder` takes for Mask2Former's Swin (see `offseg_hf.convert.load_swin_imagenet`).
+_SWIN_SOURCES = "the official mmseg-format Swin-T ImageNet .pth file or a saved transformers Swin folder"
+
+
+def encoder_sources(name: str) -> tuple[str, str, Callable[[str], bool]]:
+    """For a preset's backbone: its name, what pretrained weights it takes (in words), and a check of a path/name."""
+    if variant_family(name) == MASK2FORMER_FAMILY:
+        return "Swin", _SWIN_SOURCES, os.path.exists
+    encoder = ENCODERS[VARIANTS[name]["encoder_config"]["model_type"]]
+    return encoder.display_name, encoder.pretrained_sources, encoder.accepts_pretrained
+
+
+def from_pretrained_encoder(encoder_name_or_path: str, name: str, **overrides) -> PreTrainedModel:
+    """A fresh model of a preset whose backbone starts from pretrained (ImageNet) weights."""
+    if variant_family(name) == MASK2FORMER_FAMILY:
+        from .convert import load_swin_imagenet
+
+        model = model_for_variant(name, **overrides)
+        load_swin_imagenet(model, encoder_name_or_path)
+        return model
+    return OffSegForSemanticSegmentation.from_pretrained_encoder(encoder_name_or_path, name, **overrides)
+
+
+__all__ = [
+    "ALL_PAPER_FIGURES",
+    "ALL_VARIANTS",
+    "MASK2FORMER_FAMILY",
+    "config_for_variant",
+    "encoder_sources",
+    "from_pretrained_encoder",
+    "has_offset_learning",
+    "model_class_for",
+    "model_for_variant",
+    "variant_family",
+]
