@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Build (and upload) one Hub repo per variant: SegFormer-offset B0..B5 and OffSeg-T/B/L.
+"""Build (and upload) one Hub repo per variant: SegFormer-offset B0..B5, OffSeg-T/B/L, SegNeXt-T/S/B (offset and
+per-pixel) and Mask2Former Swin-T (offset and plain).
 
     # folders only, no network: saved models from converted/<variant>/, results from results/<variant>/
     python examples/push_to_hub.py --output_dir hub/ --weights_dir converted/ --results_dir results/
@@ -12,7 +13,7 @@ Each folder holds the weights as safetensors, config.json with `auto_map`, the m
 MODEL_CARD.md with Hub metadata (license, tags, datasets, pipeline_tag, widget images, and `model-index` only from
 an eval_results.json that examples/evaluate_segmentation.py measured on those very weights).
 
-`--random_init` builds untrained repos to try the pipeline: at full size that writes about 1.1 GB for all nine
+`--random_init` builds untrained repos to try the pipeline: at full size that writes about 1.9 GB for all the
 variants (SegFormer-B5-offset alone about 330 MB); pick some with `--variants`.
 """
 
@@ -23,9 +24,11 @@ import json
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel
 
-from offseg_hf import VARIANTS, OffSegConfig, OffSegForSemanticSegmentation, OffSegImageProcessor
+from offseg_hf import OffSegImageProcessor
 from offseg_hf.hub import check_measured_on, count_gmac, render_card
+from offseg_hf.presets import all_variant_names, config_for_variant, model_class_for, variant_family
 
 RESULTS_FILE = "eval_results.json"  # what evaluate_segmentation.py writes into its --output_dir
 
@@ -45,12 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--random_init",
         action="store_true",
-        help="Fresh random weights, to test the repos (about 1.1 GB for all variants at full size).",
+        help="Fresh random weights, to test the repos (about 1.9 GB for all variants at full size).",
     )
     parser.add_argument(
         "--config_overrides",
         default=None,
-        help='JSON {"segformer": {...}, "offseg": {...}}: config values per family for --random_init models.',
+        help='JSON {"segformer": {...}, "offseg": {...}, "lightham": {...}, "mask2former": {...}}: config values '
+        "per family for --random_init models.",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the --random_init weights.")
     parser.add_argument(
@@ -88,10 +92,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check every argument before any work; a bad one ends the script with one line."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.variants = args.variants or sorted(VARIANTS)
-    unknown = [variant for variant in args.variants if variant not in VARIANTS]
+    known = all_variant_names()
+    args.variants = args.variants or known
+    unknown = [variant for variant in args.variants if variant not in known]
     if unknown:
-        parser.error(f"unknown variant {unknown[0]!r}; known: {', '.join(sorted(VARIANTS))}.")
+        parser.error(f"unknown variant {unknown[0]!r}; known: {', '.join(known)}.")
     if args.weights_dir is not None:
         missing = [variant for variant in args.variants if not (Path(args.weights_dir) / variant).is_dir()]
         if missing:
@@ -100,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         overrides = json.loads(args.config_overrides or "{}")
     except json.JSONDecodeError as error:
         parser.error(f"--config_overrides is not JSON: {error}")
-    families = {preset["decode_head"] for preset in VARIANTS.values()}
+    families = {variant_family(variant) for variant in known}
     if not isinstance(overrides, dict) or not set(overrides) <= families:
         parser.error(f"--config_overrides must be a JSON object with keys among {sorted(families)}.")
     if overrides and not args.random_init:
@@ -127,14 +132,13 @@ def _read_json(path: Path, parser: argparse.ArgumentParser) -> dict:
         parser.error(f"{path} is not JSON: {error}")
 
 
-def build_model(args, variant: str) -> tuple[OffSegForSemanticSegmentation, str]:
+def build_model(args, variant: str) -> tuple[PreTrainedModel, str]:
+    config = config_for_variant(variant, **args.config_overrides.get(variant_family(variant), {}))
     if args.random_init:
-        overrides = args.config_overrides.get(VARIANTS[variant]["decode_head"], {})
         torch.manual_seed(args.seed)
-        config = OffSegConfig.from_variant(variant, **overrides)
-        return OffSegForSemanticSegmentation(config).eval(), "random initialisation (for testing; not trained)"
+        return model_class_for(config)(config).eval(), "random initialisation (for testing; not trained)"
     folder = Path(args.weights_dir) / variant
-    return OffSegForSemanticSegmentation.from_pretrained(folder).eval(), f"from `{folder.name}`"
+    return model_class_for(config).from_pretrained(folder).eval(), f"from `{folder.name}`"
 
 
 def build_folder(args, variant: str, template: str, namespace: str) -> Path:

@@ -12,18 +12,28 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import SegformerModel
 
-from .configuration_offseg import PAPER_FIGURES, VARIANTS
+from .presets import MASK2FORMER_FAMILY, has_offset_learning, paper_figures, variant_family
 
 DESCRIPTIONS = {
     "segformer": "SegFormer ({size}: MiT-{size} encoder, mmseg's all-MLP head with 256 channels)",
     "offseg": "OffSeg-{size} (EfficientFormerV2 backbone, FreqFusion decoder)",
     "lightham": "SegNeXt-{size} (MSCAN-{size} encoder, LightHam decoder with matrix decomposition at 1/8)",
+    MASK2FORMER_FAMILY: (
+        "Mask2Former (Swin-{size} backbone, multi-scale deformable pixel decoder, masked-attention transformer "
+        "decoder, 100 queries)"
+    ),
 }
+# How a preset classifies: (offset learning, baseline) by family.
 CLASSIFIER_DESCRIPTIONS = {
-    "offset": "with **offset learning**",
     "per_pixel": (
+        "with **offset learning**",
         "with the **per-pixel** classifier (a 1x1 convolution, as originally published): the baseline the paper "
-        "compares offset learning with"
+        "compares offset learning with",
+    ),
+    MASK2FORMER_FAMILY: (
+        "with **offset learning** between the mask embeddings and the per-pixel mask features",
+        "as originally published (mask classification without offsets): the baseline the paper compares offset "
+        "learning with",
     ),
 }
 
@@ -65,12 +75,38 @@ FLOPS_NOTES = {
         "1x1 squeeze convolution is applied to each stage before upsampling instead of to the concatenated "
         "upsampled maps, and offset learning's feature-offset term (where present) goes through a K x K matrix."
     ),
+    MASK2FORMER_FAMILY: (
+        "The paper gives no FLOPs for Mask2Former. The count above is this implementation's at 512x512, the semantic "
+        "inference (every query's mask upsampled to the input) included; offset learning's feature-offset term goes "
+        "through a Q x Q matrix (Q = 100 queries). The deformable attention's sampling is not counted."
+    ),
 }
+
+# The official training recipe of each family, for the card.
+TRAINING_RECIPES = {
+    "per_pixel": (
+        "AdamW (lr 6e-5, weight decay 0.01; the official parameter groups: decode head at 10x the lr, no decay on "
+        "the backbone's layers named `norm`), 1500 warmup iterations then poly decay, 160k iterations at batch 16, "
+        "crop 512, mmseg augmentation (random resize 0.5-2.0, crop with the 75% single-class limit, flip, "
+        "photometric distortion)."
+    ),
+    MASK2FORMER_FAMILY: (
+        "AdamW (lr 1e-4, weight decay 0.05; backbone at 0.1x the lr; no decay on norms, position bias tables and "
+        "query/level embeddings), gradients clipped to L2 norm 0.01, poly decay (power 0.9) without warmup, 160k "
+        "iterations at batch 16, crop 512, mmseg augmentation; Mask2Former's loss (class 2.0 with no-object 0.1, "
+        "mask 5.0, dice 5.0, 12544 sampled points)."
+    ),
+}
+
+
+def _kind(variant: str) -> str:
+    """The key of the per-kind tables: "mask2former", or "per_pixel" for the families with a pixel classifier."""
+    return MASK2FORMER_FAMILY if variant_family(variant) == MASK2FORMER_FAMILY else "per_pixel"
 
 
 def flops_note(variant: str, num_labels: int) -> str:
     """Why the counted multiply-adds differ from the paper's FLOPs, with the official modules' count."""
-    note = FLOPS_NOTES[VARIANTS[variant]["decode_head"]]
+    note = FLOPS_NOTES[variant_family(variant)]
     official = OFFICIAL_GMAC_150.get(variant)
     if official is not None and num_labels == 150:
         note += f" The official modules count {official:.2f} GMAC at 512x512 with 150 classes."
@@ -83,38 +119,40 @@ _OTHER_DATA_SETS = (
     ("pascal_context", "Pascal Context 59", "512x512"),
     ("coco_stuff", "COCO-Stuff-164k", "512x512"),
 )
-# How the official configs test on ADE20K: SegNeXt's whole images, the others' sliding windows.
-_ADE20K_INFERENCE = {"lightham": "whole image"}
+# How the official configs test on ADE20K: SegNeXt's and Mask2Former's whole images, the others' sliding windows.
+_ADE20K_INFERENCE = {"lightham": "whole image", MASK2FORMER_FAMILY: "whole image"}
 
 
 def paper_section(variant: str) -> str:
-    paper = PAPER_FIGURES.get(variant)
-    if paper is None:
+    paper = paper_figures(variant)
+    if not paper:
         return "The paper reports no figures for this variant."
-    inference = _ADE20K_INFERENCE.get(VARIANTS[variant]["decode_head"], "sliding window")
+    inference = _ADE20K_INFERENCE.get(variant_family(variant), "sliding window")
     others = [
         f"{paper[f'{key}_miou']} on {name} ({paper[f'{key}_gflops']} GFLOPs at {size})"
         for key, name, size in _OTHER_DATA_SETS
         if f"{key}_miou" in paper
     ]
     more = f"; mIoU {', '.join(others)}" if others else ""
+    flops = f", {paper['gflops']} GFLOPs at 512x512" if "gflops" in paper else ""
     return (
         f"{paper['ade20k_miou']} mIoU on ADE20K (single scale, {inference}){more}; {paper['params_m']} M "
-        f"parameters, {paper['gflops']} GFLOPs at 512x512. These are the paper's numbers, not measurements of the "
-        "weights in this repository."
+        f"parameters{flops}. These are the paper's numbers, not measurements of the weights in this repository."
     )
 
 
 def variant_description(variant: str) -> str:
     """What the model is: its family and size, and its classifier."""
-    values = VARIANTS[variant]
-    size = variant.split("-")[1].upper()
-    return f"{DESCRIPTIONS[values['decode_head']].format(size=size)} {CLASSIFIER_DESCRIPTIONS[values['classifier']]}"
+    family = variant_family(variant)
+    size = variant.split("-")[2 if family == MASK2FORMER_FAMILY else 1].upper()  # mask2former-swin-t: "T"
+    offset, baseline = CLASSIFIER_DESCRIPTIONS[_kind(variant)]
+    return f"{DESCRIPTIONS[family].format(size=size)} {offset if has_offset_learning(variant) else baseline}"
 
 
 def parameters_note(variant: str) -> str:
     """What the parameter count leaves out: mmseg builds a `conv_seg` that offset learning never uses."""
-    return "; without mmseg's unused `conv_seg`" if VARIANTS[variant]["classifier"] == "offset" else ""
+    offset_head = has_offset_learning(variant) and _kind(variant) == "per_pixel"
+    return "; without mmseg's unused `conv_seg`" if offset_head else ""
 
 
 def weights_fingerprint(model: nn.Module) -> str:
@@ -216,7 +254,7 @@ def render_card(
 ) -> ModelCard:
     """The model card of one variant, trained on the Hub data set `dataset_name` (shown as `dataset_pretty_name`).
     `model-index` is written only from `result` (measured on these weights)."""
-    paper = PAPER_FIGURES.get(variant, {})
+    paper = paper_figures(variant)
     results_section = (
         "Not evaluated yet: no measurement on these weights is claimed here."
         if result is None
@@ -241,6 +279,7 @@ def render_card(
             "dataset_pretty_name": dataset_pretty_name,
             "weights_source": weights_source,
             "results_section": results_section,
+            "training_recipe": TRAINING_RECIPES[_kind(variant)],
         },
     )
     card = ModelCard(text)

@@ -19,13 +19,24 @@ from .modeling_mask2former import OffSegMask2FormerForSemanticSegmentation
 from .modeling_offseg import ENCODERS, OffSegForSemanticSegmentation
 
 MASK2FORMER_FAMILY = "mask2former"
-ALL_VARIANTS: tuple[str, ...] = (*sorted(VARIANTS), *sorted(MASK2FORMER_VARIANTS))
-ALL_PAPER_FIGURES: dict[str, dict[str, float]] = {**PAPER_FIGURES, **MASK2FORMER_PAPER_FIGURES}
+
+
+def all_variant_names() -> list[str]:
+    """Every preset: the `OffSegConfig` ones, then Mask2Former's (read now, so presets added later count)."""
+    return [*sorted(VARIANTS), *sorted(MASK2FORMER_VARIANTS)]
+
+
+def paper_figures(name: str) -> dict[str, float]:
+    """The paper's figures for a preset (empty when the paper reports none)."""
+    return {**PAPER_FIGURES, **MASK2FORMER_PAPER_FIGURES}.get(name, {})
+
+
+ALL_VARIANTS: tuple[str, ...] = tuple(all_variant_names())
 
 
 def _check(name: str) -> None:
-    if name not in ALL_VARIANTS:
-        raise ValueError(f"Unknown variant {name!r}. Known variants: {', '.join(ALL_VARIANTS)}.")
+    if name not in VARIANTS and name not in MASK2FORMER_VARIANTS:
+        raise ValueError(f"Unknown variant {name!r}. Known variants: {', '.join(all_variant_names())}.")
 
 
 def variant_family(name: str) -> str:
@@ -87,14 +98,15 @@ def from_pretrained_encoder(encoder_name_or_path: str, name: str, **overrides) -
 
 
 __all__ = [
-    "ALL_PAPER_FIGURES",
     "ALL_VARIANTS",
     "MASK2FORMER_FAMILY",
+    "all_variant_names",
     "config_for_variant",
     "encoder_sources",
     "from_pretrained_encoder",
     "has_offset_learning",
     "model_class_for",
     "model_for_variant",
+    "paper_figures",
     "variant_family",
 ]

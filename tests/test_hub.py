@@ -11,6 +11,7 @@ from huggingface_hub import ModelCard
 
 from offseg_hf import VARIANTS, OffSegConfig, OffSegForSemanticSegmentation
 from offseg_hf.hub import weights_fingerprint
+from offseg_hf.presets import all_variant_names
 
 from .conftest import TINY_ENCODER, run_python_elsewhere
 
@@ -67,6 +68,7 @@ def test_output_dir_gets_one_loadable_repo_per_variant(tmp_path):
     overrides = {
         "segformer": {"encoder_config": TINY_ENCODER, "decoder_hidden_size": 32},
         "lightham": {"encoder_config": {"depths": [1, 1, 1, 1]}, "decoder_hidden_size": 64},
+        "mask2former": {"backbone_config": {"depths": [1, 1, 1, 1]}, "encoder_layers": 1, "decoder_layers": 3},
     }
     folders = load_script().main(
         [
@@ -79,18 +81,13 @@ def test_output_dir_gets_one_loadable_repo_per_variant(tmp_path):
             str(results),
         ]
     )
-    assert sorted(f.name for f in folders) == sorted(VARIANTS) and len(folders) == 15
+    assert sorted(f.name for f in folders) == sorted(all_variant_names()) and len(folders) == 17
     for folder in folders:
         names = {p.name for p in folder.iterdir()}
-        assert {
-            "model.safetensors",
-            "config.json",
-            "preprocessor_config.json",
-            "README.md",
-            "modeling_offseg.py",
-            "configuration_offseg.py",
-        } <= names
-        assert "AutoModelForSemanticSegmentation" in json.loads((folder / "config.json").read_text())["auto_map"]
+        auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+        code = {f"{reference.split('.')[0]}.py" for reference in auto_map.values()}  # the modules auto_map names
+        assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md"} | code <= names
+        assert "AutoModelForSemanticSegmentation" in auto_map and "image_processing_offseg.py" in code
     # The card says measured results only where a result was given.
     assert "41.23" in (tmp_path / "hub" / "offseg-t" / "README.md").read_text()
     assert "Not evaluated yet" in ModelCard.load(tmp_path / "hub" / "offseg-b" / "README.md").text
@@ -133,7 +130,10 @@ def test_results_measured_on_other_weights_are_refused(tmp_path, capsys):
         (["--random_init", "--variants", "segformer-b9"], "unknown variant 'segformer-b9'; known: offseg-b, "),
         (["--weights_dir", "nowhere"], "no saved model for 'offseg-b': nowhere/offseg-b is not a folder."),
         (["--random_init", "--config_overrides", "{"], "--config_overrides is not JSON"),
-        (["--random_init", "--config_overrides", '{"mit": {}}'], "keys among ['lightham', 'offseg', 'segformer']"),
+        (
+            ["--random_init", "--config_overrides", '{"mit": {}}'],
+            "keys among ['lightham', 'mask2former', 'offseg', 'segformer']",
+        ),
         (["--random_init", "--results_dir", "nowhere"], "--results_dir nowhere is not a folder."),
         (["--random_init", "--hub_namespace", "org"], "apply with --push_to_hub"),
     ],
@@ -152,7 +152,7 @@ def test_help_names_every_flag_and_the_size_of_random_init(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for flag in ("--output_dir", "--dataset_name", "--dataset_pretty_name", "--push_to_hub", "--hub_namespace"):
         assert flag in text
-    assert "--hub_token" in text and "--seed" in text and "about 1.1 GB for all" in text
+    assert "--hub_token" in text and "--seed" in text and "about 1.9 GB for all" in text
     assert all(action.help for action in load_script().build_parser()._actions)
 
 
@@ -253,3 +253,21 @@ def test_segnext_cards_name_the_classifier_and_every_data_set_of_the_paper():
     assert "The official modules count 6.40 GMAC" in baseline and "squeeze convolution" in baseline
     offset = render_card(template, "segnext-b-offset", "o/b", 28.16, 31.95, 150, "scene_parse_150", "ADE20K", "x").text
     assert "with **offset learning**" in offset and "49.4 mIoU on ADE20K" in offset and "28.2 M parameters" in offset
+
+
+def test_mask2former_cards_name_the_offset_module_and_the_official_recipe():
+    from offseg_hf.hub import render_card
+
+    template = (Path(__file__).parents[1] / "MODEL_CARD.md").read_text()
+    offset = render_card(
+        template, "mask2former-swin-t-offset", "o/m", 47.57, 60.0, 150, "scene_parse_150", "ADE20K", "x"
+    )
+    text = offset.text
+    assert "Mask2Former (Swin-T backbone" in text and "offset learning** between the mask embeddings" in text
+    assert "50.3 mIoU on ADE20K (single scale, whole image); 47.6 M parameters." in text
+    assert "(paper: 47.6 M) |" in text and "unused `conv_seg`" not in text and "GFLOPs at 512x512" not in text
+    assert "lr 1e-4, weight decay 0.05; backbone at 0.1x the lr" in text and "6e-5" not in text
+    assert "The paper gives no FLOPs for Mask2Former" in text
+    baseline = render_card(template, "mask2former-swin-t", "o/b", 47.44, 58.0, 150, "scene_parse_150", "ADE20K", "x")
+    assert "as originally published (mask classification without offsets)" in baseline.text
+    assert "47.7 mIoU on ADE20K" in baseline.text and "offset learning** between" not in baseline.text
