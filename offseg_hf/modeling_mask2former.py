@@ -103,12 +103,30 @@ class OffSegMask2FormerForSemanticSegmentation(Mask2FormerForUniversalSegmentati
             )
             self.post_init()
 
-    def _init_weights(self, module):
-        rule = getattr(module, INIT_RULE, None)  # the offset projections' truncated normal (layers.initialise_with)
-        if rule is not None:
-            rule(module)
-        else:
-            super()._init_weights(module)
+    @torch.no_grad()
+    def initialize_weights(self):
+        # transformers initialises the `model` sub-model (a `Mask2FormerModel`) with its own `_init_weights`, which
+        # knows nothing of the offset projections' rule, and, for a model defined outside transformers, skips every
+        # module without parameters of its own, such as the mask MLP's `Mask2FormerPredictionBlock`s (whose Linear
+        # layers would then get the generic normal(0, init_std) instead of transformers' kaiming uniform). So the
+        # offset predictor is initialised here first: the projections by their rule (truncated normal with
+        # `offset_initializer_range`), the rest as transformers initialises the plain predictor. Weights already
+        # initialised or loaded are flagged and left alone, at construction as for the keys a checkpoint lacks.
+        predictor = self.model.transformer_module.decoder.mask_predictor
+        if isinstance(predictor, OffsetMaskPredictor):
+            for module in predictor.modules():
+                rule = getattr(module, INIT_RULE, None)
+                if rule is not None and not getattr(module, "_is_hf_initialized", False):
+                    rule(module)
+                    module._is_hf_initialized = True
+
+            def initialise(module):  # transformers' post-order walk, without the custom-code skip
+                for child in module.children():
+                    initialise(child)
+                self.model._initialize_weights(module)
+
+            initialise(predictor)
+        super().initialize_weights()
 
     def semantic_logits(
         self, class_queries_logits: torch.Tensor, masks_queries_logits: torch.Tensor, size: tuple[int, int]

@@ -1,8 +1,18 @@
+import json
+
 import pytest
 import torch
 from transformers import AutoConfig
 
-from offseg_hf import PAPER_FIGURES, OffSegConfig, OffSegForSemanticSegmentation
+from offseg_hf import (
+    MASK2FORMER_PAPER_FIGURES,
+    PAPER_FIGURES,
+    OffSegConfig,
+    OffSegForSemanticSegmentation,
+    OffSegMask2FormerConfig,
+    OffSegMask2FormerForSemanticSegmentation,
+)
+from offseg_hf.configuration_mask2former import MASK2FORMER_AUTO_MAP
 
 # The paper's parameter counts at 150 classes (M): Table 4 (SegFormer with offset learning), Table 2 (OffSeg),
 # Table 3 (SegNeXt with offset learning and the per-pixel SegNeXt).
@@ -25,14 +35,33 @@ PAPER_PARAMS_M = {
 }
 
 
-@pytest.mark.parametrize("variant", sorted(PAPER_PARAMS_M))
-def test_parameter_count_matches_the_paper(variant):
-    # Built on the meta device: shapes only, no memory or init time, same modules.
+# Table 5: Mask2Former (Swin-T) without and with offset learning; measured 47.441 M and 47.572 M.
+MASK2FORMER_PAPER_PARAMS_M = {"mask2former-swin-t": 47.4, "mask2former-swin-t-offset": 47.6}
+
+
+def meta_model(variant: str, **overrides):
+    """Built on the meta device: shapes only, no memory or init time, same modules."""
     with torch.device("meta"):
-        model = OffSegForSemanticSegmentation(OffSegConfig.from_variant(variant, num_labels=150))
-    params_m = sum(p.numel() for p in model.parameters()) / 1e6
-    assert abs(params_m - PAPER_PARAMS_M[variant]) <= 0.1, params_m
-    assert PAPER_FIGURES[variant]["params_m"] == PAPER_PARAMS_M[variant]
+        if variant in MASK2FORMER_PAPER_PARAMS_M:
+            return OffSegMask2FormerForSemanticSegmentation(OffSegMask2FormerConfig.from_variant(variant, **overrides))
+        return OffSegForSemanticSegmentation(OffSegConfig.from_variant(variant, **overrides))
+
+
+def count_m(model) -> float:
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+@pytest.mark.parametrize("variant", sorted(PAPER_PARAMS_M) + sorted(MASK2FORMER_PAPER_PARAMS_M))
+def test_parameter_count_matches_the_paper(variant):
+    params_m = count_m(meta_model(variant, num_labels=150))
+    expected = {**PAPER_PARAMS_M, **MASK2FORMER_PAPER_PARAMS_M}[variant]
+    assert abs(params_m - expected) <= 0.1, params_m
+    assert {**PAPER_FIGURES, **MASK2FORMER_PAPER_FIGURES}[variant]["params_m"] == expected
+
+
+def test_mask2former_offset_learning_adds_two_projections_only():
+    added = count_m(meta_model("mask2former-swin-t-offset")) - count_m(meta_model("mask2former-swin-t"))
+    assert round(added * 1e6) == 2 * 256 * 256
 
 
 def test_variant_names_and_unknown_variant_lists_them():
@@ -106,3 +135,69 @@ def test_offseg_presets_hold_the_official_values():
             expected_compressed.append((lr + hr) // 4)
             lr += hr
         assert compressed == expected_compressed
+
+
+def test_mask2former_presets_hold_the_official_values():
+    offset = OffSegMask2FormerConfig.from_variant("mask2former-swin-t-offset")
+    baseline = OffSegMask2FormerConfig.from_variant("mask2former-swin-t")
+    assert offset.offset_learning and not baseline.offset_learning
+    for config in (offset, baseline):
+        swin = config.backbone_config
+        assert swin.model_type == "swin" and swin.embed_dim == 96 and list(swin.depths) == [2, 2, 6, 2]
+        assert list(swin.num_heads) == [3, 6, 12, 24] and swin.window_size == 7 and swin.drop_path_rate == 0.3
+        assert config.num_labels == 150 and config.num_queries == 100 and config.decoder_layers == 10
+        assert config.hidden_dim == config.mask_feature_size == 256 and config.size_divisor == 32
+        assert config.offset_initializer_range == 0.02
+        assert (config.class_weight, config.mask_weight, config.dice_weight, config.no_object_weight) == (2, 5, 5, 0.1)
+        assert (config.train_num_points, config.oversample_ratio, config.importance_sample_ratio) == (12544, 3, 0.75)
+
+
+def test_mask2former_unknown_variant_lists_the_known_ones():
+    assert OffSegMask2FormerConfig.variant_names() == sorted(MASK2FORMER_PAPER_PARAMS_M)
+    with pytest.raises(ValueError, match="Unknown Mask2Former variant 'mask2former-swin-b'") as info:
+        OffSegMask2FormerConfig.from_variant("mask2former-swin-b")
+    for name in MASK2FORMER_PAPER_PARAMS_M:
+        assert name in str(info.value)
+
+
+def test_mask2former_overrides_and_labels():
+    labels = {0: "road", 1: "car", 2: "sky"}
+    config = OffSegMask2FormerConfig.from_variant(
+        "mask2former-swin-t-offset", id2label=labels, backbone_config={"depths": [1, 1, 1, 1], "drop_path_rate": 0.0}
+    )
+    assert config.num_labels == 3 and config.id2label == labels
+    # The backbone override merges into the Swin-T preset.
+    swin = config.backbone_config
+    assert list(swin.depths) == [1, 1, 1, 1] and swin.drop_path_rate == 0.0
+    assert swin.embed_dim == 96 and list(swin.num_heads) == [3, 6, 12, 24] and swin.window_size == 7
+    cityscapes = OffSegMask2FormerConfig.from_variant("mask2former-swin-t", num_labels=19, size_divisor=64)
+    assert cityscapes.num_labels == 19 and len(cityscapes.id2label) == 19 and cityscapes.size_divisor == 64
+    assert not cityscapes.offset_learning and list(cityscapes.backbone_config.depths) == [2, 2, 6, 2]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="OffSegMask2FormerConfig leaves label2id None when only id2label is given (transformers 5 does not "
+    "derive it; OffSegConfig.__post_init__ does); drop this marker once its __post_init__ does the same",
+)
+def test_mask2former_id2label_gives_label2id():
+    config = OffSegMask2FormerConfig.from_variant("mask2former-swin-t-offset", id2label={0: "road", 1: "sky"})
+    assert config.label2id == {"road": 0, "sky": 1}
+
+
+@pytest.mark.parametrize("variant", ["mask2former-swin-t-offset", "mask2former-swin-t"])
+def test_mask2former_config_round_trip_and_auto_map(variant, tmp_path):
+    config = OffSegMask2FormerConfig.from_variant(
+        variant, num_labels=19, offset_initializer_range=0.05, backbone_config={"drop_path_rate": 0.2}
+    )
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "offseg_mask2former" and saved["auto_map"] == MASK2FORMER_AUTO_MAP
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, OffSegMask2FormerConfig)
+    assert loaded.offset_learning == (variant == "mask2former-swin-t-offset")
+    assert loaded.num_labels == 19 and loaded.offset_initializer_range == 0.05 and loaded.size_divisor == 32
+    swin = loaded.backbone_config
+    assert swin.model_type == "swin" and swin.embed_dim == 96 and list(swin.depths) == [2, 2, 6, 2]
+    assert list(swin.num_heads) == [3, 6, 12, 24] and swin.window_size == 7 and swin.drop_path_rate == 0.2
+    assert loaded.auto_map == MASK2FORMER_AUTO_MAP

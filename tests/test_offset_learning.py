@@ -1,10 +1,11 @@
-"""OffsetLearning against a direct, per-sample transcription of the paper's equations (3)-(13) + LayerNorm."""
+"""OffsetLearning against a direct, per-sample transcription of the paper's equations (3)-(13) + LayerNorm, and
+MaskOffsetLearning (Mask2Former) against the official `Offset_Learning_Mask`."""
 
 import pytest
 import torch
 from torch.nn import functional as F
 
-from offseg_hf import OffsetLearning
+from offseg_hf import MaskOffsetLearning, OffsetLearning
 
 
 def reference(module: OffsetLearning, features: torch.Tensor) -> torch.Tensor:
@@ -96,3 +97,81 @@ def test_rejects_wrong_channel_count():
     module = make_module(dtype=torch.float32)
     with pytest.raises(ValueError, match="16 feature channels"):
         module(torch.randn(1, 8, 4, 4))
+
+
+# -- MaskOffsetLearning (Mask2Former) ---------------------------------------------------------------------------
+
+
+def mask_reference(module: MaskOffsetLearning, queries: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """The official `Offset_Learning_Mask` written out per sample: F' is formed, then masks = q' F'^T."""
+    batch, channels, height, width = features.shape
+    outputs = []
+    for b in range(batch):
+        q = queries[b]  # (Q, C)
+        feats = features[b].reshape(channels, height * width).t()  # F: (HW, C)
+        A = q @ feats.t()  # (Q, HW)
+        q_adj = q + (torch.softmax(A, dim=1) @ feats) @ module.class_offset_proj.weight.t()  # softmax over HW
+        f_adj = feats + (torch.softmax(A, dim=0).t() @ q) @ module.feature_offset_proj.weight.t()  # over queries
+        outputs.append(torch.einsum("qc,nc->qn", q_adj, f_adj).reshape(-1, height, width))
+    return torch.stack(outputs)
+
+
+def make_mask_module(channels=16, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    module = MaskOffsetLearning(channels)
+    with torch.no_grad():  # larger than the 0.02 init, so both offset terms weigh
+        module.class_offset_proj.weight.normal_(0, 0.3)
+        module.feature_offset_proj.weight.normal_(0, 0.3)
+    return module.to(dtype)
+
+
+def mask_inputs(batch=3, queries=7, channels=16, size=(5, 9), dtype=torch.float64, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    # Scores q.F of a few units: both softmaxes far from uniform.
+    q = 0.5 * torch.randn(batch, queries, channels, generator=generator, dtype=dtype)
+    return q, torch.randn(batch, channels, *size, generator=generator, dtype=dtype)
+
+
+def test_mask_offset_learning_matches_the_official_formula():
+    module = make_mask_module()
+    q, features = mask_inputs()
+    masks = module(q, features)
+    assert masks.shape == (3, 7, 5, 9)
+    torch.testing.assert_close(masks, mask_reference(module, q, features), rtol=1e-10, atol=1e-10)
+    # float32: the (Q, Q) arrangement equals the literal order up to rounding.
+    module, q, features = module.float(), q.float(), features.float()
+    torch.testing.assert_close(module(q, features), mask_reference(module, q, features), rtol=1e-5, atol=1e-5)
+
+
+def test_mask_offset_learning_without_offsets_is_the_plain_product():
+    module = make_mask_module()
+    q, features = mask_inputs()
+    plain = torch.einsum("bqc,bchw->bqhw", q, features)
+    with_offsets = module(q, features)
+    assert (with_offsets - plain).abs().max() > 1.0  # the offsets do move the masks at these weights
+    with torch.no_grad():
+        module.class_offset_proj.weight.zero_()
+    feature_offset_only = module(q, features)
+    with torch.no_grad():
+        module.feature_offset_proj.weight.zero_()
+    torch.testing.assert_close(module(q, features), plain, rtol=0, atol=1e-12)
+    # Each offset term counts on its own.
+    assert not torch.allclose(feature_offset_only, plain) and not torch.allclose(feature_offset_only, with_offsets)
+
+
+def test_mask_offset_learning_gradients_reach_both_projections_and_inputs():
+    module = make_mask_module(dtype=torch.float32)
+    q, features = (t.float().requires_grad_() for t in mask_inputs())
+    target = (torch.rand(3, 7, 5, 9, generator=torch.Generator().manual_seed(2)) > 0.5).float()
+    F.binary_cross_entropy_with_logits(module(q, features), target).backward()
+    for name, param in module.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    assert q.grad.abs().sum() > 0 and features.grad.abs().sum() > 0
+
+
+def test_mask_offset_learning_rejects_wrong_channel_counts():
+    module = make_mask_module(dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"16 channels.*mask embeddings \(2, 7, 16\) and mask features \(2, 8, 4, 4\)"):
+        module(torch.randn(2, 7, 16), torch.randn(2, 8, 4, 4))
+    with pytest.raises(ValueError, match=r"mask embeddings \(2, 7, 8\) and mask features \(2, 16, 4, 4\)"):
+        module(torch.randn(2, 7, 8), torch.randn(2, 16, 4, 4))
