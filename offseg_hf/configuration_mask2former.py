@@ -68,6 +68,8 @@ class OffSegMask2FormerConfig(Mask2FormerConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self.auto_map = {**MASK2FORMER_AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
+        if self.id2label is not None and self.label2id is None:
+            self.label2id = {label: index for index, label in self.id2label.items()}
 
     @staticmethod
     def variant_names() -> list[str]:

@@ -175,11 +175,6 @@ def test_mask2former_overrides_and_labels():
     assert not cityscapes.offset_learning and list(cityscapes.backbone_config.depths) == [2, 2, 6, 2]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="OffSegMask2FormerConfig leaves label2id None when only id2label is given (transformers 5 does not "
-    "derive it; OffSegConfig.__post_init__ does); drop this marker once its __post_init__ does the same",
-)
 def test_mask2former_id2label_gives_label2id():
     config = OffSegMask2FormerConfig.from_variant("mask2former-swin-t-offset", id2label={0: "road", 1: "sky"})
     assert config.label2id == {"road": 0, "sky": 1}
