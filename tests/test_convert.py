@@ -1,8 +1,10 @@
 """Conversion of official (mmseg) checkpoints. The official key lists below are written out from the official
 code's module structure (mmseg MixVisionTransformer + SegformerHeadOffsetLearning; the OffSeg repo's
-EfficientFormerV2 `*_feat` backbones + OffSegHead + FreqFusion; mmseg MSCAN + LightHamHead(OffsetLearning)), not
-derived from this package's models."""
+EfficientFormerV2 `*_feat` backbones + OffSegHead + FreqFusion; mmseg MSCAN + LightHamHead(OffsetLearning); mmseg
+SwinTransformer + mmdet's Mask2FormerHead / the OffSeg repo's Mask2FormerHeadOffsetLearning), not derived from this
+package's models."""
 
+import json
 import sys
 import types
 from collections import OrderedDict
@@ -10,16 +12,25 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from offseg_hf import VARIANTS, OffSegConfig, OffSegForSemanticSegmentation
+from offseg_hf import (
+    MASK2FORMER_VARIANTS,
+    VARIANTS,
+    OffSegConfig,
+    OffSegForSemanticSegmentation,
+    OffSegMask2FormerForSemanticSegmentation,
+)
 from offseg_hf.convert import (
     convert_state_dict,
     load_official_checkpoint,
+    load_swin_imagenet,
     main,
     official_key,
     read_official_checkpoint,
     to_official_state_dict,
 )
+from offseg_hf.presets import ALL_VARIANTS, has_offset_learning, model_for_variant, variant_family
 
 from .conftest import randomize_attention_biases, randomize_norms
 
@@ -142,7 +153,71 @@ def official_segnext_keys(variant):
     return keys + _keys("decode_head.conv_seg", WB)
 
 
+def official_mask2former_keys(offset_learning, depths=(2, 2, 6, 2), encoder_layers=6, decoder_layers=9):
+    """mmseg's SwinTransformer (PatchEmbed; per stage SwinBlocks of ShiftWindowMSA/WindowMSA and an FFN, then a
+    PatchMerging but after the last; a LayerNorm `norm{i}` per output stage) and mmdet's Mask2FormerHead
+    (MSDeformAttnPixelDecoder on the 3 coarsest levels plus one FPN level, Mask2FormerTransformerDecoder, query and
+    level embeddings, class and mask predictors); the offset variant's Mask2FormerHeadOffsetLearning adds
+    Offset_Learning_Mask. `decoder_layers` counts the official decoder layers (transformers' is one more)."""
+    keys = _keys("backbone.patch_embed.projection", WB) + _keys("backbone.patch_embed.norm", WB)
+    for i, depth in enumerate(depths):
+        for j in range(depth):
+            block, attn = f"backbone.stages.{i}.blocks.{j}", f"backbone.stages.{i}.blocks.{j}.attn.w_msa"
+            keys += _keys(f"{block}.norm1", WB)
+            keys += [f"{attn}.relative_position_bias_table", f"{attn}.relative_position_index"]
+            keys += _keys(f"{attn}.qkv", WB) + _keys(f"{attn}.proj", WB) + _keys(f"{block}.norm2", WB)
+            keys += _keys(f"{block}.ffn.layers.0.0", WB) + _keys(f"{block}.ffn.layers.1", WB)
+        if i < len(depths) - 1:
+            downsample = f"backbone.stages.{i}.downsample"
+            keys += _keys(f"{downsample}.norm", WB) + [f"{downsample}.reduction.weight"]
+    for i in range(len(depths)):
+        keys += _keys(f"backbone.norm{i}", WB)
+    decoder = "decode_head.pixel_decoder"
+    for i in range(3):  # input_convs: the three coarsest levels, coarsest first
+        keys += _keys(f"{decoder}.input_convs.{i}.conv", WB) + _keys(f"{decoder}.input_convs.{i}.gn", WB)
+    for i in range(encoder_layers):
+        layer = f"{decoder}.encoder.layers.{i}"
+        for name in ("sampling_offsets", "attention_weights", "value_proj", "output_proj"):
+            keys += _keys(f"{layer}.self_attn.{name}", WB)
+        keys += _keys(f"{layer}.ffn.layers.0.0", WB) + _keys(f"{layer}.ffn.layers.1", WB)
+        keys += _keys(f"{layer}.norms.0", WB) + _keys(f"{layer}.norms.1", WB)
+    keys.append(f"{decoder}.level_encoding.weight")
+    for conv in ("lateral_convs.0", "output_convs.0"):  # ConvModule with GroupNorm: no conv bias
+        keys += [f"{decoder}.{conv}.conv.weight"] + _keys(f"{decoder}.{conv}.gn", WB)
+    keys += _keys(f"{decoder}.mask_feature", WB)
+    for i in range(decoder_layers):
+        layer = f"decode_head.transformer_decoder.layers.{i}"
+        for attention in ("self_attn", "cross_attn"):  # mmcv's MultiheadAttention wrapping nn.MultiheadAttention
+            keys += [f"{layer}.{attention}.attn.in_proj_weight", f"{layer}.{attention}.attn.in_proj_bias"]
+            keys += _keys(f"{layer}.{attention}.attn.out_proj", WB)
+        keys += _keys(f"{layer}.ffn.layers.0.0", WB) + _keys(f"{layer}.ffn.layers.1", WB)
+        for norm in range(3):
+            keys += _keys(f"{layer}.norms.{norm}", WB)
+    keys += _keys("decode_head.transformer_decoder.post_norm", WB)
+    keys += ["decode_head.query_embed.weight", "decode_head.query_feat.weight", "decode_head.level_embed.weight"]
+    keys += _keys("decode_head.cls_embed", WB)
+    for index in (0, 2, 4):  # Linear, ReLU, Linear, ReLU, Linear
+        keys += _keys(f"decode_head.mask_embed.{index}", WB)
+    if offset_learning:
+        keys += [f"decode_head.offset_learning.{name}_offset_proj.weight" for name in ("cls", "feat")]
+    return keys
+
+
+# Keys of our Mask2Former with no official counterpart: the loss's class weights and SwinModel's final norm.
+MASK2FORMER_OURS_ONLY = {
+    "criterion.empty_weight",
+    "model.pixel_level_module.encoder.swin.layernorm.weight",
+    "model.pixel_level_module.encoder.swin.layernorm.bias",
+}
+
+
+def ours_only(variant):
+    return MASK2FORMER_OURS_ONLY if variant in MASK2FORMER_VARIANTS else set()
+
+
 def official_keys(variant):
+    if variant in MASK2FORMER_VARIANTS:
+        return official_mask2former_keys(has_offset_learning(variant))
     if variant.startswith("offseg"):
         return official_offseg_keys(variant)
     if variant.startswith("segnext"):
@@ -150,19 +225,19 @@ def official_keys(variant):
     return official_segformer_keys(VARIANTS[variant]["encoder_config"]["depths"])
 
 
-IGNORED_EXAMPLES = ("hamming_", "init_pos", ".attention_biases", "attention_bias_idxs")
+IGNORED_EXAMPLES = ("hamming_", "init_pos", ".attention_biases", "attention_bias_idxs", "relative_position_index")
 
 
 def is_ignored(key, variant):
     if "conv_seg" in key:  # unused next to offset learning, the classifier of a per-pixel baseline
-        return VARIANTS[variant]["classifier"] == "offset"
+        return has_offset_learning(variant)
     return any(part in key for part in IGNORED_EXAMPLES) and not key.endswith("attention_biases_seg")
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
 def test_official_key_set_maps_onto_ours_exactly(variant):
     with torch.device("meta"):
-        model = OffSegForSemanticSegmentation(OffSegConfig.from_variant(variant, num_labels=150))
+        model = model_for_variant(variant, num_labels=150)
     ours = model.state_dict()
     keys = official_keys(variant)
     assert len(keys) == len(set(keys))
@@ -170,20 +245,22 @@ def test_official_key_set_maps_onto_ours_exactly(variant):
     # Every official key is produced from ours, except the ones the converter ignores on purpose.
     assert set(official) == {k for k in keys if not is_ignored(k, variant)}
     back = convert_state_dict(official, variant)
-    assert set(back) == set(ours)
+    assert set(back) == set(ours) - ours_only(variant)
     for key in back:
         assert back[key].shape == ours[key].shape, key
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
 def test_official_key_names_every_parameter_and_buffer_by_its_official_key(variant):
     with torch.device("meta"):
-        model = OffSegForSemanticSegmentation(OffSegConfig.from_variant(variant, num_labels=150))
+        model = model_for_variant(variant, num_labels=150)
     keys = official_keys(variant)
     expected = {k for k in keys if not is_ignored(k, variant)}
-    family = VARIANTS[variant]["decode_head"]
+    family = variant_family(variant)
     names = {key: official_key(key, family) for key in model.state_dict()}
     assert set(dict(model.named_parameters())) <= set(names)
+    assert {key: names[key] for key in ours_only(variant)} == dict.fromkeys(ours_only(variant))
+    names = {key: name for key, name in names.items() if key not in ours_only(variant)}
     assert {key: name for key, name in names.items() if name not in expected} == {}
     assert set(names.values()) == expected  # every official key is produced, none of the ignored ones
     assert all(official_key(key, variant) == name for key, name in names.items())
@@ -234,6 +311,57 @@ def test_official_key_names_every_parameter_and_buffer_by_its_official_key(varia
         ("lightham", "offseg.encoder.block5.0.norm1.weight", None),
         ("lightham", "offseg.decode_head.hamburger.nmf.eval_bases", None),
         ("segformer", "offseg.encoder.stages.0.blocks.1.layernorm_before.weight.extra", None),
+        (
+            "mask2former",
+            "model.pixel_level_module.encoder.swin.encoder.layers.2.blocks.5.attention.k_proj.bias",
+            "backbone.stages.2.blocks.5.attn.w_msa.qkv.bias",
+        ),
+        (
+            "mask2former-swin-t",
+            "model.pixel_level_module.encoder.swin.encoder.layers.1.downsample.reduction.weight",
+            "backbone.stages.1.downsample.reduction.weight",
+        ),
+        ("mask2former", "model.pixel_level_module.encoder.hidden_states_norms.stage1.bias", "backbone.norm0.bias"),
+        (
+            "mask2former",
+            "model.pixel_level_module.decoder.input_projections.2.1.weight",
+            "decode_head.pixel_decoder.input_convs.2.gn.weight",
+        ),
+        (
+            "mask2former",
+            "model.pixel_level_module.decoder.level_embed",
+            "decode_head.pixel_decoder.level_encoding.weight",
+        ),
+        (
+            "mask2former",
+            "model.pixel_level_module.decoder.adapter_1.1.bias",
+            "decode_head.pixel_decoder.lateral_convs.0.gn.bias",
+        ),
+        (
+            "mask2former",
+            "model.transformer_module.decoder.layers.8.self_attn.v_proj.weight",
+            "decode_head.transformer_decoder.layers.8.self_attn.attn.in_proj_weight",
+        ),
+        (
+            "mask2former",
+            "model.transformer_module.decoder.layers.0.cross_attn_layer_norm.weight",
+            "decode_head.transformer_decoder.layers.0.norms.0.weight",
+        ),
+        (
+            "mask2former",
+            "model.transformer_module.decoder.mask_predictor.mask_embedder.1.0.weight",
+            "decode_head.mask_embed.2.weight",
+        ),
+        (
+            "mask2former-swin-t-offset",
+            "model.transformer_module.decoder.mask_predictor.offset_learning.feature_offset_proj.weight",
+            "decode_head.offset_learning.feat_offset_proj.weight",
+        ),
+        ("mask2former", "model.transformer_module.queries_embedder.weight", "decode_head.query_embed.weight"),
+        ("mask2former", "class_predictor.bias", "decode_head.cls_embed.bias"),
+        ("mask2former", "model.pixel_level_module.encoder.swin.layernorm.weight", None),
+        ("mask2former", "criterion.empty_weight", None),
+        ("mask2former", "model.pixel_level_module.decoder.adapter_2.1.bias", None),
     ],
 )
 def test_official_key_examples(family, ours, official):
@@ -242,7 +370,7 @@ def test_official_key_examples(family, ours, official):
 
 def test_official_key_rejects_unknown_families():
     with pytest.raises(ValueError, match="Unknown model family"):
-        official_key("classifier.class_embeddings", "mask2former")
+        official_key("classifier.class_embeddings", "upernet")
 
 
 @pytest.mark.parametrize("variant", ["segformer-b0-offset", "offseg-t"])
@@ -301,6 +429,171 @@ def test_round_trip_through_official_names_is_identical(variant, tmp_path):
     with torch.no_grad():
         # Same weights; oneDNN convolutions may sum in another order for differently aligned buffers (~1e-6).
         torch.testing.assert_close(reloaded(images).logits, model(images).logits, rtol=0, atol=1e-5)
+
+
+# A small Mask2Former-offset (Swin with a shifted block in stage 3, one pixel-decoder layer, two decoder layers).
+SMALL_MASK2FORMER = {
+    "backbone_config": {"embed_dim": 32, "depths": [1, 1, 2, 1], "num_heads": [1, 2, 4, 8]},
+    "encoder_layers": 1,
+    "decoder_layers": 3,  # transformers counts the prediction before the first layer
+    "hidden_dim": 64,
+    "feature_size": 64,
+    "mask_feature_size": 64,
+    "dim_feedforward": 128,
+    "encoder_feedforward_dim": 128,
+    "num_queries": 10,
+}
+
+
+def small_mask2former(seed=0, variant="mask2former-swin-t-offset", num_labels=7):
+    torch.manual_seed(seed)
+    model = model_for_variant(variant, num_labels=num_labels, **SMALL_MASK2FORMER).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # every tensor away from its initial value (zero bias tables, unit norms ...)
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def small_official_keys(offset_learning=True):
+    return official_mask2former_keys(offset_learning, depths=(1, 1, 2, 1), encoder_layers=1, decoder_layers=2)
+
+
+def test_mask2former_round_trip_through_official_names_is_identical(tmp_path):
+    variant = "mask2former-swin-t-offset"
+    model = small_mask2former()
+    ours = model.state_dict()
+    keys = small_official_keys()
+    official = to_official_state_dict(ours, variant, keys)
+    assert list(official) == [key for key in keys if "relative_position_index" not in key]
+    assert official.keys() == to_official_state_dict(ours, variant).keys()
+    for key in keys:  # the computed buffers a real checkpoint has, which the converter ignores
+        if key.endswith("relative_position_index"):
+            official[key] = torch.zeros(49, 49, dtype=torch.long)
+    back = convert_state_dict(official, variant)
+    assert back.keys() == ours.keys() - MASK2FORMER_OURS_ONLY
+    for key in back:
+        assert torch.equal(back[key], ours[key]), key
+
+    path = tmp_path / "official.pth"
+    torch.save({"state_dict": official, "meta": {"dataset_meta": {"classes": [f"c{i}" for i in range(7)]}}}, path)
+    loaded = load_official_checkpoint(str(path), variant, **SMALL_MASK2FORMER)
+    assert isinstance(loaded, OffSegMask2FormerForSemanticSegmentation) and loaded.config.id2label[6] == "c6"
+    images = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        expected = model(images)
+        assert torch.equal(loaded(images).logits, expected.logits)
+
+    overrides = json.dumps(SMALL_MASK2FORMER)
+    main(
+        ["--checkpoint", str(path), "--variant", variant, "--output_dir", str(tmp_path / "out")]
+        + ["--config_overrides", overrides]
+    )
+    reloaded = OffSegMask2FormerForSemanticSegmentation.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        output = reloaded(images)
+    for name in ("logits", "class_queries_logits", "masks_queries_logits"):
+        torch.testing.assert_close(getattr(output, name), getattr(expected, name), rtol=0, atol=1e-5)
+
+
+def test_mask2former_patch_merging_takes_mmcv_unfold_order():
+    """mmseg's PatchMerging: nn.Unfold(2, stride 2) on (B, C, H, W) -> LayerNorm(4C) -> Linear(4C, 2C, no bias), here
+    with the official-layout tensors `to_official_state_dict` writes; it must equal transformers' SwinPatchMerging."""
+    model = small_mask2former()
+    official = to_official_state_dict(model.state_dict(), "mask2former-swin-t-offset")
+    merging = model.model.pixel_level_module.encoder.swin.encoder.layers[1].downsample
+    height, width, channels = 6, 10, 64
+    tokens = torch.randn(2, height * width, channels)
+    prefix = "backbone.stages.1.downsample"
+    unfolded = F.unfold(tokens.transpose(1, 2).reshape(2, channels, height, width), kernel_size=2, stride=2)
+    normed = F.layer_norm(
+        unfolded.transpose(1, 2), (4 * channels,), official[f"{prefix}.norm.weight"], official[f"{prefix}.norm.bias"]
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merging(tokens, (height, width)), F.linear(normed, official[f"{prefix}.reduction.weight"])
+        )
+        assert not torch.equal(official[f"{prefix}.norm.weight"], merging.norm.weight)  # not the identity
+
+
+def test_mask2former_checkpoint_without_offset_module_is_refused_for_the_offset_variant():
+    baseline = small_mask2former(variant="mask2former-swin-t")
+    official = to_official_state_dict(baseline.state_dict(), "mask2former-swin-t")
+    assert not any("offset_learning" in key for key in official)
+    with pytest.raises(ValueError, match="has no offset module, but 'mask2former-swin-t-offset' is built with it"):
+        convert_state_dict(official, "mask2former-swin-t-offset")
+    converted = convert_state_dict(official, "mask2former-swin-t-offset", offset_learning=False)
+    assert converted.keys() == baseline.state_dict().keys() - MASK2FORMER_OURS_ONLY
+    offset = to_official_state_dict(small_mask2former().state_dict(), "mask2former-swin-t-offset")
+    with pytest.raises(ValueError, match="convert it as 'mask2former-swin-t-offset'"):
+        convert_state_dict(offset, "mask2former-swin-t")
+
+
+def imagenet_swin_checkpoint(model):
+    """What mmseg's swin2mmseg.py makes of the Swin release: the backbone's keys without `backbone.` and without the
+    per-stage output norms, plus the classifier's final `norm`, the relative-position indices and the shifted
+    blocks' attention masks (buffers), and an ImageNet head (which swin2mmseg drops; other copies keep it)."""
+    official = to_official_state_dict(model.state_dict(), "mask2former-swin-t-offset")
+    state_dict = {}
+    for key, value in official.items():
+        if key.startswith("backbone.") and not key.startswith("backbone.norm"):
+            state_dict[key.removeprefix("backbone.")] = value
+            if key.endswith("attn.w_msa.proj.bias"):
+                block = key.removeprefix("backbone.").removesuffix(".attn.w_msa.proj.bias")
+                state_dict[f"{block}.attn.w_msa.relative_position_index"] = torch.zeros(49, 49, dtype=torch.long)
+                if block.endswith("1"):
+                    state_dict[f"{block}.attn_mask"] = torch.zeros(4, 49, 49)
+    state_dict["norm.weight"], state_dict["norm.bias"] = torch.rand(256) + 0.5, torch.randn(256)
+    state_dict["head.weight"], state_dict["head.bias"] = torch.randn(1000, 256), torch.zeros(1000)
+    return state_dict
+
+
+def test_load_swin_imagenet_fills_the_backbone_from_mmseg_format_weights(tmp_path):
+    source = small_mask2former(seed=1)
+    state_dict = imagenet_swin_checkpoint(source)
+    torch.save({"state_dict": state_dict}, tmp_path / "swin.pth")
+    model = small_mask2former(seed=2)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    unused = load_swin_imagenet(model, str(tmp_path / "swin.pth"))
+    assert sorted(unused) == sorted(k for k in state_dict if k.startswith("head.") or "attn_mask" in k or "index" in k)
+    encoder = "model.pixel_level_module.encoder."
+    for key, value in model.state_dict().items():
+        if key.startswith(f"{encoder}hidden_states_norms."):  # not in ImageNet checkpoints: kept, as in mmseg
+            assert torch.equal(value, before[key]), key
+        elif key.startswith(f"{encoder}swin.layernorm."):  # the classifier's final norm, unused by the backbone
+            assert torch.equal(value, state_dict[f"norm.{key.rsplit('.', 1)[1]}"]), key
+        elif key.startswith(encoder):
+            assert torch.equal(value, source.state_dict()[key]), key
+        else:  # the rest of the model is untouched
+            assert torch.equal(value, before[key]), key
+
+    for name, broken in [
+        ("extra", {**state_dict, "stages.0.blocks.0.extra.weight": torch.zeros(1)}),
+        ("missing", {k: v for k, v in state_dict.items() if "stages.3.blocks.0.norm2" not in k}),
+    ]:
+        torch.save(broken, tmp_path / f"{name}.pth")
+        with pytest.raises(
+            ValueError, match="extra.weight" if name == "extra" else "layers.3.blocks.0.layernorm_after"
+        ):
+            load_swin_imagenet(model, str(tmp_path / f"{name}.pth"))
+
+
+def test_load_swin_imagenet_takes_a_transformers_swin_folder(tmp_path):
+    from transformers import SwinConfig, SwinForImageClassification
+
+    model = small_mask2former(seed=2)
+    backbone_config = model.config.backbone_config.to_dict()
+    config = SwinConfig(**{k: backbone_config[k] for k in ("embed_dim", "depths", "num_heads", "window_size")})
+    torch.manual_seed(3)
+    classifier = SwinForImageClassification(SwinConfig(**config.to_dict(), num_labels=5))
+    classifier.save_pretrained(tmp_path / "swin")
+    assert load_swin_imagenet(model, str(tmp_path / "swin")) == ["classifier.bias", "classifier.weight"]
+    ours = model.model.pixel_level_module.encoder.swin.state_dict()
+    for key, value in classifier.swin.state_dict().items():
+        assert torch.equal(ours[key], value), key
+    SwinForImageClassification(SwinConfig(**{**config.to_dict(), "window_size": 4})).save_pretrained(tmp_path / "w4")
+    with pytest.raises(ValueError, match="another Swin"):
+        load_swin_imagenet(model, str(tmp_path / "w4"))
 
 
 def test_a_checkpoint_with_the_other_classifier_is_refused_with_the_variant_to_use():
@@ -447,7 +740,7 @@ def test_help_names_its_own_command_and_explains_every_flag(capsys):
     text = capsys.readouterr().out
     assert text.startswith("usage: python -m offseg_hf.convert")
     options = text[text.index("options:") :]
-    for flag in ("--checkpoint", "--variant", "--output_dir", "--id2label"):
+    for flag in ("--checkpoint", "--variant", "--output_dir", "--id2label", "--config_overrides"):
         # each flag's line (or the next) carries its help text
         after = options[options.index(flag) :].split("\n", 2)
         assert any(len(line.split()) > 3 for line in after[:2]), flag
