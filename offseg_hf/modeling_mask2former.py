@@ -38,8 +38,6 @@ from .image_processing_offseg import OffSegImageProcessor  # noqa: F401  (copied
 from .layers import INIT_RULE
 from .offset_learning import MaskOffsetLearning
 
-IGNORE_INDEX = 255
-
 
 class OffsetMaskPredictor(Mask2FormerMaskPredictor):
     """`transformers`' mask predictor with the paper's offset module between mask embeddings and mask features."""
@@ -70,7 +68,7 @@ class OffSegMask2FormerOutput(Mask2FormerForUniversalSegmentationOutput):
     logits: torch.FloatTensor | None = None
 
 
-def semantic_targets(labels: torch.Tensor, num_labels: int, ignore_index: int = IGNORE_INDEX):
+def semantic_targets(labels: torch.Tensor, num_labels: int, ignore_index: int = 255):
     """Semantic maps (B, H, W) -> per image `mask_labels` (n, H, W) float and `class_labels` (n,) long, one entry per
     class present, the ignore index dropped (mmseg's semantic-to-instance conversion for Mask2Former)."""
     mask_labels, class_labels = [], []
@@ -152,7 +150,7 @@ class OffSegMask2FormerForSemanticSegmentation(Mask2FormerForUniversalSegmentati
     ) -> OffSegMask2FormerOutput | tuple:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
-            Semantic maps (class ids, 255 ignored); turned into `mask_labels` and
+            Semantic maps (class ids, `config.ignore_value` (255) ignored); turned into `mask_labels` and
             `class_labels` for the Mask2Former loss. Alternatively pass those two directly, as for `transformers`'
             Mask2Former.
         """
@@ -172,8 +170,8 @@ class OffSegMask2FormerForSemanticSegmentation(Mask2FormerForUniversalSegmentati
             if labels.ndim != 3 or labels.shape[0] != pixel_values.shape[0]:
                 raise ValueError(f"labels must have shape (batch, height, width); got {tuple(labels.shape)}.")
             if pad_h or pad_w:
-                labels = F.pad(labels, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
-            mask_labels, class_labels = semantic_targets(labels, self.config.num_labels)
+                labels = F.pad(labels, (0, pad_w, 0, pad_h), value=self.config.ignore_value)
+            mask_labels, class_labels = semantic_targets(labels, self.config.num_labels, self.config.ignore_value)
         outputs = super().forward(
             pixel_values,
             mask_labels=mask_labels,

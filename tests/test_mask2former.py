@@ -267,9 +267,10 @@ def test_labels_give_a_loss_with_gradients_and_padding_is_ignored(monkeypatch):
     model = tiny_model(train_num_points=1024).train()
     seen = []
 
-    def spy(labels, num_labels):
+    def spy(labels, num_labels, ignore_index):
         seen.append(labels)
-        return semantic_targets(labels, num_labels)
+        assert ignore_index == model.config.ignore_value == 255
+        return semantic_targets(labels, num_labels, ignore_index)
 
     monkeypatch.setattr(modeling_mask2former, "semantic_targets", spy)
     pixel_values, labels = blocky_batch(70, 90)
