@@ -112,6 +112,54 @@ def test_official_groups_of_segnext():
     assert {name: found[name] for name in expected} == expected
 
 
+def test_official_groups_of_mask2former():
+    from offseg_hf.presets import model_for_variant
+
+    # The official Swin-T Mask2Former(-offset) rule on the official names (custom keys, longest first, then
+    # norm_decay_mult=0 for the norm layers no key matched), at the recipe's backbone multiplier 0.1.
+    small = {"backbone_config": {"depths": [1, 1, 1, 1]}, "encoder_layers": 1, "decoder_layers": 3}
+    model = model_for_variant("mask2former-swin-t-offset", num_labels=4, **small)
+    names = {id(param): name for name, param in model.named_parameters()}
+    found = {}
+    for group in param_groups(model, 1.0, 0.05, head_lr_mult=1.0, rule="official", backbone_lr_mult=0.1):
+        for param in group["params"]:
+            found[names[id(param)]] = (group["lr"], group["weight_decay"] > 0)
+    swin, decoder = "model.pixel_level_module.encoder", "model.transformer_module.decoder"
+    backbone_decay, backbone_no_decay = (0.1, True), (0.1, False)
+    expected = {
+        f"{swin}.swin.encoder.layers.1.blocks.0.attention.q_proj.weight": backbone_decay,  # backbone
+        f"{swin}.swin.encoder.layers.1.blocks.0.layernorm_before.weight": backbone_no_decay,  # blocks.N.norm1
+        f"{swin}.swin.encoder.layers.0.downsample.norm.bias": backbone_no_decay,  # stages.0.downsample.norm
+        f"{swin}.swin.encoder.layers.0.blocks.0.attention.relative_position_bias.relative_position_bias_table": (
+            backbone_no_decay
+        ),
+        f"{swin}.swin.embeddings.norm.weight": backbone_no_decay,  # patch_embed.norm
+        f"{swin}.hidden_states_norms.stage4.weight": backbone_no_decay,  # backbone.norm3
+        "model.pixel_level_module.decoder.level_embed": (1.0, True),  # level_encoding: no custom key matches
+        "model.pixel_level_module.decoder.input_projections.0.1.weight": (1.0, False),  # a GroupNorm
+        "model.transformer_module.queries_features.weight": (1.0, False),  # query_feat
+        "model.transformer_module.level_embed.weight": (1.0, False),  # level_embed
+        f"{decoder}.layers.0.self_attn_layer_norm.weight": (1.0, False),  # a LayerNorm of the head
+        f"{decoder}.mask_predictor.offset_learning.class_offset_proj.weight": (1.0, True),
+        "class_predictor.weight": (1.0, True),
+    }
+    assert {name: found[name] for name in expected} == expected
+    # Full size, on the meta device: the official constructor's groups (47.571M parameters; ours add transformers'
+    # unused final Swin LayerNorm, 1536 parameters, to the decayed backbone group).
+    with torch.device("meta"):
+        full = model_for_variant("mask2former-swin-t-offset")
+    sizes = {
+        group["name"]: sum(p.numel() for p in group["params"])
+        for group in param_groups(full, 1e-4, 0.05, head_lr_mult=1.0, rule="official", backbone_lr_mult=0.1)
+    }
+    assert sizes == {
+        "lr_x0.1_decay": 27_471_264 + 1536,
+        "lr_x0.1_no_decay": 49_434,
+        "lr_x1_decay": 19_974_999,
+        "lr_x1_no_decay": 75_008,
+    }
+
+
 @pytest.mark.parametrize("variant", ["segformer", "offseg-t"])
 def test_all_norms_rule_exempts_every_norm_layer(variant):
     config = tiny_config() if variant == "segformer" else OffSegConfig.from_variant("offseg-t", num_labels=6)
