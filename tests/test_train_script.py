@@ -338,6 +338,28 @@ def test_segnext_offset_trains_on_the_demo_set_and_its_folder_loads(train_script
         assert torch.equal(loaded(images).logits, trained.eval()(images).logits)
 
 
+def test_mask2former_offset_trains_on_the_demo_set_with_its_official_rules(train_script, tmp_path):
+    small = {"backbone_config": {"depths": [1, 1, 1, 1]}, "encoder_layers": 1, "decoder_layers": 3}
+    small["train_num_points"] = 1024
+    model = ["--variant", "mask2former-swin-t-offset", "--config_overrides", json.dumps(small)]
+    result = run(train_script, tmp_path / "m2f", "--max_train_steps", "3", model=model)
+    assert result["step"] == 3 and 0 <= result["metrics"]["mean_iou"] <= 1
+    # The family's recipe: AdamW weight decay 0.05, poly 0.9 without warmup (lr 0 after the last step), backbone
+    # groups at the demo's backbone multiplier (1.0: the demo trains from scratch), no head x10.
+    groups = result["optimizer"].param_groups
+    assert {group["lr_mult"] for group in groups} == {1.0} and {g["weight_decay"] for g in groups} == {0.0, 0.05}
+    assert all(group["lr"] == 0.0 for group in groups)
+    from transformers import AutoModelForSemanticSegmentation
+
+    loaded = AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "m2f").eval()
+    assert type(loaded).__name__ == "OffSegMask2FormerForSemanticSegmentation" and loaded.config.offset_learning
+    images = torch.randn(1, 3, 40, 56)
+    with torch.no_grad():
+        logits = loaded(images).logits
+    assert logits.shape == (1, 5, 40, 56)
+    torch.testing.assert_close(logits, result["model"].eval()(images).logits, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_another_model_never_replaces_a_run_silently_nor_resumes_its_checkpoints(train_script, tmp_path, monkeypatch):
     folder = tmp_path / "run"
