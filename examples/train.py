@@ -356,6 +356,7 @@ def load_data(args, settings: dict, accelerator):
         crop_size=settings["crop_size"],
         scale=settings["resize_scale"],
         ratio_range=settings["ratio_range"],
+        resize_mode=settings["resize_mode"],
         cat_max_ratio=settings["cat_max_ratio"],
         flip_prob=settings["flip_prob"],
         photometric=settings["photometric"],

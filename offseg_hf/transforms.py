@@ -1,7 +1,8 @@
 """mmseg's training and test pipelines for semantic segmentation, on torch tensors.
 
 Training (mmseg's ADE20K pipeline, in its order): random resize of a (long, short) scale by a ratio in
-[0.5, 2.0] keeping the aspect ratio -> random crop with at most `cat_max_ratio` of the crop one class ->
+[0.5, 2.0] keeping the aspect ratio (or, as the Mask2Former configs do, a short edge drawn from a fixed list with
+the long edge capped) -> random crop with at most `cat_max_ratio` of the crop one class ->
 horizontal flip -> photometric distortion -> ImageNet normalisation -> pad to the crop size (0 for the normalised
 image, the ignore index for labels). torchvision has no category-ratio crop and no mmseg-style photometric
 distortion, hence this module.
@@ -54,6 +55,41 @@ def random_resize(
     ratio = rng.uniform(ratio_range[0], ratio_range[1])
     target = (int(scale[0] * ratio), int(scale[1] * ratio))
     return resize(image, labels, rescale_size(image.shape[-2], image.shape[-1], target))
+
+
+def shortest_edge_choices(scale: tuple[int, int], ratio_range: tuple[float, float]) -> list[int]:
+    """The short edges mmseg's Mask2Former configs choose from: `int(short * x * 0.1)` for x from 10 x the low ratio
+    to 10 x the high one (scale (2048, 512), ratios 0.5-2.0: 256, 307, 358, ..., 972, 1024)."""
+    short = min(scale)
+    return [int(short * x * 0.1) for x in range(round(ratio_range[0] * 10), round(ratio_range[1] * 10) + 1)]
+
+
+def shortest_edge_size(height: int, width: int, edge: int, max_size: int) -> tuple[int, int]:
+    """mmseg's `ResizeShortestEdge`: the short edge to `edge` keeping the ratio, unless the long edge would pass
+    `max_size`, which then bounds it; rounded half up."""
+    factor = edge / min(height, width)
+    new_height, new_width = height * factor, width * factor
+    if max(new_height, new_width) > max_size:
+        shrink = max_size / max(new_height, new_width)
+        new_height, new_width = new_height * shrink, new_width * shrink
+    return int(new_height + 0.5), int(new_width + 0.5)
+
+
+def random_shortest_edge_resize(
+    image: torch.Tensor,
+    labels: torch.Tensor,
+    rng: np.random.Generator,
+    scale: tuple[int, int] = (2048, 512),
+    ratio_range: tuple[float, float] = (0.5, 2.0),
+):
+    """mmseg's `RandomChoiceResize(scales=shortest_edge_choices(...), resize_type="ResizeShortestEdge",
+    max_size=max(scale))`: one short edge drawn uniformly from the choices."""
+    choices = shortest_edge_choices(scale, ratio_range)
+    edge = choices[int(rng.integers(len(choices)))]
+    return resize(image, labels, shortest_edge_size(image.shape[-2], image.shape[-1], edge, max(scale)))
+
+
+RESIZE_MODES = {"ratio": random_resize, "shortest_edge": random_shortest_edge_resize}
 
 
 def _crop_box(height: int, width: int, crop: tuple[int, int], rng: np.random.Generator) -> tuple[int, int, int, int]:
@@ -209,6 +245,7 @@ class TrainTransform:
     crop_size: tuple[int, int] = (512, 512)
     scale: tuple[int, int] = (2048, 512)
     ratio_range: tuple[float, float] = (0.5, 2.0)
+    resize_mode: str = "ratio"  # "ratio": `random_resize`; "shortest_edge": `random_shortest_edge_resize`
     cat_max_ratio: float = 0.75
     flip_prob: float = 0.5
     photometric: bool = True
@@ -217,7 +254,7 @@ class TrainTransform:
     ignore_index: int = IGNORE_INDEX
 
     def __call__(self, image: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator):
-        image, labels = random_resize(image, labels, rng, self.scale, self.ratio_range)
+        image, labels = RESIZE_MODES[self.resize_mode](image, labels, rng, self.scale, self.ratio_range)
         image, labels = random_crop(image, labels, rng, self.crop_size, self.cat_max_ratio, self.ignore_index)
         image, labels = random_flip(image, labels, rng, self.flip_prob)
         if self.photometric:

@@ -83,6 +83,7 @@ def test_mask2former_family_takes_its_official_optimizer_and_schedule():
         "eval_mode": "whole",
         "eval_steps": 5_000,
         "checkpointing_steps": 5_000,
+        "resize_mode": "shortest_edge",
     }
     assert {key: settings[key] for key in expected} == expected
     assert (settings["max_train_steps"], settings["total_batch_size"], settings["crop_size"]) == (

@@ -227,3 +227,30 @@ def test_eval_transform_resizes_image_only():
     pixel_values, out_labels = EvalTransform(scale=(120, 60))(image, labels)
     assert pixel_values.shape == (3, 60, 80)
     assert torch.equal(out_labels, labels)
+
+
+def test_shortest_edge_resize_is_the_mask2former_configs_random_choice_resize():
+    from offseg_hf.transforms import (
+        TrainTransform,
+        random_shortest_edge_resize,
+        shortest_edge_choices,
+        shortest_edge_size,
+    )
+
+    # RandomChoiceResize(scales=[int(512 * x * 0.1) for x in range(5, 21)], ResizeShortestEdge, max_size=2048).
+    assert shortest_edge_choices((2048, 512), (0.5, 2.0)) == [int(512 * x * 0.1) for x in range(5, 21)]
+    assert shortest_edge_size(512, 683, 1024, 2048) == (1024, 1366)  # short edge to 1024, ratio kept
+    assert shortest_edge_size(683, 512, 256, 2048) == (342, 256)
+    assert shortest_edge_size(300, 2000, 1024, 2048) == (307, 2048)  # the long edge capped at max_size
+    image = torch.zeros(3, 40, 60, dtype=torch.uint8)
+    labels = torch.zeros(40, 60, dtype=torch.long)
+    short_edges = set()
+    for seed in range(200):
+        resized, resized_labels = random_shortest_edge_resize(image, labels, np.random.default_rng(seed), (512, 128))
+        assert resized.shape[-2:] == resized_labels.shape
+        short_edges.add(min(resized.shape[-2:]))
+    assert short_edges == set(shortest_edge_choices((512, 128), (0.5, 2.0)))  # every choice drawn, nothing else
+    out, out_labels = TrainTransform(crop_size=(32, 32), scale=(512, 128), resize_mode="shortest_edge")(
+        image, labels, np.random.default_rng(0)
+    )
+    assert out.shape == (3, 32, 32) and out_labels.shape == (32, 32)

@@ -31,6 +31,7 @@ from typing import Any
 
 from ..configuration_mask2former import OffSegMask2FormerConfig
 from ..presets import ALL_VARIANTS, MASK2FORMER_FAMILY, variant_family
+from ..transforms import RESIZE_MODES
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,12 @@ RECIPE_FIELDS: dict[str, RecipeField] = {
         metavar=("LONG", "SHORT"),
     ),
     "ratio_range": RecipeField("Random-resize ratio range, MIN MAX.", metavar=("MIN", "MAX")),
+    "resize_mode": RecipeField(
+        "Random resize: ratio (mmseg's RandomResize: the scale times a uniform ratio) or shortest_edge (the "
+        "Mask2Former configs' RandomChoiceResize: short edge min(scale) x 0.1k for k over the ratio range, long edge "
+        "at most max(scale)).",
+        choices=tuple(RESIZE_MODES),
+    ),
     "cat_max_ratio": RecipeField("Largest share one class may have of a crop (1 disables the check)."),
     "flip_prob": RecipeField("Horizontal flip probability."),
     "photometric": RecipeField("Photometric distortion (brightness, contrast, saturation, hue)."),
@@ -105,6 +112,7 @@ PAPER_RECIPE: dict[str, Any] = {
     "crop_size": (512, 512),
     "resize_scale": (2048, 512),
     "ratio_range": (0.5, 2.0),
+    "resize_mode": "ratio",
     "cat_max_ratio": 0.75,
     "flip_prob": 0.5,
     "photometric": True,
@@ -168,7 +176,8 @@ DEFAULT_RECIPE = "demo"
 
 # The official Mask2Former(-offset) Swin-T ADE20K config: AdamW lr 1e-4, weight decay 0.05; backbone at 0.1x the lr;
 # no weight decay for norms, position and query/level embeddings; gradients clipped to L2 norm 0.01; poly (0.9)
-# from the first step, no warmup; checkpoints and evaluation every 5000 steps, on whole images.
+# from the first step, no warmup; checkpoints and evaluation every 5000 steps, on whole images; on ADE20K its random
+# resize draws a short edge from 256, 307, ..., 1024 (long edge at most 2048) instead of mmseg's ratio resize.
 _MASK2FORMER = {
     "learning_rate": 1e-4,
     "weight_decay": 0.05,
@@ -184,7 +193,12 @@ _MASK2FORMER = {
 FAMILY_CHANGES: dict[str, dict[str, dict[str, Any]]] = {
     "lightham": {"ade20k-160k": {"eval_mode": "whole"}, "coco-stuff-80k": {"eval_mode": "whole"}},
     "mask2former": {
-        "ade20k-160k": {**_MASK2FORMER, "eval_steps": 5_000, "checkpointing_steps": 5_000},
+        "ade20k-160k": {
+            **_MASK2FORMER,
+            "resize_mode": "shortest_edge",
+            "eval_steps": 5_000,
+            "checkpointing_steps": 5_000,
+        },
         # The demo trains from scratch: the backbone at the full rate, a higher peak, the demo's short schedule.
         "demo": {**_MASK2FORMER, "learning_rate": 3e-4, "backbone_lr_mult": 1.0, "eval_mode": "whole"},
     },
