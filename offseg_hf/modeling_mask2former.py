@@ -40,36 +40,21 @@ from .offset_learning import MaskOffsetLearning
 
 
 class OffsetMaskPredictor(Mask2FormerMaskPredictor):
-    """`transformers`' mask predictor with the paper's offset module between mask embeddings and mask features.
-
-    `low_resolution_calls` (set by `OffSegMask2FormerForSemanticSegmentation.forward` for one pass, 0 otherwise):
-    the first that many calls of a pass return their masks at the attention-mask size only. In evaluation without
-    auxiliary outputs, the intermediate predictions feed nothing but the next layer's attention mask, which the
-    parent derives by resizing the full masks; computing them resized (`MaskOffsetLearning(size=...)`) gives the same
-    values up to rounding and saves a full-resolution product per call.
-    """
+    """`transformers`' mask predictor with the paper's offset module between mask embeddings and mask features."""
 
     def __init__(self, hidden_size: int, num_heads: int, mask_feature_size: int, initializer_range: float = 0.02):
         super().__init__(hidden_size, num_heads, mask_feature_size)
         self.offset_learning = MaskOffsetLearning(mask_feature_size, initializer_range)
-        self.low_resolution_calls = 0
-        self.calls = 0
 
     def forward(
         self, outputs: torch.Tensor, pixel_embeddings: torch.Tensor, attention_mask_target_size: int | None = None
     ):
         mask_embeddings = self.mask_embedder(outputs.transpose(0, 1))  # (B, Q, C)
-        low_resolution = self.calls < self.low_resolution_calls
-        self.calls += 1
-        if low_resolution:
-            outputs_mask = self.offset_learning(mask_embeddings, pixel_embeddings, size=attention_mask_target_size)
-            attention_mask = outputs_mask
-        else:
-            outputs_mask = self.offset_learning(mask_embeddings, pixel_embeddings)  # (B, Q, H/4, W/4)
-            # The attention mask of the next decoder layer, from these masks, as the parent class derives it.
-            attention_mask = F.interpolate(
-                outputs_mask, size=attention_mask_target_size, mode="bilinear", align_corners=False
-            )
+        outputs_mask = self.offset_learning(mask_embeddings, pixel_embeddings)  # (B, Q, H/4, W/4)
+        # The attention mask of the next decoder layer, from these masks, as the parent class derives it.
+        attention_mask = F.interpolate(
+            outputs_mask, size=attention_mask_target_size, mode="bilinear", align_corners=False
+        )
         attention_mask = attention_mask.sigmoid().flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1)
         attention_mask = (attention_mask.flatten(0, 1) < 0.5).bool().detach()
         return outputs_mask, attention_mask
@@ -187,24 +172,16 @@ class OffSegMask2FormerForSemanticSegmentation(Mask2FormerForUniversalSegmentati
             if pad_h or pad_w:
                 labels = F.pad(labels, (0, pad_w, 0, pad_h), value=self.config.ignore_value)
             mask_labels, class_labels = semantic_targets(labels, self.config.num_labels, self.config.ignore_value)
-        predictor = self.model.transformer_module.decoder.mask_predictor
-        auxiliary = self.config.output_auxiliary_logits if output_auxiliary_logits is None else output_auxiliary_logits
-        if isinstance(predictor, OffsetMaskPredictor) and not (self.training or mask_labels is not None or auxiliary):
-            predictor.low_resolution_calls = self.config.decoder_layers - 1  # every prediction but the last
-        try:
-            outputs = super().forward(
-                pixel_values,
-                mask_labels=mask_labels,
-                class_labels=class_labels,
-                pixel_mask=pixel_mask,
-                output_hidden_states=output_hidden_states,
-                output_auxiliary_logits=output_auxiliary_logits,
-                output_attentions=output_attentions,
-                return_dict=True,
-            )
-        finally:
-            if isinstance(predictor, OffsetMaskPredictor):
-                predictor.low_resolution_calls = predictor.calls = 0
+        outputs = super().forward(
+            pixel_values,
+            mask_labels=mask_labels,
+            class_labels=class_labels,
+            pixel_mask=pixel_mask,
+            output_hidden_states=output_hidden_states,
+            output_auxiliary_logits=output_auxiliary_logits,
+            output_attentions=output_attentions,
+            return_dict=True,
+        )
         logits = None
         if not self.training or mask_labels is None:
             logits = self.semantic_logits(

@@ -27,7 +27,6 @@ from functools import partial
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from transformers import initialization as init
 
 from .layers import initialise_with
@@ -159,15 +158,8 @@ class MaskOffsetLearning(nn.Module):
         for module in (self.class_offset_proj, self.feature_offset_proj):
             initialise_with(module, partial(_trunc_normal_, std=initializer_range))
 
-    def forward(
-        self, mask_embeddings: torch.Tensor, mask_features: torch.Tensor, size: tuple[int, int] | None = None
-    ) -> torch.Tensor:
-        """(B, Q, C) mask embeddings and (B, C, H, W) mask features -> (B, Q, H, W) mask logits.
-
-        With `size`, the masks come out bilinearly resized to it (align_corners=False), computed at that size: the
-        offsets still come from every position of F, but the final products use F and Softmax_Q(A) resized first,
-        which equals resizing the masks (both terms are linear in what is resized) and skips a (Q x C) x (C x HW)
-        product at full resolution."""
+    def forward(self, mask_embeddings: torch.Tensor, mask_features: torch.Tensor) -> torch.Tensor:
+        """(B, Q, C) mask embeddings and (B, C, H, W) mask features -> (B, Q, H, W) mask logits."""
         height, width = mask_features.shape[-2:]
         if mask_features.shape[1] != self.channels or mask_embeddings.shape[-1] != self.channels:
             raise ValueError(
@@ -178,15 +170,8 @@ class MaskOffsetLearning(nn.Module):
         coupled_attention = torch.matmul(mask_embeddings, features)  # A: (B, Q, HW)
         class_context = torch.matmul(coupled_attention.softmax(dim=-1), features.transpose(1, 2))  # (B, Q, C)
         aligned_queries = mask_embeddings + self.class_offset_proj(class_context)  # q'
+        masks = torch.matmul(aligned_queries, features)  # q' F^T: (B, Q, HW)
         # q' dF^T = q' P_f(Softmax_Q(A)^T q)^T = (q' W_f q^T) Softmax_Q(A), with the (Q, Q) factor formed first.
         query_mixing = torch.matmul(aligned_queries, self.feature_offset_proj(mask_embeddings).transpose(1, 2))
-        position_attention = coupled_attention.softmax(dim=1)  # (B, Q, HW)
-        if size is not None and tuple(size) != (height, width):
-            features = F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False).flatten(2)
-            position_attention = F.interpolate(
-                position_attention.unflatten(2, (height, width)), size=size, mode="bilinear", align_corners=False
-            ).flatten(2)
-            height, width = size
-        masks = torch.matmul(aligned_queries, features)  # q' F^T: (B, Q, hw)
-        masks = torch.baddbmm(masks, query_mixing, position_attention)
+        masks = torch.baddbmm(masks, query_mixing, coupled_attention.softmax(dim=1))
         return masks.unflatten(2, (height, width))
