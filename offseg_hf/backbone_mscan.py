@@ -34,8 +34,7 @@ from transformers import initialization as init
 
 from .encoder import EncoderOutput, no_attentions_error
 from .layers import initialise_with
-from .safe_pickle import read_checkpoint
-from .state_dict_checks import require_fit, unwrap_state_dict
+from .state_dict_checks import read_state_dict_file, require_fit
 
 
 class MSCANConfig(PreTrainedConfig):
@@ -203,9 +202,8 @@ def _layer_scale_init_(block: MSCABlock) -> None:
 
 
 # Keys of the original SegNeXt release (`mlp.dwconv.dwconv`) and of the ImageNet classifier, for `load_pretrained`.
-_ORIGINAL_RELEASE_NAMES = ((re.compile(r"\.mlp\.dwconv\.dwconv\."), ".mlp.dwconv."),)
+_ORIGINAL_RELEASE_DWCONV = re.compile(r"\.mlp\.dwconv\.dwconv\.")
 _IMAGENET_HEAD = ("head.",)
-_CHECKPOINT_PREFIXES = ("backbone.",)  # "module." goes in unwrap_state_dict
 
 
 class MSCANEncoder(nn.Module):
@@ -291,23 +289,10 @@ class MSCANEncoder(nn.Module):
                 f"MSCAN weights are read from a local file; {name_or_path!r} is not one. Download the official "
                 "ImageNet checkpoint (mscan_t/s/b .pth, linked from mmseg's SegNeXt configs) first."
             )
-        if name_or_path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            checkpoint = load_file(name_or_path)
-        else:
-            checkpoint = read_checkpoint(name_or_path)
-        try:
-            checkpoint = unwrap_state_dict(checkpoint, wrappers=("state_dict", "model"))
-        except ValueError as error:
-            raise ValueError(f"{name_or_path!r}: {error}") from None
-        state_dict = {}
-        for key, value in checkpoint.items():
-            for prefix in _CHECKPOINT_PREFIXES:
-                key = key.removeprefix(prefix)
-            for pattern, replacement in _ORIGINAL_RELEASE_NAMES:
-                key = pattern.sub(replacement, key)
-            state_dict[key] = value
+        state_dict = {
+            _ORIGINAL_RELEASE_DWCONV.sub(".mlp.dwconv.", key.removeprefix("backbone.")): value
+            for key, value in read_state_dict_file(name_or_path).items()
+        }
         unused = [key for key in state_dict if key.startswith(_IMAGENET_HEAD)]
         selected = {key: value for key, value in state_dict.items() if key not in unused}
         require_fit(self.state_dict(), selected, f"{name_or_path!r} does not fit this MSCAN encoder")

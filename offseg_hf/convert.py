@@ -62,7 +62,7 @@ from .presets import (
     model_class_for,
     variant_family,
 )
-from .state_dict_checks import require_fit, unwrap_state_dict
+from .state_dict_checks import read_state_dict_file, require_fit, unwrap_state_dict
 
 Tensor = torch.Tensor
 
@@ -772,13 +772,7 @@ def _initialised_here(key: str) -> bool:
 
 def _imagenet_swin_weights(path: str) -> tuple[dict[str, Tensor], list[str]]:
     """An mmseg-format Swin state dict -> our SwinBackbone's keys, and the checkpoint keys not used."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        checkpoint = load_file(path)
-    else:
-        checkpoint = safe_pickle.read_checkpoint(path)
-    state_dict = unwrap_state_dict(checkpoint, wrappers=("state_dict", "model"))
+    state_dict = read_state_dict_file(path)
     _require_dense(state_dict)
     prefix = f"{SWIN_ENCODER}."
     weights, unused, unknown = {}, [], []

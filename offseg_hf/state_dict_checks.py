@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import torch
 
+from .safe_pickle import read_checkpoint
+
 
 def require_fit(
     expected: dict[str, torch.Tensor],
@@ -44,3 +46,18 @@ def unwrap_state_dict(checkpoint, wrappers: tuple[str, ...] = ("state_dict",)) -
             f"{len(not_tensors)} state dict entries are not tensors: {dict(list(not_tensors.items())[:20])}"
         )
     return {key.removeprefix("module."): value for key, value in checkpoint.items()}
+
+
+def read_state_dict_file(path: str, wrappers: tuple[str, ...] = ("state_dict", "model")) -> dict[str, torch.Tensor]:
+    """The state dict in a weights file: `.safetensors` as is, anything else through `safe_pickle.read_checkpoint`
+    (no code from the file runs), then `unwrap_state_dict`; a `ValueError` names the file."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        checkpoint = load_file(path)
+    else:
+        checkpoint = read_checkpoint(path)
+    try:
+        return unwrap_state_dict(checkpoint, wrappers)
+    except ValueError as error:
+        raise ValueError(f"{path!r}: {error}") from None

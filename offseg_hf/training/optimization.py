@@ -116,7 +116,7 @@ def official_names(model: nn.Module, encoder_prefix: str | None = None) -> dict[
 
 
 def official_rule(
-    model: nn.Module, head_lr_mult: float = 10.0, encoder_prefix: str | None = None, backbone_lr_mult: float = 0.1
+    model: nn.Module, head_lr_mult: float = 10.0, encoder_prefix: str | None = None, backbone_lr_mult: float = 1.0
 ):
     """The official runs' parameter treatment: `first_matching_key` over the family's custom keys, applied to each
     parameter's official name (`official_names`).
