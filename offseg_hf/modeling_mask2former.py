@@ -36,25 +36,52 @@ from transformers.models.mask2former.modeling_mask2former import (
 from .configuration_mask2former import OffSegMask2FormerConfig
 from .image_processing_offseg import OffSegImageProcessor  # noqa: F401  (copied into saved folders: see the auto_map)
 from .layers import INIT_RULE
-from .offset_learning import MaskOffsetLearning
+from .offset_learning import MaskOffsetLearning, resize_features
 
 
 class OffsetMaskPredictor(Mask2FormerMaskPredictor):
-    """`transformers`' mask predictor with the paper's offset module between mask embeddings and mask features."""
+    """`transformers`' mask predictor with the paper's offset module between mask embeddings and mask features.
+
+    `attention_only_calls` (set by `OffSegMask2FormerForSemanticSegmentation.forward` for one pass, 0 otherwise): the
+    first that many calls of a pass return their masks at the next layer's attention-mask size. In evaluation
+    without auxiliary outputs those intermediate predictions feed nothing but the attention masks, which the parent
+    class derives by resizing the full masks; `MaskOffsetLearning(..., size=...)` computes the resized masks
+    directly (the same values up to float rounding) and skips most of the full-resolution products. The resized
+    mask features, the same for every call of a pass, are computed once per size and pass.
+    """
 
     def __init__(self, hidden_size: int, num_heads: int, mask_feature_size: int, initializer_range: float = 0.02):
         super().__init__(hidden_size, num_heads, mask_feature_size)
         self.offset_learning = MaskOffsetLearning(mask_feature_size, initializer_range)
+        self.end_pass()
+
+    def end_pass(self):
+        """Forget the pass's state: evaluation calls count from 0 again and resized features are dropped."""
+        self.attention_only_calls = 0
+        self.calls = 0
+        self.resized_features = {}
 
     def forward(
         self, outputs: torch.Tensor, pixel_embeddings: torch.Tensor, attention_mask_target_size: int | None = None
     ):
         mask_embeddings = self.mask_embedder(outputs.transpose(0, 1))  # (B, Q, C)
-        outputs_mask = self.offset_learning(mask_embeddings, pixel_embeddings)  # (B, Q, H/4, W/4)
-        # The attention mask of the next decoder layer, from these masks, as the parent class derives it.
-        attention_mask = F.interpolate(
-            outputs_mask, size=attention_mask_target_size, mode="bilinear", align_corners=False
-        )
+        attention_only = self.calls < self.attention_only_calls
+        self.calls += 1
+        if attention_only:
+            size = tuple(attention_mask_target_size)
+            cached = self.resized_features.get(size)
+            if cached is None or cached[0] is not pixel_embeddings:
+                cached = (pixel_embeddings, resize_features(pixel_embeddings, size))
+                self.resized_features[size] = cached
+            outputs_mask = attention_mask = self.offset_learning(
+                mask_embeddings, pixel_embeddings, size=size, resized_features=cached[1]
+            )
+        else:
+            outputs_mask = self.offset_learning(mask_embeddings, pixel_embeddings)  # (B, Q, H/4, W/4)
+            # The attention mask of the next decoder layer, from these masks, as the parent class derives it.
+            attention_mask = F.interpolate(
+                outputs_mask, size=attention_mask_target_size, mode="bilinear", align_corners=False
+            )
         attention_mask = attention_mask.sigmoid().flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1)
         attention_mask = (attention_mask.flatten(0, 1) < 0.5).bool().detach()
         return outputs_mask, attention_mask
@@ -172,16 +199,25 @@ class OffSegMask2FormerForSemanticSegmentation(Mask2FormerForUniversalSegmentati
             if pad_h or pad_w:
                 labels = F.pad(labels, (0, pad_w, 0, pad_h), value=self.config.ignore_value)
             mask_labels, class_labels = semantic_targets(labels, self.config.num_labels, self.config.ignore_value)
-        outputs = super().forward(
-            pixel_values,
-            mask_labels=mask_labels,
-            class_labels=class_labels,
-            pixel_mask=pixel_mask,
-            output_hidden_states=output_hidden_states,
-            output_auxiliary_logits=output_auxiliary_logits,
-            output_attentions=output_attentions,
-            return_dict=True,
-        )
+        predictor = self.model.transformer_module.decoder.mask_predictor
+        offset = isinstance(predictor, OffsetMaskPredictor)
+        auxiliary = self.config.output_auxiliary_logits if output_auxiliary_logits is None else output_auxiliary_logits
+        if offset and not (self.training or mask_labels is not None or auxiliary):
+            predictor.attention_only_calls = self.config.decoder_layers - 1  # every mask prediction but the last
+        try:
+            outputs = super().forward(
+                pixel_values,
+                mask_labels=mask_labels,
+                class_labels=class_labels,
+                pixel_mask=pixel_mask,
+                output_hidden_states=output_hidden_states,
+                output_auxiliary_logits=output_auxiliary_logits,
+                output_attentions=output_attentions,
+                return_dict=True,
+            )
+        finally:
+            if offset:
+                predictor.end_pass()
         logits = None
         if not self.training or mask_labels is None:
             logits = self.semantic_logits(

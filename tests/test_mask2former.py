@@ -178,6 +178,40 @@ def test_baseline_preset_is_transformers_mask2former():
     assert torch.equal(ours.masks_queries_logits, theirs.masks_queries_logits)
 
 
+def test_evaluation_takes_the_intermediate_masks_at_the_attention_mask_size_with_the_same_result():
+    model = tiny_model(decoder_layers=4).eval()
+    shapes = []
+    handle = offset_module(model).register_forward_hook(lambda _m, _i, output: shapes.append(tuple(output.shape)))
+    pixel_values = images(64, 96)
+    with torch.no_grad():
+        fast = model(pixel_values)
+        full = model(pixel_values, output_auxiliary_logits=True)  # every prediction at 1/4: the plain path
+    handle.remove()
+    # The 3 intermediate predictions of the fast pass at the next layer's attention-mask size (levels 1/32, 1/16,
+    # 1/8), the last at 1/4; every one at 1/4 in the full pass.
+    assert shapes[:4] == [(2, 20, 2, 3), (2, 20, 4, 6), (2, 20, 8, 12), (2, 20, 16, 24)]
+    assert shapes[4:] == [(2, 20, 16, 24)] * 4
+    torch.testing.assert_close(fast.logits, full.logits, rtol=0, atol=1e-5)
+    predictor = model.model.transformer_module.decoder.mask_predictor
+    # No state left behind: calls count from 0 again and the resized features are dropped.
+    assert (predictor.attention_only_calls, predictor.calls, predictor.resized_features) == (0, 0, {})
+
+
+@pytest.mark.parametrize(
+    "size", [(2, 3), (4, 6), (8, 12), (4, 12), (16, 12), (16, 24), (5, 7)], ids=lambda size: "x".join(map(str, size))
+)
+def test_the_offset_module_resizes_masks_as_bilinear_interpolation(size):
+    """Even reductions are computed at the 2x2 positions bilinear interpolation reads; the others resize the full
+    masks. Either way the result is the resized full masks."""
+    generator = torch.Generator().manual_seed(0)
+    module = MaskOffsetLearning(256).double()
+    queries = torch.randn(2, 20, 256, generator=generator, dtype=torch.float64)
+    features = torch.randn(2, 256, 16, 24, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        resized = F.interpolate(module(queries, features), size=size, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(module(queries, features, size=size), resized, rtol=0, atol=1e-10)
+
+
 def test_zero_offsets_give_exactly_the_baseline():
     """Class logits use the queries without offset, and with zero projections the masks are the plain q F^T: the
     offset model is then the baseline, bit for bit, including the next layers' attention masks."""
