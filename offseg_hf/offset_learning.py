@@ -215,7 +215,7 @@ def resize_features(features: torch.Tensor, size: tuple[int, int]) -> torch.Tens
 def even_reduction(source: tuple[int, int], target: tuple[int, int]) -> tuple[int, int] | None:
     """The per-dimension reduction factors from `source` to `target` when each is 1 or an even integer, else None."""
     steps = []
-    for length, out in zip(source, target):
+    for length, out in zip(source, target, strict=True):
         step = length // out if out else 0
         if step * out != length or (step != 1 and step % 2):
             return None
