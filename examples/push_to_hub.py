@@ -27,7 +27,7 @@ import torch
 from transformers import PreTrainedModel
 
 from offseg_hf import OffSegImageProcessor
-from offseg_hf.hub import check_measured_on, count_gmac, render_card
+from offseg_hf.hub import check_measured_on, count_gmac, render_card, write_endpoint_files
 from offseg_hf.presets import all_variant_names, config_for_variant, model_class_for, variant_family
 
 RESULTS_FILE = "eval_results.json"  # what evaluate_segmentation.py writes into its --output_dir
@@ -152,6 +152,7 @@ def build_folder(args, variant: str, template: str, namespace: str) -> Path:
         check_measured_on(result, model, str(results_file))  # model-index only for these very weights
     model.save_pretrained(out)  # safetensors + config.json with auto_map + modeling code
     OffSegImageProcessor().save_pretrained(out)
+    write_endpoint_files(out, variant)  # handler.py + requirements.txt for Inference Endpoints
     card = render_card(
         template,
         variant,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+from importlib import resources
+from pathlib import Path
 
 import torch
 from huggingface_hub import EvalResult, ModelCard
@@ -153,6 +155,35 @@ def parameters_note(variant: str) -> str:
     """What the parameter count leaves out: mmseg builds a `conv_seg` that offset learning never uses."""
     offset_head = has_offset_learning(variant) and _kind(variant) == "per_pixel"
     return "; without mmseg's unused `conv_seg`" if offset_head else ""
+
+
+# What a repo's `handler.py` needs on Inference Endpoints beyond its base image (which has torch and Pillow; its
+# transformers may predate 5, which the remote code needs). timm: EfficientFormerV2 and the layers every OffSeg
+# modeling file imports; scipy: transformers' Mask2Former (its matcher imports it).
+ENDPOINT_REQUIREMENTS = ("transformers>=5", "timm>=1.0", "safetensors>=0.4")
+MASK2FORMER_REQUIREMENTS = ("scipy>=1.10",)
+HANDLER_FILE = "handler.py"
+
+
+def handler_source() -> str:
+    """The source of the Inference Endpoints handler (`offseg_hf/templates/handler.py`) that every repo carries."""
+    return resources.files("offseg_hf").joinpath("templates", HANDLER_FILE).read_text()
+
+
+def endpoint_requirements(variant: str) -> list[str]:
+    """requirements.txt of a repo: what `handler.py` and the remote code need beyond the Endpoints base image."""
+    extra = MASK2FORMER_REQUIREMENTS if variant_family(variant) == MASK2FORMER_FAMILY else ()
+    return [*ENDPOINT_REQUIREMENTS, *extra]
+
+
+def write_endpoint_files(folder: str | Path, variant: str) -> list[Path]:
+    """Write `handler.py` and `requirements.txt` into a saved model folder; return their paths."""
+    folder = Path(folder)
+    handler = folder / HANDLER_FILE
+    handler.write_text(handler_source())
+    requirements = folder / "requirements.txt"
+    requirements.write_text("\n".join(endpoint_requirements(variant)) + "\n")
+    return [handler, requirements]
 
 
 def weights_fingerprint(model: nn.Module) -> str:

@@ -1,0 +1,206 @@
+"""The Inference Endpoints handler every Hub folder carries: it runs where offseg_hf is not importable, takes the
+image as PIL, bytes, base64 or a data URL, and returns one base64 PNG mask per present class at the image size."""
+
+import base64
+import importlib.util
+import io
+import json
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from offseg_hf import OffSegImageProcessor
+from offseg_hf.hub import endpoint_requirements, handler_source, write_endpoint_files
+from offseg_hf.presets import model_for_variant
+
+from .conftest import build_model, run_python_elsewhere
+
+MASK2FORMER = "mask2former-swin-t-offset"
+# A Mask2Former-offset small enough for a unit test (as in test_mask2former.py).
+TINY_MASK2FORMER = {
+    "num_labels": 4,
+    "backbone_config": {"depths": [1, 1, 1, 1], "embed_dim": 48, "num_heads": [1, 2, 4, 8]},
+    "encoder_layers": 1,
+    "decoder_layers": 3,
+    "num_queries": 20,
+    "dim_feedforward": 512,
+}
+
+# The handler, driven as Inference Endpoints does (EndpointHandler(path)(data)), in a process without offseg_hf.
+# It prints, per input kind, the labels, scores and decoded masks (as lists) for the test to check.
+HANDLER_SCRIPT = textwrap.dedent(
+    """
+    import base64, io, json, sys
+    sys.modules["offseg_hf"] = None  # as on an endpoint: only transformers, torch and the repo's own code
+    import numpy as np
+    from PIL import Image
+    import importlib.util
+
+    def load_handler(folder):  # the toolkit imports handler.py from the repo root
+        spec = importlib.util.spec_from_file_location("handler", folder + "/handler.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.EndpointHandler(path=folder)
+
+    image_path, folder = sys.argv[1], sys.argv[2]
+    handler = load_handler(folder)
+    raw = open(image_path, "rb").read()
+    encoded = base64.b64encode(raw).decode()
+    inputs = {
+        "pil": Image.open(image_path),
+        "bytes": raw,
+        "base64": encoded,
+        "data_url": "data:image/png;base64," + encoded,
+    }
+
+    def decode(segment):
+        mask = Image.open(io.BytesIO(base64.b64decode(segment["mask"])))
+        return {"label": segment["label"], "score": segment["score"], "mode": mask.mode, "size": mask.size,
+                "values": sorted(np.unique(np.asarray(mask)).tolist()), "mask": (np.asarray(mask) > 0).tolist()}
+
+    report = {kind: [decode(s) for s in handler({"inputs": value})] for kind, value in inputs.items()}
+    answer = handler({"inputs": encoded, "parameters": {"return_label_map": True}})
+    label_map = Image.open(io.BytesIO(base64.b64decode(answer["label_map"])))
+    report["label_map"] = {"mode": label_map.mode, "ids": np.asarray(label_map).tolist(),
+                           "labels": [s["label"] for s in answer["segments"]]}
+    errors = {}
+    for name, data in {"no_inputs": {}, "text": {"inputs": "not an image!"}, "number": {"inputs": 3},
+                       "parameter": {"inputs": raw, "parameters": {"threshold": 0.5}}}.items():
+        try:
+            handler(data)
+        except ValueError as error:
+            errors[name] = str(error)
+    report["errors"] = errors
+    report["module"] = type(handler.model).__module__
+    for other in sys.argv[3:]:  # more folders: the segments of the PIL input only
+        report[other] = [decode(s) for s in load_handler(other)({"inputs": Image.open(image_path)})]
+    print(json.dumps(report))
+    """
+)
+
+
+def odd_image(width: int = 37, height: int = 53) -> Image.Image:
+    """An RGB image of odd size with structure (so a random model predicts several classes)."""
+    rng = np.random.default_rng(0)
+    ys, xs = np.mgrid[0:height, 0:width]
+    pixels = np.stack([xs * 255 / width, ys * 255 / height, rng.uniform(0, 255, (height, width))], axis=-1)
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+def save_folder(model, folder: Path, variant: str) -> Path:
+    model.config.id2label = {i: f"class-{i}" for i in range(model.config.num_labels)}
+    model.config.label2id = {label: i for i, label in model.config.id2label.items()}
+    model.save_pretrained(folder)
+    OffSegImageProcessor().save_pretrained(folder)
+    write_endpoint_files(folder, variant)
+    return folder
+
+
+def expected_label_map(model, image: Image.Image) -> np.ndarray:
+    """The model's own prediction at the image size, through the processor's post-processing."""
+    processor = OffSegImageProcessor()
+    with torch.no_grad():
+        outputs = model(**processor(images=image, return_tensors="pt"))
+    (label_map,) = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])
+    return label_map.numpy()
+
+
+@pytest.fixture(scope="module")
+def handler_report(tmp_path_factory):
+    """The handler's answers for a small SegFormer-offset folder (every input kind) and a small Mask2Former-offset
+    folder (PIL input), next to each model's own prediction."""
+    tmp_path = tmp_path_factory.mktemp("handler")
+    segformer = build_model("segformer")
+    torch.manual_seed(0)
+    mask2former = model_for_variant(MASK2FORMER, **TINY_MASK2FORMER).eval()
+    folders = {
+        "segformer": save_folder(segformer, tmp_path / "segformer", "segformer-b0-offset"),
+        "mask2former": save_folder(mask2former, tmp_path / "mask2former", MASK2FORMER),
+    }
+    image = odd_image()
+    image.save(tmp_path / "image.png")
+    line = run_python_elsewhere(
+        HANDLER_SCRIPT,
+        str(tmp_path / "image.png"),
+        *map(str, folders.values()),
+        cwd=tmp_path,
+        timeout=300,
+        HF_MODULES_CACHE=str(tmp_path / "modules"),
+    )
+    report = json.loads(line)
+    report["mask2former"] = report.pop(str(folders["mask2former"]))
+    models = {"segformer": segformer, "mask2former": mask2former}
+    expected = {name: expected_label_map(model, image) for name, model in models.items()}
+    return report, expected, segformer.config.id2label
+
+
+def check_segments(segments: list[dict], expected: np.ndarray, id2label: dict[int, str]) -> None:
+    """One "L" 0/255 mask per class of the model's own prediction, in id order, at the image size; disjoint masks
+    that cover the image."""
+    present = sorted(np.unique(expected).tolist())
+    assert [s["label"] for s in segments] == [id2label[i] for i in present]
+    union = np.zeros(expected.shape, dtype=np.int64)
+    for class_id, segment in zip(present, segments, strict=True):
+        assert segment["mode"] == "L" and segment["size"] == [37, 53] and set(segment["values"]) <= {0, 255}
+        mask = np.array(segment["mask"])
+        assert mask.shape == (53, 37) and mask.any()
+        np.testing.assert_array_equal(mask, expected == class_id)  # the model's own prediction
+        assert 0 < segment["score"] <= 1
+        union += mask
+    assert (union == 1).all()  # disjoint, and together they cover the image
+
+
+def test_folder_carries_the_handler_and_its_requirements(tmp_path):
+    paths = write_endpoint_files(tmp_path, "offseg-t")
+    assert [p.name for p in paths] == ["handler.py", "requirements.txt"]
+    assert (tmp_path / "handler.py").read_text() == handler_source() and "class EndpointHandler" in handler_source()
+    assert "import offseg_hf" not in handler_source() and "from offseg_hf" not in handler_source()
+    requirements = (tmp_path / "requirements.txt").read_text().split()
+    assert "transformers>=5" in requirements and "timm>=1.0" in requirements and "scipy>=1.10" not in requirements
+    assert "scipy>=1.10" in endpoint_requirements("mask2former-swin-t-offset")
+
+
+@pytest.mark.parametrize("kind", ["pil", "bytes", "base64", "data_url"])
+def test_handler_returns_one_mask_per_predicted_class(handler_report, kind):
+    report, expected, id2label = handler_report
+    assert report["module"].startswith("transformers_modules")  # the folder's remote code, not offseg_hf
+    assert len(np.unique(expected["segformer"])) >= 2, "the test image should give several classes"
+    check_segments(report[kind], expected["segformer"], id2label)
+
+
+def test_handler_runs_mask2former_folders(handler_report):
+    report, expected, _ = handler_report
+    check_segments(report["mask2former"], expected["mask2former"], {i: f"class-{i}" for i in range(4)})
+
+
+def test_handler_returns_the_label_map_on_request_and_refuses_bad_requests(handler_report):
+    report, expected, id2label = handler_report
+    assert report["label_map"]["mode"] == "L"
+    np.testing.assert_array_equal(np.array(report["label_map"]["ids"]), expected["segformer"])
+    assert report["label_map"]["labels"] == [id2label[i] for i in sorted(np.unique(expected["segformer"]).tolist())]
+    errors = report["errors"]
+    assert set(errors) == {"no_inputs", "text", "number", "parameter"}
+    assert '"inputs"' in errors["no_inputs"] and "could not be read as an image" in errors["text"]
+    assert "got int" in errors["number"] and "unknown parameters ['threshold']" in errors["parameter"]
+
+
+def test_handler_scores_mask2former_maps_as_probabilities(tmp_path):
+    # Mask2Former's semantic maps are sums of class x mask probabilities, not logits: normalised, not softmaxed.
+    spec = importlib.util.spec_from_file_location("offseg_endpoint_handler", tmp_path / "handler.py")
+    (tmp_path / "handler.py").write_text(handler_source())
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    maps = torch.rand(1, 3, 4, 5)
+    m2f = type("M", (), {"config": type("C", (), {"num_queries": 100})()})()
+    plain = type("M", (), {"config": type("C", (), {})()})()
+    torch.testing.assert_close(module.class_probabilities(m2f, maps), maps / maps.sum(1, keepdim=True))
+    torch.testing.assert_close(module.class_probabilities(plain, maps), maps.softmax(1))
+    image = odd_image(5, 4)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG")
+    decoded = module._decode_image({"image": base64.b64encode(buffer.getvalue()).decode()})
+    assert decoded.size == (5, 4)
