@@ -1,0 +1,333 @@
+"""BatchNorm folding for inference: every eval-mode BatchNorm that reads a convolution's output and nothing else is
+folded into that convolution (`torch.nn.utils.fusion.fuse_conv_bn_weights`) and replaced by `nn.Identity`.
+
+    model = model_for_variant("offseg-t", num_labels=150).eval()
+    fuse_for_inference(model)          # in place; returns the model
+    model.fused_conv_bn_pairs          # (("...conv", "...bn"), ...): what was folded
+
+Which pairs are folded is decided from one traced forward pass (on a small random input, or `example_inputs`),
+not from module names: forward hooks on the convolutions and BatchNorms and a `TorchFunctionMode` that sees every
+torch call record, for each convolution output tensor, every operation that reads it. A pair is folded only when
+
+- every output of the convolution is read by exactly one thing, the `F.batch_norm` of that one BatchNorm module,
+  and by nothing else (no residual, activation, resize, view, in-place op or model output in between; metadata
+  such as `.shape` does not count);
+- every input of the BatchNorm is an output of that convolution;
+- neither module's parameters are used outside its own forward (as `SegformerPixelDecoder` does with its fusion
+  conv's weight, which `resize_and_project` applies blockwise: that BatchNorm stays);
+- the BatchNorm uses running statistics (eval mode, `track_running_stats`), and both are plain torch modules
+  (`nn.Conv1d/2d/3d` with their own forward, without parametrizations; `nn.BatchNorm1d/2d/3d`/`SyncBatchNorm`, or
+  timm's `BatchNormAct2d`, whose dropout and activation stay in its place).
+
+The folding is computed in float64 and written into the convolution's own weight (its memory format is kept) and
+bias (created when the convolution had none). A fused model is for inference only: it has no BatchNorm keys and
+conv biases the unfused class does not have, so `save_pretrained` refuses it (save the unfused model and fuse after
+loading), and `train()` refuses to switch it back to training mode.
+
+Per preset (150 classes), what folds: offseg-t/b/l every BatchNorm of timm's EfficientFormerV2 (its `ConvNorm`
+and `ConvNormAct` blocks: 95 for T); SegFormer-offset the head's four stage projections (the fusion's BatchNorm
+follows `resize_and_project`, not a conv module, and stays); SegNeXt MSCAN's stem and downsampling BatchNorms (5;
+the blocks' `norm1`/`norm2` come before their convolutions, after a residual sum, and stay); Mask2Former has none.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvTransposeNd
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+try:  # timm's BatchNorm + dropout + activation (EfficientFormerV2's ConvNormAct)
+    from timm.layers.norm_act import BatchNormAct2d
+except ImportError:  # pragma: no cover - timm is a dependency of the package
+    BatchNormAct2d = None
+
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_PLAIN_BN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+# Tensor methods and attributes that read metadata only, never values: using a conv output through them is harmless.
+_METADATA = frozenset(
+    "shape size dim ndim ndimension dtype device layout is_contiguous numel nelement stride storage_offset "
+    "requires_grad is_floating_point is_complex element_size data_ptr is_cuda is_meta is_sparse is_quantized "
+    "is_nested get_device names __len__ grad_fn is_leaf".split()
+)
+
+
+class FusedModelError(RuntimeError):
+    """An operation a BatchNorm-folded model cannot do (saving it, training it) or a model that cannot be fused."""
+
+
+def _function_name(func) -> str | None:
+    name = getattr(func, "__name__", None)
+    if name == "__get__":  # attribute access such as `tensor.shape`: the descriptor's name
+        name = getattr(getattr(func, "__self__", None), "__name__", None)
+    return name
+
+
+def _foldable_conv(module: nn.Module) -> bool:
+    if not isinstance(module, _CONV_TYPES):
+        return False
+    base = next(cls for cls in _CONV_TYPES if isinstance(module, cls))
+    return type(module).forward is base.forward and not torch.nn.utils.parametrize.is_parametrized(module)
+
+
+def _foldable_batch_norm(module: nn.Module) -> bool:
+    if not isinstance(module, _BatchNorm) or module.running_mean is None or module.running_var is None:
+        return False
+    if not module.track_running_stats:
+        return False
+    return type(module).forward in _PLAIN_BN_FORWARDS or (BatchNormAct2d is not None and type(module) is BatchNormAct2d)
+
+
+def _replacement(batch_norm: nn.Module) -> nn.Module:
+    """What stays in a folded BatchNorm's place: nothing, or timm's BatchNormAct2d's dropout and activation."""
+    if BatchNormAct2d is not None and type(batch_norm) is BatchNormAct2d:
+        rest = [m for m in (batch_norm.drop, batch_norm.act) if not isinstance(m, nn.Identity)]
+        return nn.Identity() if not rest else rest[0] if len(rest) == 1 else nn.Sequential(*rest)
+    return nn.Identity()
+
+
+class _UseTracer(TorchFunctionMode):
+    """Records, during one forward pass, who reads each conv output and where conv/BN parameters are used."""
+
+    def __init__(self, convs: dict[nn.Module, str], batch_norms: dict[nn.Module, str]):
+        super().__init__()
+        self.conv_outputs: dict[int, tuple[torch.Tensor, str]] = {}  # id -> (tensor kept alive, conv name)
+        self.active: list[str] = []  # stack of the conv / BN modules whose forward is running
+        self.current_bn: tuple[str, torch.Tensor] | None = None
+        self.param_owner = {id(p): name for modules in (convs, batch_norms) for m, name in modules.items() for p in
+                            m.parameters(recurse=False)}  # fmt: skip
+        self.consumers: dict[str, set[str]] = defaultdict(set)  # conv -> BNs that read its outputs
+        self.sources: dict[str, set[str | None]] = defaultdict(set)  # BN -> convs its inputs came from (None: other)
+        self.unsafe: set[str] = set()  # modules that must not be folded
+        self.calls: dict[str, int] = defaultdict(int)
+
+    # hooks
+    def conv_pre(self, name: str):
+        def hook(module, args):
+            self.active.append(name)
+
+        return hook
+
+    def conv_post(self, name: str):
+        def hook(module, args, output):
+            self.active.pop()
+            self.calls[name] += 1
+            if isinstance(output, torch.Tensor):
+                self.conv_outputs[id(output)] = (output, name)
+            else:
+                self.unsafe.add(name)
+
+        return hook
+
+    def bn_pre(self, name: str):
+        def hook(module, args):
+            self.active.append(name)
+            self.calls[name] += 1
+            source = self.conv_outputs.get(id(args[0])) if args else None
+            self.sources[name].add(source[1] if source is not None and source[0] is args[0] else None)
+            self.current_bn = (name, args[0]) if args else None
+
+        return hook
+
+    def bn_post(self, name: str):
+        def hook(module, args, output):
+            self.active.pop()
+            self.current_bn = None
+
+        return hook
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = None
+        for leaf in pytree.tree_leaves((args, kwargs)):
+            if not isinstance(leaf, torch.Tensor):
+                continue
+            owner = self.param_owner.get(id(leaf))
+            if owner is not None and (not self.active or self.active[-1] != owner):
+                self.unsafe.add(owner)  # a conv/BN parameter used outside the module's own forward
+            entry = self.conv_outputs.get(id(leaf))
+            if entry is None or entry[0] is not leaf:
+                continue
+            name = name or _function_name(func)
+            if name in _METADATA:
+                continue
+            bn = self.current_bn
+            if func is torch.nn.functional.batch_norm and bn is not None and bn[1] is leaf and args and args[0] is leaf:
+                if self.active and self.active[-1] == bn[0]:
+                    self.consumers[entry[1]].add(bn[0])
+                    continue
+            self.unsafe.add(entry[1])  # read by something other than its BatchNorm
+        return func(*args, **kwargs)
+
+
+def _default_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
+    config = getattr(model, "config", None)
+    channels = getattr(config, "num_channels", None)
+    backbone = getattr(config, "backbone_config", None) or getattr(config, "encoder_config", None)
+    if channels is None and backbone is not None:
+        channels = backbone.get("num_channels") if isinstance(backbone, dict) else getattr(backbone, "num_channels", 3)
+    parameter = next(model.parameters())
+    generator = torch.Generator().manual_seed(0)
+    pixel_values = torch.randn(1, channels or 3, 128, 128, generator=generator)
+    return (pixel_values.to(device=parameter.device, dtype=parameter.dtype),)
+
+
+def _check_eval(model: nn.Module) -> None:
+    training = [name or "(the model)" for name, m in model.named_modules() if m.training]
+    if training:
+        raise FusedModelError(
+            f"fuse_for_inference folds BatchNorm running statistics and needs a model in eval mode; "
+            f"{len(training)} modules are in training mode (e.g. {training[0]!r}). Call model.eval() first."
+        )
+
+
+def find_conv_bn_pairs(model: nn.Module, example_inputs=None) -> list[tuple[str, str]]:
+    """The (conv name, BatchNorm name) pairs `fuse_for_inference` folds, from one traced forward pass on
+    `example_inputs` (a tensor or a tuple of positional arguments; default a random 1x3x128x128 image)."""
+    _check_eval(model)
+    names: dict[nn.Module, str] = {}
+    for name, module in model.named_modules():
+        names.setdefault(module, name)
+    batch_norms = {m: n for m, n in names.items() if _foldable_batch_norm(m)}
+    if not batch_norms:
+        return []
+    convs = {m: n for m, n in names.items() if _foldable_conv(m)}
+    if example_inputs is None:
+        example_inputs = _default_inputs(model)
+    elif isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+
+    tracer = _UseTracer(convs, batch_norms)
+    handles = []
+    try:
+        for module, name in convs.items():
+            handles += [module.register_forward_pre_hook(tracer.conv_pre(name))]
+            handles += [module.register_forward_hook(tracer.conv_post(name))]
+        for module, name in batch_norms.items():
+            handles += [module.register_forward_pre_hook(tracer.bn_pre(name))]
+            handles += [module.register_forward_hook(tracer.bn_post(name))]
+        with torch.no_grad(), tracer:
+            outputs = model(*example_inputs)
+        for leaf in pytree.tree_leaves(outputs if not hasattr(outputs, "to_tuple") else outputs.to_tuple()):
+            entry = tracer.conv_outputs.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
+            if entry is not None and entry[0] is leaf:
+                tracer.unsafe.add(entry[1])  # a conv output the model returns
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    pairs = []
+    readers: dict[str, list[str]] = defaultdict(list)
+    for conv, bns in tracer.consumers.items():
+        for bn in bns:
+            readers[bn].append(conv)
+    for bn_name in batch_norms.values():
+        sources = tracer.sources.get(bn_name, set())
+        if len(sources) != 1 or None in sources:
+            continue
+        (conv_name,) = sources
+        if conv_name in tracer.unsafe or bn_name in tracer.unsafe:
+            continue
+        if tracer.consumers[conv_name] != {bn_name} or readers[bn_name] != [conv_name]:
+            continue
+        if tracer.calls[conv_name] != tracer.calls[bn_name]:
+            continue  # an output of the conv that the BatchNorm never read (e.g. returned or dropped)
+        pairs.append((conv_name, bn_name))
+    return pairs
+
+
+def _fold(conv: nn.Module, batch_norm: _BatchNorm) -> None:
+    """Write BN(conv(x)) into conv's weight and bias, computed in float64 by torch's own fusion function."""
+
+    def double(tensor):
+        return None if tensor is None else tensor.detach().double()
+
+    weight, bias = fuse_conv_bn_weights(
+        double(conv.weight),
+        double(conv.bias),
+        double(batch_norm.running_mean),
+        double(batch_norm.running_var),
+        batch_norm.eps,
+        double(batch_norm.weight),
+        double(batch_norm.bias),
+        transpose=isinstance(conv, _ConvTransposeNd),
+    )
+    with torch.no_grad():
+        conv.weight.copy_(weight)  # in place: the parameter object and its memory format stay
+        if conv.bias is None:
+            conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=conv.weight.requires_grad)
+        else:
+            conv.bias.copy_(bias)
+
+
+def _refuse_save(class_name: str, *args, **kwargs):
+    raise FusedModelError(
+        f"This {class_name} has its BatchNorms folded into its convolutions (fuse_for_inference): its state dict "
+        "has no BatchNorm keys, so the checkpoint would not load strictly into the unfused class. Save the model "
+        "before fusing (or load the original checkpoint again) and call fuse_for_inference after loading."
+    )
+
+
+def _guarded_train(model: nn.Module, mode: bool = True):
+    if mode:
+        raise FusedModelError(
+            "This model's BatchNorms are folded into its convolutions (fuse_for_inference): it is for inference "
+            "only and cannot be put back into training mode. Build or load an unfused model to train."
+        )
+    return type(model).train(model, False)
+
+
+def fuse_for_inference(model: nn.Module, example_inputs=None) -> nn.Module:
+    """Fold every foldable eval-mode BatchNorm into the convolution before it, in place; returns `model`.
+
+    The pairs come from `find_conv_bn_pairs` (one traced forward pass on `example_inputs`, default a random
+    1x3x128x128 image); each is folded with `torch.nn.utils.fusion.fuse_conv_bn_weights` and its BatchNorm replaced
+    by `nn.Identity` (for timm's `BatchNormAct2d`, by its dropout/activation). The model gets `is_fused = True` and
+    `fused_conv_bn_pairs`; its `save_pretrained` and `train(True)` raise `FusedModelError` afterwards. Raises
+    `FusedModelError` on a model in training mode.
+    """
+    pairs = find_conv_bn_pairs(model, example_inputs)
+    for conv_name, bn_name in pairs:
+        conv, batch_norm = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        _fold(conv, batch_norm)
+        replacement = _replacement(batch_norm)
+        for name, module in list(model.named_modules(remove_duplicate=False)):
+            if module is batch_norm:
+                model.set_submodule(name, replacement)
+    model.is_fused = True
+    model.fused_conv_bn_pairs = tuple(getattr(model, "fused_conv_bn_pairs", ())) + tuple(pairs)
+    if not isinstance(model, FuseForInferenceMixin):
+        # Guards for models whose class lacks the mixin: instance attributes shadow the class methods.
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained = functools.partial(_refuse_save, type(model).__name__)
+        model.train = functools.partial(_guarded_train, model)
+    return model
+
+
+class FuseForInferenceMixin:
+    """For model base classes (before `PreTrainedModel` in the bases): `model.fuse_for_inference()` folds the
+    BatchNorms in place and returns the model; a fused model refuses `save_pretrained` and `train(True)`."""
+
+    is_fused: bool = False
+
+    def fuse_for_inference(self, example_inputs=None):
+        return fuse_for_inference(self, example_inputs)
+
+    def save_pretrained(self, *args, **kwargs):
+        if self.is_fused:
+            _refuse_save(type(self).__name__)
+        return super().save_pretrained(*args, **kwargs)
+
+    def train(self, mode: bool = True):
+        if mode and self.is_fused:
+            _guarded_train(self, True)
+        return super().train(mode)
+
+
+__all__ = ["FuseForInferenceMixin", "FusedModelError", "find_conv_bn_pairs", "fuse_for_inference"]
