@@ -1,0 +1,324 @@
+#!/usr/bin/env python
+"""A Gradio demo of an OffSeg model: upload (or pick) an image, see the segmentation as a colour overlay with a
+legend, the share of the image each class covers and, for offset-learning models, where a class's embedding
+looks (the class attention of the coupled attention).
+
+    pip install -e ".[demo]"          # or: pip install gradio transformers torch timm scipy
+    python examples/app.py --model_name_or_path outputs/demo-segformer-b0-offset
+    python examples/app.py --model_name_or_path org/offseg-t --allow_download   # a Hub repo (network)
+
+Models load without network by default (local folders, or Hub repos already in the cache); `--allow_download`
+lets the model box fetch Hub repos. offseg-hf is optional: without it a model folder or Hub repo loads through its
+own code (`trust_remote_code=True`), as on a Hugging Face Space (`examples/push_to_hub.py --space_dir` writes one,
+with this file as app.py and an app_config.json giving the models and allowing downloads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import colorsys
+import html
+import inspect
+import json
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network unless a model download is allowed
+
+import gradio as gr
+import numpy as np
+import torch
+from PIL import Image
+from torch.nn import functional as F
+from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
+
+try:  # registers OffSeg with the Auto classes; without it, models load through their own (remote) code
+    import offseg_hf  # noqa: F401
+
+    HAVE_OFFSEG = True
+except ImportError:
+    HAVE_OFFSEG = False
+
+HERE = Path(__file__).resolve().parent
+CONFIG_FILE = "app_config.json"  # next to app.py on a Space: {"models": [...], "allow_download": true}
+EXAMPLES_DIR = "example_images"  # next to app.py on a Space; generated from offseg_hf.demo_data otherwise
+DEFAULT_MODEL = "outputs/demo-segformer-b0-offset"  # what `accelerate launch examples/train.py` writes
+OVERLAY_ALPHA = 0.55
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--model_name_or_path",
+        nargs="+",
+        default=None,
+        help=f"Model folder(s) or Hub repo id(s) for the model box; the first is the default (default: "
+        f"{CONFIG_FILE}'s models, else {DEFAULT_MODEL}).",
+    )
+    parser.add_argument(
+        "--port", type=int, default=None, help="Port to serve on (default: $GRADIO_SERVER_PORT, else 7860)."
+    )
+    parser.add_argument(
+        "--server_name",
+        default=None,
+        help="Address to bind (default: $GRADIO_SERVER_NAME, which a Space sets to 0.0.0.0, else 127.0.0.1).",
+    )
+    parser.add_argument("--share", action="store_true", help="Also open a public gradio.live link (off by default).")
+    parser.add_argument(
+        "--allow_download",
+        action="store_true",
+        default=None,
+        help=f"Let the model box download Hub repos (default: off, unless {CONFIG_FILE} says so).",
+    )
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+    return parser
+
+
+def read_app_config() -> dict:
+    path = HERE / CONFIG_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model and prediction
+
+
+class Segmenter:
+    """One loaded model with its image processor; `predict` gives the label map at the image size."""
+
+    def __init__(self, name_or_path: str, allow_download: bool = False, device: str | None = None):
+        options = {"trust_remote_code": not HAVE_OFFSEG, "local_files_only": not allow_download}
+        self.name = name_or_path
+        self.processor = AutoImageProcessor.from_pretrained(name_or_path, **options)
+        self.model = AutoModelForSemanticSegmentation.from_pretrained(name_or_path, **options)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model.to(self.device).eval()
+        self.id2label = {int(index): label for index, label in self.model.config.id2label.items()}
+        # Offset-learning models return the class attention on request (None where the model has no offset
+        # classifier); older code or Mask2Former does not take the argument.
+        self.can_return_attention = "output_class_attention" in inspect.signature(self.model.forward).parameters
+
+    @torch.inference_mode()
+    def predict(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+        """(H, W) class ids at the image's size, and the class attention (K, h, w) or None."""
+        pixel_values = self.processor(images=image, return_tensors="pt")["pixel_values"].to(self.device)
+        extra = {"output_class_attention": True} if self.can_return_attention else {}
+        outputs = self.model(pixel_values=pixel_values, **extra)
+        # Logits resized to the image before the argmax, as the processor's post-processing and the pipeline do.
+        logits = F.interpolate(
+            outputs.logits.float(), size=(image.height, image.width), mode="bilinear", align_corners=False
+        )
+        label_map = logits[0].argmax(dim=0).cpu().numpy()
+        attention = getattr(outputs, "class_attention", None)
+        return label_map, None if attention is None else attention[0].float().cpu().numpy()
+
+
+class ModelCache:
+    """Models loaded so far, by name, so switching back and forth does not reload."""
+
+    def __init__(self, allow_download: bool, device: str | None):
+        self.allow_download, self.device, self.models = allow_download, device, {}
+
+    def get(self, name_or_path: str) -> Segmenter:
+        name_or_path = (name_or_path or "").strip()
+        if not name_or_path:
+            raise gr.Error("Choose a model: a local folder or a Hub repo id.")
+        if name_or_path not in self.models:
+            try:
+                self.models[name_or_path] = Segmenter(name_or_path, self.allow_download, self.device)
+            except Exception as error:  # a missing folder, an unknown repo, no network: say which and why
+                hint = "" if self.allow_download else " (downloads are off: start the app with --allow_download)"
+                raise gr.Error(f"Could not load {name_or_path!r}{hint}: {error}") from error
+        return self.models[name_or_path]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pictures
+
+
+def palette(num_labels: int) -> np.ndarray:
+    """(K, 3) uint8 colours, distinct neighbours: hues by the golden ratio, alternating lightness."""
+    colours = [
+        colorsys.hsv_to_rgb(
+            (index * 0.618033988749895) % 1.0, 0.65 + 0.25 * (index % 2), 0.95 - 0.25 * (index % 3 == 2)
+        )
+        for index in range(num_labels)
+    ]
+    return (np.array(colours) * 255).round().astype(np.uint8).reshape(num_labels, 3)
+
+
+def overlay(image: Image.Image, label_map: np.ndarray, colours: np.ndarray, alpha: float = OVERLAY_ALPHA):
+    """The image with each pixel tinted by its class colour, at the image's size."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    tinted = (1 - alpha) * pixels + alpha * colours[label_map].astype(np.float32)
+    return Image.fromarray(tinted.round().clip(0, 255).astype(np.uint8))
+
+
+def heat_colours(values: np.ndarray) -> np.ndarray:
+    """[0, 1] -> RGB floats on a black-red-yellow-white ramp."""
+    values = values[..., None]
+    stops = np.array([[0, 0, 0], [180, 20, 20], [250, 200, 30], [255, 255, 255]], dtype=np.float32)
+    position = values * (len(stops) - 1)
+    low = np.clip(np.floor(position).astype(int), 0, len(stops) - 2)
+    fraction = position - low
+    return stops[low[..., 0]] * (1 - fraction) + stops[low[..., 0] + 1] * fraction
+
+
+def attention_picture(image: Image.Image, attention: np.ndarray) -> Image.Image:
+    """One class's attention (h, w), softmax over positions, scaled to its maximum and laid over the image."""
+    scaled = torch.from_numpy(attention / max(float(attention.max()), 1e-12))[None, None]
+    resized = F.interpolate(scaled, size=(image.height, image.width), mode="bilinear", align_corners=False)
+    heat = heat_colours(resized[0, 0].clamp(0, 1).numpy())
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return Image.fromarray((0.35 * pixels + 0.65 * heat).round().clip(0, 255).astype(np.uint8))
+
+
+def legend_html(class_ids: list[int], id2label: dict[int, str], colours: np.ndarray) -> str:
+    items = "".join(
+        f'<li class="legend-item" data-label="{html.escape(id2label[i])}" style="display:flex;align-items:center;'
+        f'gap:0.4em;margin:0.15em 0.8em 0.15em 0">'
+        f'<span class="swatch" style="display:inline-block;width:1em;height:1em;border-radius:2px;'
+        f'background:rgb({",".join(str(int(c)) for c in colours[i])})"></span>'
+        f'<span class="legend-name">{html.escape(id2label[i])}</span></li>'
+        for i in class_ids
+    )
+    return f'<ul class="legend" style="list-style:none;display:flex;flex-wrap:wrap;padding:0;margin:0">{items}</ul>'
+
+
+def area_rows(label_map: np.ndarray, id2label: dict[int, str]) -> list[list]:
+    """[class, % of the image, pixels] per present class, largest first."""
+    ids, counts = np.unique(label_map, return_counts=True)
+    order = np.argsort(-counts, kind="stable")
+    total = label_map.size
+    return [[id2label[int(ids[i])], round(100 * counts[i] / total, 2), int(counts[i])] for i in order]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Example images
+
+
+def example_images() -> list[str]:
+    """PNG paths for gr.Examples: the Space's example_images/, else scenes from offseg_hf's demo set."""
+    folder = HERE / EXAMPLES_DIR
+    if folder.is_dir():
+        return sorted(str(path) for path in folder.glob("*.png"))
+    if not HAVE_OFFSEG:
+        return []
+    return write_example_images(Path(tempfile.gettempdir()) / "offseg_demo_examples")
+
+
+def write_example_images(folder: Path, count: int = 3, size: int = 256) -> list[str]:
+    """Validation scenes of the synthetic demo set (the data `examples/train.py` trains on by default)."""
+    from offseg_hf.demo_data import generate_scene
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"scene_{index}.png" for index in range(count)]
+    for index, path in enumerate(paths):
+        if not path.exists():
+            pixels, _ = generate_scene(np.random.default_rng([7, 1, index]), size, size)  # seed 7, "validation"
+            Image.fromarray(pixels).save(path)
+    return [str(path) for path in paths]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The page
+
+
+CSS = """
+#legend .legend { font-size: 0.95em; }
+"""
+
+
+def build_demo(models: list[str], allow_download: bool = False, device: str | None = None) -> gr.Blocks:
+    cache = ModelCache(allow_download, device)
+
+    def segment(image, model_name):
+        if image is None:
+            raise gr.Error("Upload an image or pick an example first.")
+        segmenter = cache.get(model_name)
+        image = image.convert("RGB")
+        label_map, attention = segmenter.predict(image)
+        colours = palette(len(segmenter.id2label))
+        present = sorted(int(i) for i in np.unique(label_map))
+        state = {"image": image, "attention": attention, "id2label": segmenter.id2label, "present": present}
+        if attention is not None:
+            names = [segmenter.id2label[i] for i in present]
+            choice = gr.update(choices=names, value=names[0], visible=True)
+            picture = gr.update(value=attention_picture(image, attention[present[0]]), visible=True)
+        else:
+            choice, picture = gr.update(choices=[], value=None, visible=False), gr.update(value=None, visible=False)
+        return (
+            overlay(image, label_map, colours),
+            legend_html(present, segmenter.id2label, colours),
+            area_rows(label_map, segmenter.id2label),
+            choice,
+            picture,
+            state,
+        )
+
+    def show_attention(class_name, state):
+        if not state or state.get("attention") is None or not class_name:
+            return gr.update()
+        label2id = {label: index for index, label in state["id2label"].items()}
+        return attention_picture(state["image"], state["attention"][label2id[class_name]])
+
+    with gr.Blocks(title="OffSeg semantic segmentation") as demo:
+        gr.Markdown(
+            "# OffSeg: semantic segmentation with offset learning\n"
+            "Upload an image or pick an example, choose a model (a local folder or a Hub repo id) and press "
+            "**Segment**. The overlay tints each pixel with its class colour; the table gives each class's share "
+            "of the image. For offset-learning models, pick a class to see its class attention: where the class "
+            "embedding gathers the features its offset is computed from (ICCV 2025, "
+            "[HVision-NKU/OffSeg](https://github.com/HVision-NKU/OffSeg))."
+        )
+        with gr.Row():
+            with gr.Column():
+                image_input = gr.Image(
+                    type="pil", label="Image", sources=["upload", "clipboard"], height=360, elem_id="input"
+                )
+                model_box = gr.Dropdown(
+                    choices=models,
+                    value=models[0] if models else None,
+                    allow_custom_value=True,
+                    label="Model (local folder or Hub repo id)",
+                    elem_id="model",
+                )
+                button = gr.Button("Segment", variant="primary", elem_id="segment")
+                examples = example_images()
+                if examples:
+                    gr.Examples(examples=examples, inputs=image_input, label="Examples (synthetic demo scenes)")
+            with gr.Column():
+                overlay_output = gr.Image(type="pil", label="Segmentation", format="png", height=360, elem_id="overlay")
+                legend = gr.HTML(elem_id="legend")
+                areas = gr.Dataframe(
+                    headers=["class", "area (%)", "pixels"], label="Area per class", elem_id="areas", interactive=False
+                )
+                attention_class = gr.Dropdown(
+                    label="Class attention of", visible=False, elem_id="attention-class", interactive=True
+                )
+                attention_output = gr.Image(
+                    type="pil",
+                    label="Class attention (softmax over positions)",
+                    format="png",
+                    visible=False,
+                    elem_id="attention",
+                )
+        state = gr.State()
+        outputs = [overlay_output, legend, areas, attention_class, attention_output, state]
+        button.click(segment, inputs=[image_input, model_box], outputs=outputs)
+        attention_class.change(show_attention, inputs=[attention_class, state], outputs=attention_output)
+    return demo
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    config = read_app_config()
+    models = args.model_name_or_path or config.get("models") or [DEFAULT_MODEL]
+    allow_download = args.allow_download if args.allow_download is not None else config.get("allow_download", False)
+    demo = build_demo(models, allow_download=allow_download, device=args.device)
+    demo.queue().launch(server_name=args.server_name, server_port=args.port, share=args.share, css=CSS)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""examples/app.py, the Gradio demo: driven in headless Chromium (upload an image, press Segment, read the page),
+and run where offseg_hf is not importable (the Space case: the model folder's own code)."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
+
+from offseg_hf import OffSegImageProcessor
+
+from .conftest import build_model, run_python_elsewhere
+
+APP = Path(__file__).parents[1] / "examples" / "app.py"
+SCREENSHOT = Path(os.environ.get("OFFSEG_APP_SCREENSHOT", "/tmp/app_screenshot.png"))
+LABELS = ["road", "sky", "tree", "car", "person", "building"]
+
+
+def browser_binary() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def scene(width: int = 97, height: int = 71) -> Image.Image:
+    """An odd-size RGB image with structure, so a random model predicts several classes."""
+    rng = np.random.default_rng(0)
+    ys, xs = np.mgrid[0:height, 0:width]
+    pixels = np.stack([xs * 255 / width, ys * 255 / height, rng.uniform(0, 255, (height, width))], axis=-1)
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("app") / "model"
+    model = build_model("segformer")  # 6 classes
+    model.config.id2label = dict(enumerate(LABELS))
+    model.config.label2id = {label: i for i, label in enumerate(LABELS)}
+    model.save_pretrained(folder)
+    OffSegImageProcessor().save_pretrained(folder)
+    return folder
+
+
+def predicted_classes(folder: Path, image: Image.Image) -> list[str]:
+    """The classes in the model's own prediction (processor post-processing at the image size), in id order."""
+    processor = AutoImageProcessor.from_pretrained(folder)
+    model = AutoModelForSemanticSegmentation.from_pretrained(folder).eval()
+    with torch.no_grad():
+        outputs = model(**processor(images=image, return_tensors="pt"))
+    (label_map,) = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])
+    return [model.config.id2label[i] for i in sorted(label_map.unique().tolist())]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_server(url: str, process: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the app exited with {process.returncode}:\n{process.stdout.read()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"the app did not answer at {url} within {timeout} s")
+
+
+@pytest.mark.slow
+def test_page_shows_the_overlay_legend_and_areas_of_the_prediction(model_folder, tmp_path):
+    binary = browser_binary()
+    if binary is None:
+        pytest.skip("no Chromium/Chrome binary installed (apt-get install chromium); .ci/run installs it")
+    from playwright.sync_api import expect, sync_playwright
+
+    image = scene()
+    image.save(tmp_path / "scene.png")
+    expected = predicted_classes(model_folder, image)
+    assert len(expected) >= 2, "the test image should give several classes"
+
+    port = free_port()
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    process = subprocess.Popen(
+        [sys.executable, str(APP), "--model_name_or_path", str(model_folder), "--port", str(port)],
+        cwd=tmp_path,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        wait_for_server(url, process)
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=binary, args=["--no-sandbox"])
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 1000})
+                page.goto(url)
+                page.locator("#input input[type=file]").set_input_files(str(tmp_path / "scene.png"))
+                expect(page.locator("#input img")).to_be_visible(timeout=20_000)  # the upload's preview
+                page.locator("#segment").click()
+                overlay = page.locator("#overlay img")
+                expect(overlay).to_be_visible(timeout=30_000)
+                page.wait_for_function(
+                    "() => { const img = document.querySelector('#overlay img'); "
+                    "return img && img.complete && img.naturalWidth > 0; }",
+                    timeout=20_000,
+                )
+                size = overlay.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+                expect(page.locator("#legend .legend-item")).to_have_count(len(expected), timeout=10_000)
+                legend = page.locator("#legend .legend-name").all_inner_texts()
+                swatches = page.locator("#legend .swatch").evaluate_all(
+                    "spans => spans.map(span => getComputedStyle(span).backgroundColor)"
+                )
+                table = page.locator("#areas").inner_text()
+                attention_shown = page.locator("#attention-class").is_visible()
+                page.screenshot(path=str(SCREENSHOT), full_page=True)
+            finally:
+                browser.close()
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+    assert size == [97, 71]  # the overlay at the uploaded image's size
+    assert legend == expected  # exactly the predicted classes, in id order
+    assert len(set(swatches)) == len(expected) and all(colour.startswith("rgb(") for colour in swatches)
+    for label in expected:
+        assert label in table
+    for label in set(LABELS) - set(expected):
+        assert label not in table
+    # The class-attention control appears only for models that return the class attention.
+    model = AutoModelForSemanticSegmentation.from_pretrained(model_folder)
+    import inspect
+
+    assert attention_shown == ("output_class_attention" in inspect.signature(model.forward).parameters)
+
+
+SPACE_SCRIPT = textwrap.dedent(
+    """
+    import importlib.util, json, sys
+    sys.modules["offseg_hf"] = None  # as on a Space: transformers, torch, gradio and the model's own code
+    from PIL import Image
+    app_path, folder, image_path = sys.argv[1:4]
+    spec = importlib.util.spec_from_file_location("app", app_path)
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    segmenter = app.Segmenter(folder)
+    image = Image.open(image_path).convert("RGB")
+    label_map, attention = segmenter.predict(image)
+    demo = app.build_demo([folder])
+    rows = app.area_rows(label_map, segmenter.id2label)
+    print(json.dumps({
+        "have_offseg": app.HAVE_OFFSEG,
+        "module": type(segmenter.model).__module__,
+        "shape": list(label_map.shape),
+        "classes": [segmenter.id2label[i] for i in sorted(set(label_map.flatten().tolist()))],
+        "rows": rows,
+        "examples": app.example_images(),
+        "demo": type(demo).__name__,
+    }))
+    """
+)
+
+
+def test_app_runs_without_offseg_hf_through_the_model_folders_code(model_folder, tmp_path):
+    image = scene()
+    image.save(tmp_path / "scene.png")
+    line = run_python_elsewhere(
+        SPACE_SCRIPT,
+        str(APP),
+        str(model_folder),
+        str(tmp_path / "scene.png"),
+        cwd=tmp_path,
+        timeout=300,
+        HF_MODULES_CACHE=str(tmp_path / "modules"),
+        GRADIO_ANALYTICS_ENABLED="False",
+    )
+    report = json.loads(line)
+    assert report["have_offseg"] is False and report["module"].startswith("transformers_modules")
+    assert report["shape"] == [71, 97] and report["classes"] == predicted_classes(model_folder, image)
+    assert [row[0] for row in report["rows"]] and sorted(row[0] for row in report["rows"]) == sorted(report["classes"])
+    assert abs(sum(row[1] for row in report["rows"]) - 100) < 0.05 and sum(row[2] for row in report["rows"]) == 97 * 71
+    assert report["examples"] == [] and report["demo"] == "Blocks"  # no example_images/ and no demo set here
+
+
+def test_pictures_are_at_the_image_size_and_colours_differ():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("offseg_app", APP)
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    colours = app.palette(150)
+    assert colours.shape == (150, 3) and len({tuple(c) for c in colours}) == 150
+    image = scene(13, 9)
+    label_map = np.zeros((9, 13), dtype=np.int64)
+    label_map[:, 7:] = 2
+    tinted = app.overlay(image, label_map, colours)
+    assert tinted.size == (13, 9)
+    assert not np.array_equal(np.asarray(tinted)[:, :7], np.asarray(image)[:, :7])
+    attention = np.random.default_rng(0).random((3, 4, 5))
+    assert app.attention_picture(image, attention[1]).size == (13, 9)
+    assert app.area_rows(label_map, dict(enumerate("abc"))) == [["a", 53.85, 63], ["c", 46.15, 54]]
+    assert 'data-label="a"' in app.legend_html([0, 2], dict(enumerate("abc")), colours)
