@@ -271,6 +271,84 @@ def results_sentence(result: dict, dataset_pretty_name: str) -> str:
     )
 
 
+SPACE_SDK_PYTHON = "3.11"  # transformers 5 needs Python >= 3.10
+# What the Space's app.py needs beyond the Gradio SDK image (gradio itself is pinned by `sdk_version`).
+SPACE_REQUIREMENTS = ("torch>=2.4", "transformers>=5", "timm>=1.0", "safetensors>=0.4")
+
+
+def space_section(space_id: str | None) -> str:
+    """The card's line about the demo Space (or, without one, how to run the same demo locally)."""
+    if space_id:
+        return (
+            f"**Demo Space**: [{space_id}](https://huggingface.co/spaces/{space_id}) runs this model in a Gradio app "
+            "(upload an image; colour overlay, legend, per-class area and, for offset-learning models, the class "
+            "attention)."
+        )
+    return (
+        "**Demo**: offseg-hf's Gradio app runs it locally: `pip install gradio` and "
+        "`python examples/app.py --model_name_or_path {repo_id} --allow_download`."
+    )
+
+
+def onnx_section(onnx_opset: int | None) -> str:
+    """The card's paragraph about `onnx/model.onnx` (or that the repository has none)."""
+    if onnx_opset is None:
+        return (
+            "**ONNX**: this repository has no ONNX export (offseg-hf's `examples/push_to_hub.py --onnx` writes "
+            "`onnx/model.onnx` where the exporter handles the model)."
+        )
+    return (
+        f"**ONNX**: `onnx/model.onnx` (opset {onnx_opset}, dynamic batch, height and width) takes `pixel_values` "
+        "(batch, 3, height, width), normalised as `preprocessor_config.json` says, and gives the class scores at "
+        "reduced resolution; resize them to the image and take the argmax over classes:\n\n"
+        "```python\n"
+        "import numpy as np, onnxruntime as ort\n"
+        "from huggingface_hub import hf_hub_download\n"
+        "from transformers import AutoImageProcessor\n\n"
+        'processor = AutoImageProcessor.from_pretrained("{repo_id}", trust_remote_code=True)\n'
+        'session = ort.InferenceSession(hf_hub_download("{repo_id}", "onnx/model.onnx"))\n'
+        'pixel_values = processor(images=image, return_tensors="np")["pixel_values"]\n'
+        "logits = session.run(None, {session.get_inputs()[0].name: pixel_values})[0]  # (1, K, h, w)\n"
+        "```"
+    )
+
+
+def space_readme(space_id: str, model_ids: list[str], gradio_version: str) -> str:
+    """README.md of the demo Space: Space metadata (`models:` links it from each model page) and a short text."""
+    title = space_id.split("/")[-1]
+    models = "\n".join(f"  - {model_id}" for model_id in model_ids)
+    listing = "\n".join(f"- [{model_id}](https://huggingface.co/{model_id})" for model_id in model_ids)
+    return (
+        "---\n"
+        f"title: {title}\n"
+        "emoji: 🎯\n"
+        "colorFrom: indigo\n"
+        "colorTo: yellow\n"
+        "sdk: gradio\n"
+        f"sdk_version: {gradio_version}\n"
+        f'python_version: "{SPACE_SDK_PYTHON}"\n'
+        "app_file: app.py\n"
+        "license: apache-2.0\n"
+        "short_description: OffSeg semantic segmentation with offset learning\n"
+        f"models:\n{models}\n"
+        "tags:\n  - image-segmentation\n  - semantic-segmentation\n  - offseg\n"
+        "---\n\n"
+        "# OffSeg semantic segmentation\n\n"
+        'A Gradio demo of the models of "Revisiting Efficient Semantic Segmentation: Learning Offsets for Better '
+        "Spatial and Class Feature Alignment\" (ICCV 2025), packaged for Transformers by offseg-hf. The model pages' "
+        "widgets cannot run these models (Inference Providers do not run custom-code models); this Space does, "
+        "through each repository's own code (`trust_remote_code=True`).\n\n"
+        f"Models:\n\n{listing}\n\n"
+        "`app.py` is offseg-hf's `examples/app.py`; `app_config.json` names the models and allows downloading them.\n"
+    )
+
+
+def space_requirements(variants: list[str]) -> list[str]:
+    """requirements.txt of the demo Space (scipy where a Mask2Former model is among its models)."""
+    extra = MASK2FORMER_REQUIREMENTS if any(variant_family(v) == MASK2FORMER_FAMILY for v in variants) else ()
+    return [*SPACE_REQUIREMENTS, *extra]
+
+
 def render_card(
     template: str,
     variant: str,
@@ -282,9 +360,12 @@ def render_card(
     dataset_pretty_name: str,
     weights_source: str,
     result: dict | None = None,
+    space_id: str | None = None,
+    onnx_opset: int | None = None,
 ) -> ModelCard:
     """The model card of one variant, trained on the Hub data set `dataset_name` (shown as `dataset_pretty_name`).
-    `model-index` is written only from `result` (measured on these weights)."""
+    `model-index` is written only from `result` (measured on these weights). `space_id`: the demo Space the card
+    links; `onnx_opset`: the opset of the repo's `onnx/model.onnx` (None: the repo has none)."""
     paper = paper_figures(variant)
     results_section = (
         "Not evaluated yet: no measurement on these weights is claimed here."
@@ -311,6 +392,9 @@ def render_card(
             "weights_source": weights_source,
             "results_section": results_section,
             "training_recipe": TRAINING_RECIPES[_kind(variant)],
+            # Rendered first so that their own {repo_id} is filled too.
+            "space_section": render_template(space_section(space_id), {"repo_id": repo_id}),
+            "onnx_section": render_template(onnx_section(onnx_opset), {"repo_id": repo_id}),
         },
     )
     card = ModelCard(text)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import ModelCard
+from PIL import Image
 
 from offseg_hf import VARIANTS, OffSegConfig, OffSegForSemanticSegmentation
 from offseg_hf.hub import weights_fingerprint
@@ -86,7 +87,8 @@ def test_output_dir_gets_one_loadable_repo_per_variant(tmp_path):
         names = {p.name for p in folder.iterdir()}
         auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
         code = {f"{reference.split('.')[0]}.py" for reference in auto_map.values()}  # the modules auto_map names
-        assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md"} | code <= names
+        expected = {"model.safetensors", "config.json", "preprocessor_config.json", "README.md"}
+        assert expected | {"handler.py", "requirements.txt"} | code <= names  # + the Inference Endpoints handler
         assert "AutoModelForSemanticSegmentation" in auto_map and "image_processing_offseg.py" in code
     # The card says measured results only where a result was given.
     assert "41.23" in (tmp_path / "hub" / "offseg-t" / "README.md").read_text()
@@ -271,3 +273,114 @@ def test_mask2former_cards_name_the_offset_module_and_the_official_recipe():
     baseline = render_card(template, "mask2former-swin-t", "o/b", 47.44, 58.0, 150, "scene_parse_150", "ADE20K", "x")
     assert "as originally published (mask classification without offsets)" in baseline.text
     assert "47.7 mIoU on ADE20K" in baseline.text and "offset learning** between" not in baseline.text
+
+
+def test_space_dir_writes_a_gradio_space_that_the_cards_link(tmp_path):
+    from importlib import metadata
+
+    from huggingface_hub import SpaceCard
+
+    space = tmp_path / "space"
+    base = ["--output_dir", str(tmp_path / "hub"), "--random_init", *TINY_SEGFORMER, "--space_dir", str(space)]
+    (folder,) = load_script().main([*base, "--variants", "segformer-b0-offset"])
+    metadata_ = SpaceCard.load(space / "README.md").data
+    assert metadata_.sdk == "gradio" and metadata_.sdk_version == metadata.version("gradio")
+    assert metadata_.sdk_version.split(".")[0] == "6" and metadata_.app_file == "app.py"
+    assert metadata_.python_version == "3.11" and metadata_.models == ["offseg-hf/segformer-b0-offset"]
+    app = Path(__file__).parents[1] / "examples" / "app.py"
+    assert (space / "app.py").read_text() == app.read_text()
+    config = json.loads((space / "app_config.json").read_text())
+    assert config == {"models": ["offseg-hf/segformer-b0-offset"], "allow_download": True}
+    requirements = (space / "requirements.txt").read_text().split()
+    assert {"torch>=2.4", "transformers>=5", "timm>=1.0"} <= set(requirements) and "scipy>=1.10" not in requirements
+    images = sorted((space / "example_images").glob("*.png"))
+    assert len(images) == 3 and all(Image.open(path).size == (256, 256) for path in images)
+    card = (folder / "README.md").read_text()
+    assert "https://huggingface.co/spaces/offseg-hf/offseg-demo" in card
+    assert "The inference widget on this page does not work for this model" in card
+    assert "Inference Providers" in card and "custom-code" in card and "handler.py" in card
+    assert "has no ONNX export" in card and "{space_section}" not in card and "{onnx_section}" not in card
+    # A named Space, and Mask2Former among the models: scipy in the Space's requirements.
+    script = load_script()
+    args = script.parse_args([*base, "--space_id", "me/seg", "--variants", "mask2former-swin-t"])
+    script.build_space(tmp_path / "other", args.space_id, ["me/mask2former-swin-t"], args)
+    assert "scipy>=1.10" in (tmp_path / "other" / "requirements.txt").read_text().split()
+    assert SpaceCard.load(tmp_path / "other" / "README.md").data.models == ["me/mask2former-swin-t"]
+
+
+def test_cards_without_a_space_say_how_to_run_the_demo_locally():
+    from offseg_hf.hub import render_card
+
+    template = (Path(__file__).parents[1] / "MODEL_CARD.md").read_text()
+    card = render_card(template, "offseg-t", "org/offseg-t", 6.18, 8.07, 150, "scene_parse_150", "ADE20K", "x").text
+    assert "spaces/" not in card and "examples/app.py --model_name_or_path org/offseg-t --allow_download" in card
+    card = render_card(template, "offseg-t", "org/offseg-t", 6.2, 8.1, 150, "d", "D", "x", onnx_opset=17).text
+    assert "`onnx/model.onnx` (opset 17, dynamic batch, height and width)" in card
+    assert 'hf_hub_download("org/offseg-t", "onnx/model.onnx")' in card
+
+
+def test_onnx_flag_exports_each_model_and_cards_follow_what_was_written(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    calls = []
+
+    def export_onnx(model, output_path, opset=18, dynamic=False):
+        calls.append((type(model).__name__, Path(output_path).relative_to(tmp_path).as_posix(), opset, dynamic))
+        if "failing" in str(output_path):
+            raise RuntimeError("the exporter cannot handle this model")
+        Path(output_path).write_bytes(b"onnx")
+
+    monkeypatch.setitem(sys.modules, "offseg_hf.onnx", types.SimpleNamespace(export_onnx=export_onnx))
+    base = ["--random_init", *TINY_SEGFORMER, "--variants", "segformer-b0-offset", "--onnx", "--onnx_opset", "17"]
+    (folder,) = load_script().main(["--output_dir", str(tmp_path / "hub"), *base])
+    assert calls == [
+        ("OffSegForSemanticSegmentation", "hub/segformer-b0-offset/onnx/model.onnx", 17, True),
+    ]
+    assert (folder / "onnx" / "model.onnx").read_bytes() == b"onnx"
+    assert "`onnx/model.onnx` (opset 17" in (folder / "README.md").read_text()
+    (folder,) = load_script().main(["--output_dir", str(tmp_path / "failing"), *base])
+    assert not (folder / "onnx").exists() and "has no ONNX export" in (folder / "README.md").read_text()
+    assert (folder / "model.safetensors").exists()  # the rest of the repo is still written
+
+
+def test_push_to_hub_uploads_the_space(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def whoami(self):
+            return {"name": "someone"}
+
+        def create_repo(self, repo_id, private=False, exist_ok=False, repo_type=None, space_sdk=None):
+            calls.append(("create", repo_id, repo_type, space_sdk))
+
+        def upload_folder(self, folder_path, repo_id, commit_message, repo_type=None):
+            calls.append(("upload", Path(folder_path).name, repo_id, repo_type))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    args = ["--output_dir", str(tmp_path / "hub"), "--random_init", *TINY_SEGFORMER, "--push_to_hub"]
+    (folder,) = load_script().main([*args, "--variants", "segformer-b0-offset", "--space_dir", str(tmp_path / "space")])
+    assert calls[2:] == [
+        ("create", "someone/offseg-demo", "space", "gradio"),
+        ("upload", "space", "someone/offseg-demo", "space"),
+    ]
+    assert "https://huggingface.co/spaces/someone/offseg-demo" in (folder / "README.md").read_text()
+    assert "someone/segformer-b0-offset" in (tmp_path / "space" / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--space_id", "no-namespace"], "--space_id must be <namespace>/<name>"),
+        (["--onnx", "--onnx_opset", "5"], "--onnx_opset must be at least 7"),
+    ],
+)
+def test_deployment_arguments_are_checked(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit):
+        load_script().main(["--output_dir", str(tmp_path / "hub"), "--random_init", *args])
+    assert message in capsys.readouterr().err
