@@ -1,0 +1,210 @@
+"""BatchNorm folding for inference (offseg_hf/fusion.py): on a small model of each family the folded model gives
+the unfused logits, exactly the conv -> BatchNorm pairs are folded (counted independently from the module types),
+training mode is refused, a fused model refuses to be saved or trained, and the unfused checkpoint still loads."""
+
+import copy
+
+import pytest
+import timm.layers
+import timm.models.efficientformer_v2 as efficientformer_v2
+import torch
+from torch import nn
+
+from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation, backbone_mscan, layers
+from offseg_hf.fusion import FusedModelError, FuseForInferenceMixin, find_conv_bn_pairs, fuse_for_inference
+
+from .conftest import build_model, randomize_norms
+from .test_backbone_mscan import SMALL_MSCAN
+from .test_mask2former import tiny_model as tiny_mask2former
+
+FAMILIES = ["segformer", "offseg-t", "segnext", "mask2former"]
+
+
+def small_model(family: str) -> nn.Module:
+    if family in ("segformer", "offseg-t"):
+        return build_model(family)
+    if family == "segnext":
+        torch.manual_seed(0)
+        config = OffSegConfig.from_variant("segnext-t-offset", num_labels=5, encoder_config=dict(SMALL_MSCAN))
+        model = OffSegForSemanticSegmentation(config).eval()
+        with torch.no_grad():  # spread the class scores as conftest.build_model does (see there)
+            model.classifier.class_embeddings.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    else:
+        model = tiny_mask2former()
+    randomize_norms(model)
+    return model
+
+
+def images(seed: int = 0) -> torch.Tensor:
+    return torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(seed))
+
+
+def batch_norms(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+
+
+def expected_pairs(model: nn.Module) -> set[tuple[str, str]]:
+    """The conv -> BatchNorm pairs, from the module types whose forward is `bn(conv(x))` (read off their code)."""
+    pairs = set()
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, (efficientformer_v2.ConvNorm, timm.layers.ConvNormAct)):
+            pairs.add((f"{prefix}conv", f"{prefix}bn"))
+        elif isinstance(module, layers.ConvNormAct) and isinstance(module.norm, nn.BatchNorm2d):
+            if not name.endswith("decode_head.fusion"):  # applied through resize_and_project, not its conv
+                pairs.add((f"{prefix}conv", f"{prefix}norm"))
+        elif isinstance(module, backbone_mscan.StemConv):
+            pairs |= {(f"{prefix}proj.0", f"{prefix}proj.1"), (f"{prefix}proj.3", f"{prefix}proj.4")}
+        elif isinstance(module, backbone_mscan.DownsampleEmbed):
+            pairs.add((f"{prefix}proj", f"{prefix}norm"))
+    return pairs
+
+
+# Per family: BatchNorms that must stay (not after a conv module), as name suffixes.
+STAYING = {
+    "segformer": ("decode_head.fusion.norm",),
+    "offseg-t": (),
+    "segnext": (".norm1", ".norm2"),
+    "mask2former": (),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_logits_match_and_exactly_the_conv_bn_pairs_fold(family):
+    model = small_model(family)
+    pixel_values = images()
+    with torch.no_grad():
+        reference = model(pixel_values).logits
+        model64, small64 = copy.deepcopy(model).double(), pixel_values[:1, :, :64, :64].double()
+        reference64 = model64(small64).logits
+    before = batch_norms(model)
+    expected = expected_pairs(model)
+    # EfficientFormerV2's ConvNormAct ends in timm's BatchNormAct2d: its activation must stay in its place.
+    with_act = {n: type(m.bn.act) for n, m in model.named_modules() if isinstance(m, timm.layers.ConvNormAct)}
+    assert (family == "offseg-t") == bool(with_act) and nn.Identity not in with_act.values()
+    assert fuse_for_inference(model, pixel_values[:1]) is model and model.is_fused
+    assert set(model.fused_conv_bn_pairs) == expected
+    assert len(model.fused_conv_bn_pairs) == len(expected)
+    left = batch_norms(model)
+    assert len(left) == len(before) - len(expected)
+    assert all(name.endswith(STAYING[family]) for name in left)
+    if family == "offseg-t":
+        assert not left and len(expected) == 95  # every BatchNorm of EfficientFormerV2-S0 folds
+    if family == "mask2former":
+        assert not before and not expected  # Swin and the pixel decoder have no BatchNorm: fusing is a no-op
+    assert all(isinstance(model.get_submodule(f"{n}.bn"), act) for n, act in with_act.items())
+    for conv_name, _ in model.fused_conv_bn_pairs:
+        assert model.get_submodule(conv_name).bias is not None
+    with torch.no_grad():
+        fused = model(pixel_values).logits
+        fused64 = fuse_for_inference(model64, small64)(small64).logits
+    error = (fused - reference).abs().max().item()
+    relative = error / reference.abs().max().item()
+    print(
+        f"{family}: {len(expected)} pairs folded, {len(left)} BatchNorms left, max abs {error:.2e}, rel {relative:.2e}"
+    )
+    # The algebra is exact: fused in float64, the models agree to float64 rounding (about 1e-14).
+    torch.testing.assert_close(fused64, reference64, atol=1e-10, rtol=0)
+    # In float32, a few ulps of rounding per folded layer; MSCAN's stage LayerNorms magnify them on the segnext
+    # model (1.3e-5 at logits of magnitude 2.6 in this test), hence the relative term.
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+
+
+class _Residual(nn.Module):
+    """conv -> BN, but the conv output also feeds a residual: folding would change the residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+class _SharedWeight(nn.Module):
+    """conv -> BN, but the conv weight is also applied functionally elsewhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + nn.functional.conv2d(x, self.conv.weight)
+
+
+class _ActBetween(nn.Module):
+    """conv -> ReLU -> BN (no op may sit between), then a valid conv -> BN pair."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU(), nn.BatchNorm2d(4))
+        self.second = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+
+@pytest.mark.parametrize(
+    ("module", "pairs"),
+    [(_Residual, []), (_SharedWeight, []), (_ActBetween, [("second.0", "second.1")])],
+)
+def test_only_a_bn_reading_nothing_but_a_conv_output_folds(module, pairs):
+    torch.manual_seed(0)
+    model = module().eval()
+    randomize_norms(model)
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        reference = model(x)
+    assert find_conv_bn_pairs(model, x) == pairs
+    fuse_for_inference(model, x)
+    assert len(batch_norms(model)) == (2 if module is _ActBetween else 1) - len(pairs)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference, atol=1e-5, rtol=0)
+
+
+def test_training_mode_is_refused_and_a_fused_model_stays_in_eval():
+    model = small_model("segformer").train()
+    with pytest.raises(FusedModelError, match="eval mode"):
+        fuse_for_inference(model)
+    assert len(batch_norms(model)) == 5  # nothing was touched
+    model.eval().offseg.decode_head.stage_projections[0].norm.train()  # one BatchNorm still training
+    with pytest.raises(FusedModelError, match="stage_projections.0.norm"):
+        fuse_for_inference(model)
+    fuse_for_inference(model.eval())
+    with pytest.raises(FusedModelError, match="training mode"):
+        model.train()
+    assert model.eval() is model and not model.training
+
+
+def test_fused_model_refuses_saving_and_the_unfused_checkpoint_still_loads(tmp_path):
+    model = small_model("segformer")
+    model.save_pretrained(tmp_path / "unfused")
+    pixel_values = images(1)
+    with torch.no_grad():
+        reference = model(pixel_values).logits
+    fuse_for_inference(model)
+    with pytest.raises(FusedModelError, match="save_pretrained|Save the model before fusing"):
+        model.save_pretrained(tmp_path / "fused")
+    assert not (tmp_path / "fused").exists()
+    loaded, info = OffSegForSemanticSegmentation.from_pretrained(tmp_path / "unfused", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert not getattr(loaded, "is_fused", False) and len(batch_norms(loaded)) > 0
+    loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values).logits, reference, atol=0, rtol=0)
+        torch.testing.assert_close(fuse_for_inference(loaded)(pixel_values).logits, reference, atol=1e-5, rtol=0)
+
+
+def test_mixin_refuses_saving_a_fused_model(tmp_path):
+    class Fusable(FuseForInferenceMixin, OffSegForSemanticSegmentation):
+        pass
+
+    model = Fusable(small_model("segformer").config).eval()
+    model.save_pretrained(tmp_path / "before")  # unfused: saves as usual
+    assert model.fuse_for_inference() is model and model.is_fused
+    assert "save_pretrained" not in vars(model)  # the class's own guard, no instance patch
+    with pytest.raises(FusedModelError, match="Save the model before fusing"):
+        model.save_pretrained(tmp_path / "after")
+    with pytest.raises(FusedModelError, match="training mode"):
+        model.train()
