@@ -168,7 +168,8 @@ SPACE_SCRIPT = textwrap.dedent(
     segmenter = app.Segmenter(folder)
     image = Image.open(image_path).convert("RGB")
     label_map, attention = segmenter.predict(image)
-    demo = app.build_demo([folder])
+    config = app.read_app_config()
+    demo = app.build_demo(config["models"], allow_download=config["allow_download"])
     rows = app.area_rows(label_map, segmenter.id2label)
     print(json.dumps({
         "have_offseg": app.HAVE_OFFSEG,
@@ -177,6 +178,7 @@ SPACE_SCRIPT = textwrap.dedent(
         "classes": [segmenter.id2label[i] for i in sorted(set(label_map.flatten().tolist()))],
         "rows": rows,
         "examples": app.example_images(),
+        "config": config,
         "demo": type(demo).__name__,
     }))
     """
@@ -184,11 +186,17 @@ SPACE_SCRIPT = textwrap.dedent(
 
 
 def test_app_runs_without_offseg_hf_through_the_model_folders_code(model_folder, tmp_path):
+    # A Space's layout: app.py next to app_config.json and example_images/ (what push_to_hub.py --space_dir writes).
+    space = tmp_path / "space"
+    (space / "example_images").mkdir(parents=True)
+    shutil.copyfile(APP, space / "app.py")
+    (space / "app_config.json").write_text(json.dumps({"models": [str(model_folder)], "allow_download": False}))
+    scene(32, 24).save(space / "example_images" / "a.png")
     image = scene()
     image.save(tmp_path / "scene.png")
     line = run_python_elsewhere(
         SPACE_SCRIPT,
-        str(APP),
+        str(space / "app.py"),
         str(model_folder),
         str(tmp_path / "scene.png"),
         cwd=tmp_path,
@@ -199,9 +207,10 @@ def test_app_runs_without_offseg_hf_through_the_model_folders_code(model_folder,
     report = json.loads(line)
     assert report["have_offseg"] is False and report["module"].startswith("transformers_modules")
     assert report["shape"] == [71, 97] and report["classes"] == predicted_classes(model_folder, image)
-    assert [row[0] for row in report["rows"]] and sorted(row[0] for row in report["rows"]) == sorted(report["classes"])
+    assert sorted(row[0] for row in report["rows"]) == sorted(report["classes"])
     assert abs(sum(row[1] for row in report["rows"]) - 100) < 0.05 and sum(row[2] for row in report["rows"]) == 97 * 71
-    assert report["examples"] == [] and report["demo"] == "Blocks"  # no example_images/ and no demo set here
+    assert report["config"]["models"] == [str(model_folder)] and report["demo"] == "Blocks"
+    assert report["examples"] == [str(space / "example_images" / "a.png")]
 
 
 def test_pictures_are_at_the_image_size_and_colours_differ():

@@ -63,13 +63,17 @@ HANDLER_SCRIPT = textwrap.dedent(
                 "values": sorted(np.unique(np.asarray(mask)).tolist()), "mask": (np.asarray(mask) > 0).tolist()}
 
     report = {kind: [decode(s) for s in handler({"inputs": value})] for kind, value in inputs.items()}
+    task_parameters = {"threshold": 0.9, "mask_threshold": 0.5, "overlap_mask_area_threshold": 0.8}
+    task_parameters["subtask"] = "semantic"
+    report["task_parameters"] = [decode(s) for s in handler({"inputs": raw, "parameters": task_parameters})]
     answer = handler({"inputs": encoded, "parameters": {"return_label_map": True}})
     label_map = Image.open(io.BytesIO(base64.b64decode(answer["label_map"])))
     report["label_map"] = {"mode": label_map.mode, "ids": np.asarray(label_map).tolist(),
                            "labels": [s["label"] for s in answer["segments"]]}
     errors = {}
     for name, data in {"no_inputs": {}, "text": {"inputs": "not an image!"}, "number": {"inputs": 3},
-                       "parameter": {"inputs": raw, "parameters": {"threshold": 0.5}}}.items():
+                       "parameter": {"inputs": raw, "parameters": {"bogus": 0.5}},
+                       "subtask": {"inputs": raw, "parameters": {"subtask": "panoptic"}}}.items():
         try:
             handler(data)
         except ValueError as error:
@@ -183,9 +187,11 @@ def test_handler_returns_the_label_map_on_request_and_refuses_bad_requests(handl
     np.testing.assert_array_equal(np.array(report["label_map"]["ids"]), expected["segformer"])
     assert report["label_map"]["labels"] == [id2label[i] for i in sorted(np.unique(expected["segformer"]).tolist())]
     errors = report["errors"]
-    assert set(errors) == {"no_inputs", "text", "number", "parameter"}
+    assert set(errors) == {"no_inputs", "text", "number", "parameter", "subtask"}
     assert '"inputs"' in errors["no_inputs"] and "could not be read as an image" in errors["text"]
-    assert "got int" in errors["number"] and "unknown parameters ['threshold']" in errors["parameter"]
+    assert "got int" in errors["number"] and "unknown parameters ['bogus']" in errors["parameter"]
+    assert "semantic segmentation only; got subtask 'panoptic'" in errors["subtask"]
+    assert report["task_parameters"] == report["bytes"]  # the task's own parameters are accepted, without effect
 
 
 def test_handler_scores_mask2former_maps_as_probabilities(tmp_path):

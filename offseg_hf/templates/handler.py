@@ -9,6 +9,8 @@ Request: `{"inputs": IMAGE, "parameters": {...}}` where IMAGE is a PIL image (wh
 `image/*` request body), raw bytes, a base64 string or a `data:image/...;base64,` URL (JSON requests). Parameters
 (all optional):
   - `return_label_map` (bool): also return the label map, a base64 PNG with one class id per pixel.
+  - the task's `threshold`, `mask_threshold`, `overlap_mask_area_threshold` and `subtask` ("semantic") are
+    accepted and have no effect: every pixel gets exactly one class.
 Response: the image-segmentation task's list `[{"label": str, "score": float, "mask": base64 PNG}]`, one entry
 per class present in the prediction, masks mode "L" (255 inside, 0 outside) at the input image's size. A pixel
 belongs to exactly one mask. `score` is the mean probability of the class over its mask. With
@@ -27,6 +29,10 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
+
+# The image-segmentation task's own parameters (huggingface_hub's InferenceClient sends them): accepted and ignored,
+# since a semantic segmentation model gives exactly one mask per present class, with no thresholds to apply.
+TASK_PARAMETERS = {"threshold", "mask_threshold", "overlap_mask_area_threshold", "subtask"}
 
 
 def _decode_image(inputs: Any) -> Image.Image:
@@ -95,9 +101,11 @@ class EndpointHandler:
         if not isinstance(data, dict) or "inputs" not in data:
             raise ValueError('the request must be a JSON object with "inputs" (and optional "parameters")')
         parameters = data.get("parameters") or {}
-        unknown = set(parameters) - {"return_label_map"}
+        unknown = set(parameters) - {"return_label_map"} - TASK_PARAMETERS
         if unknown:
             raise ValueError(f"unknown parameters {sorted(unknown)}; this handler takes return_label_map")
+        if parameters.get("subtask") not in (None, "semantic"):
+            raise ValueError(f"this model does semantic segmentation only; got subtask {parameters['subtask']!r}")
         label_map, probabilities = self.predict(_decode_image(data["inputs"]))
         segments = []
         for class_id in torch.unique(label_map).tolist():  # ascending ids
