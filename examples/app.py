@@ -84,6 +84,12 @@ def read_app_config() -> dict:
 # Model and prediction
 
 
+def takes_class_attention(model: torch.nn.Module) -> bool:
+    """Whether the model's forward takes `output_class_attention` (OffSeg models; it returns None where the model
+    has no offset classifier). Older model code and Mask2Former do not."""
+    return "output_class_attention" in inspect.signature(model.forward).parameters
+
+
 class Segmenter:
     """One loaded model with its image processor; `predict` gives the label map at the image size."""
 
@@ -95,9 +101,7 @@ class Segmenter:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device).eval()
         self.id2label = {int(index): label for index, label in self.model.config.id2label.items()}
-        # Offset-learning models return the class attention on request (None where the model has no offset
-        # classifier); older code or Mask2Former does not take the argument.
-        self.can_return_attention = "output_class_attention" in inspect.signature(self.model.forward).parameters
+        self.can_return_attention = takes_class_attention(self.model)
 
     @torch.inference_mode()
     def predict(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
@@ -230,38 +234,39 @@ CSS = """
 """
 
 
+def segment_outputs(segmenter: Segmenter, image: Image.Image) -> tuple:
+    """What the page shows for one image: overlay, legend, area rows, the class-attention chooser and picture (shown
+    only when the model returned the class attention) and the state the chooser reads."""
+    label_map, attention = segmenter.predict(image)
+    colours = palette(len(segmenter.id2label))
+    present = sorted(int(i) for i in np.unique(label_map))
+    state = {"image": image, "attention": attention, "id2label": segmenter.id2label}
+    if attention is not None:
+        names = [segmenter.id2label[i] for i in present]
+        choice = gr.update(choices=names, value=names[0], visible=True)
+        picture = gr.update(value=attention_picture(image, attention[present[0]]), visible=True)
+    else:
+        choice, picture = gr.update(choices=[], value=None, visible=False), gr.update(value=None, visible=False)
+    legend = legend_html(present, segmenter.id2label, colours)
+    areas = area_rows(label_map, segmenter.id2label)
+    return overlay(image, label_map, colours), legend, areas, choice, picture, state
+
+
+def show_attention(class_name: str | None, state: dict | None):
+    """The class-attention picture of another class of the last segmented image."""
+    if not state or state.get("attention") is None or not class_name:
+        return gr.update()
+    label2id = {label: index for index, label in state["id2label"].items()}
+    return attention_picture(state["image"], state["attention"][label2id[class_name]])
+
+
 def build_demo(models: list[str], allow_download: bool = False, device: str | None = None) -> gr.Blocks:
     cache = ModelCache(allow_download, device)
 
     def segment(image, model_name):
         if image is None:
             raise gr.Error("Upload an image or pick an example first.")
-        segmenter = cache.get(model_name)
-        image = image.convert("RGB")
-        label_map, attention = segmenter.predict(image)
-        colours = palette(len(segmenter.id2label))
-        present = sorted(int(i) for i in np.unique(label_map))
-        state = {"image": image, "attention": attention, "id2label": segmenter.id2label, "present": present}
-        if attention is not None:
-            names = [segmenter.id2label[i] for i in present]
-            choice = gr.update(choices=names, value=names[0], visible=True)
-            picture = gr.update(value=attention_picture(image, attention[present[0]]), visible=True)
-        else:
-            choice, picture = gr.update(choices=[], value=None, visible=False), gr.update(value=None, visible=False)
-        return (
-            overlay(image, label_map, colours),
-            legend_html(present, segmenter.id2label, colours),
-            area_rows(label_map, segmenter.id2label),
-            choice,
-            picture,
-            state,
-        )
-
-    def show_attention(class_name, state):
-        if not state or state.get("attention") is None or not class_name:
-            return gr.update()
-        label2id = {label: index for index, label in state["id2label"].items()}
-        return attention_picture(state["image"], state["attention"][label2id[class_name]])
+        return segment_outputs(cache.get(model_name), image.convert("RGB"))
 
     with gr.Blocks(title="OffSeg semantic segmentation") as demo:
         gr.Markdown(

@@ -132,6 +132,16 @@ def test_page_shows_the_overlay_legend_and_areas_of_the_prediction(model_folder,
                 )
                 table = page.locator("#areas").inner_text()
                 attention_shown = page.locator("#attention-class").is_visible()
+                attention_size = None
+                if attention_shown:  # offset models that return the class attention: its picture, image-sized
+                    page.wait_for_function(
+                        "() => { const img = document.querySelector('#attention img'); "
+                        "return img && img.complete && img.naturalWidth > 0; }",
+                        timeout=20_000,
+                    )
+                    attention_size = page.locator("#attention img").evaluate(
+                        "img => [img.naturalWidth, img.naturalHeight]"
+                    )
                 page.screenshot(path=str(SCREENSHOT), full_page=True)
             finally:
                 browser.close()
@@ -151,9 +161,8 @@ def test_page_shows_the_overlay_legend_and_areas_of_the_prediction(model_folder,
         assert label not in table
     # The class-attention control appears only for models that return the class attention.
     model = AutoModelForSemanticSegmentation.from_pretrained(model_folder)
-    import inspect
-
-    assert attention_shown == ("output_class_attention" in inspect.signature(model.forward).parameters)
+    assert attention_shown == load_app().takes_class_attention(model)
+    assert attention_size == ([97, 71] if attention_shown else None)
 
 
 SPACE_SCRIPT = textwrap.dedent(
@@ -214,11 +223,7 @@ def test_app_runs_without_offseg_hf_through_the_model_folders_code(model_folder,
 
 
 def test_pictures_are_at_the_image_size_and_colours_differ():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("offseg_app", APP)
-    app = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(app)
+    app = load_app()
     colours = app.palette(150)
     assert colours.shape == (150, 3) and len({tuple(c) for c in colours}) == 150
     image = scene(13, 9)
@@ -231,3 +236,46 @@ def test_pictures_are_at_the_image_size_and_colours_differ():
     assert app.attention_picture(image, attention[1]).size == (13, 9)
     assert app.area_rows(label_map, dict(enumerate("abc"))) == [["a", 53.85, 63], ["c", 46.15, 54]]
     assert 'data-label="a"' in app.legend_html([0, 2], dict(enumerate("abc")), colours)
+
+
+def load_app():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("offseg_app", APP)
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    return app
+
+
+class ClassAttentionModel(torch.nn.Module):
+    """A model whose forward returns the class attention on request, as OffSeg's offset models do."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.config = model, model.config
+
+    def forward(self, pixel_values, output_class_attention=False):
+        outputs = self.inner(pixel_values=pixel_values)
+        if output_class_attention:
+            logits = outputs.logits  # (B, K, h, w)
+            outputs.class_attention = logits.flatten(2).softmax(-1).reshape(logits.shape)
+        return outputs
+
+
+def test_the_class_attention_control_follows_the_model(model_folder):
+    app = load_app()
+    segmenter = app.Segmenter(str(model_folder))
+    image = scene()
+    plain = app.segment_outputs(segmenter, image)
+    assert plain[0].size == (97, 71) and plain[3]["visible"] is False and plain[4]["visible"] is False
+    segmenter.model = ClassAttentionModel(segmenter.model)
+    segmenter.can_return_attention = app.takes_class_attention(segmenter.model)
+    assert segmenter.can_return_attention
+    overlay, legend, rows, choice, picture, state = app.segment_outputs(segmenter, image)
+    names = [LABELS[i] for i in sorted(np.unique(segmenter.predict(image)[0]).tolist())]
+    assert choice["visible"] and choice["choices"] == names and choice["value"] == names[0]
+    assert picture["visible"] and picture["value"].size == (97, 71)
+    assert state["attention"].shape[0] == len(LABELS)
+    other = app.show_attention(names[-1], state)
+    assert other.size == (97, 71) and (names[-1] == names[0] or other.tobytes() != picture["value"].tobytes())
+    assert np.asarray(overlay).shape == (71, 97, 3) and np.array_equal(np.asarray(overlay), np.asarray(plain[0]))
