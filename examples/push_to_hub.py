@@ -203,6 +203,8 @@ def export_onnx_file(model: PreTrainedModel, folder: Path, opset: int) -> bool:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         export_onnx(model, path, opset=opset, dynamic=True)
+    except ImportError:  # onnx / onnxruntime / onnxscript missing: no variant would export, so stop and say so
+        raise
     except Exception as error:  # an exporter limit of one variant should not stop the others
         print(f"  no ONNX export for {folder.name}: {type(error).__name__}: {error}")
         shutil.rmtree(path.parent, ignore_errors=True)

@@ -299,8 +299,10 @@ def onnx_section(onnx_opset: int | None) -> str:
         )
     return (
         f"**ONNX**: `onnx/model.onnx` (opset {onnx_opset}, dynamic batch, height and width) takes `pixel_values` "
-        "(batch, 3, height, width), normalised as `preprocessor_config.json` says, and gives the class scores at "
-        "reduced resolution; resize them to the image and take the argmax over classes:\n\n"
+        "(batch, 3, height, width), normalised as `preprocessor_config.json` says, and gives `logits`, the class "
+        "scores at reduced resolution (the model's `outputs.logits`; the file's metadata holds `id2label`): resize "
+        "them to the image and take the argmax over classes. With offseg-hf installed, `offseg_hf.onnx.OnnxSegmenter` "
+        "does exactly that; with ONNX Runtime alone:\n\n"
         "```python\n"
         "import numpy as np, onnxruntime as ort\n"
         "from huggingface_hub import hf_hub_download\n"
@@ -308,7 +310,7 @@ def onnx_section(onnx_opset: int | None) -> str:
         'processor = AutoImageProcessor.from_pretrained("{repo_id}", trust_remote_code=True)\n'
         'session = ort.InferenceSession(hf_hub_download("{repo_id}", "onnx/model.onnx"))\n'
         'pixel_values = processor(images=image, return_tensors="np")["pixel_values"]\n'
-        "logits = session.run(None, {session.get_inputs()[0].name: pixel_values})[0]  # (1, K, h, w)\n"
+        'logits = session.run(["logits"], {"pixel_values": pixel_values})[0]  # (1, K, h, w)\n'
         "```"
     )
 
