@@ -292,7 +292,12 @@ def build_demo(models: list[str], allow_download: bool = False, device: str | No
                 button = gr.Button("Segment", variant="primary", elem_id="segment")
                 examples = example_images()
                 if examples:
-                    gr.Examples(examples=examples, inputs=image_input, label="Examples (synthetic demo scenes)")
+                    gr.Examples(
+                        examples=examples,
+                        inputs=image_input,
+                        label="Examples (synthetic demo scenes)",
+                        elem_id="examples",
+                    )
             with gr.Column():
                 overlay_output = gr.Image(type="pil", label="Segmentation", format="png", height=360, elem_id="overlay")
                 legend = gr.HTML(elem_id="legend")

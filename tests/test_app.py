@@ -143,6 +143,15 @@ def test_page_shows_the_overlay_legend_and_areas_of_the_prediction(model_folder,
                         "img => [img.naturalWidth, img.naturalHeight]"
                     )
                 page.screenshot(path=str(SCREENSHOT), full_page=True)
+                # An example scene (256x256, generated offline from the demo set) through the same button.
+                page.locator("#examples img").first.click()
+                page.locator("#segment").click()
+                page.wait_for_function(
+                    "() => { const img = document.querySelector('#overlay img'); "
+                    "return img && img.complete && img.naturalWidth === 256; }",
+                    timeout=30_000,
+                )
+                example_size = overlay.evaluate("img => [img.naturalWidth, img.naturalHeight]")
             finally:
                 browser.close()
     finally:
@@ -153,6 +162,7 @@ def test_page_shows_the_overlay_legend_and_areas_of_the_prediction(model_folder,
             process.kill()
 
     assert size == [97, 71]  # the overlay at the uploaded image's size
+    assert example_size == [256, 256]
     assert legend == expected  # exactly the predicted classes, in id order
     assert len(set(swatches)) == len(expected) and all(colour.startswith("rgb(") for colour in swatches)
     for label in expected:
