@@ -311,6 +311,7 @@ def build_demo(models: list[str], allow_download: bool = False, device: str | No
                     type="pil",
                     label="Class attention (softmax over positions)",
                     format="png",
+                    height=360,
                     visible=False,
                     elem_id="attention",
                 )

@@ -257,12 +257,19 @@ def load_app():
     return app
 
 
-class ClassAttentionModel(torch.nn.Module):
-    """A model whose forward returns the class attention on request, as OffSeg's offset models do."""
+class NoClassAttentionModel(torch.nn.Module):
+    """A model whose forward does not take `output_class_attention` (older model code, Mask2Former)."""
 
     def __init__(self, model):
         super().__init__()
         self.inner, self.config = model, model.config
+
+    def forward(self, pixel_values):
+        return self.inner(pixel_values=pixel_values)
+
+
+class ClassAttentionModel(NoClassAttentionModel):
+    """A model whose forward returns the class attention on request, as OffSeg's offset models do."""
 
     def forward(self, pixel_values, output_class_attention=False):
         outputs = self.inner(pixel_values=pixel_values)
@@ -275,10 +282,14 @@ class ClassAttentionModel(torch.nn.Module):
 def test_the_class_attention_control_follows_the_model(model_folder):
     app = load_app()
     segmenter = app.Segmenter(str(model_folder))
+    model = segmenter.model
     image = scene()
+    segmenter.model = NoClassAttentionModel(model)
+    segmenter.can_return_attention = app.takes_class_attention(segmenter.model)
+    assert not segmenter.can_return_attention
     plain = app.segment_outputs(segmenter, image)
     assert plain[0].size == (97, 71) and plain[3]["visible"] is False and plain[4]["visible"] is False
-    segmenter.model = ClassAttentionModel(segmenter.model)
+    segmenter.model = ClassAttentionModel(model)
     segmenter.can_return_attention = app.takes_class_attention(segmenter.model)
     assert segmenter.can_return_attention
     overlay, legend, rows, choice, picture, state = app.segment_outputs(segmenter, image)
