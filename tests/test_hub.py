@@ -343,6 +343,13 @@ def test_onnx_flag_exports_each_model_and_cards_follow_what_was_written(tmp_path
     assert not (folder / "onnx").exists() and "has no ONNX export" in (folder / "README.md").read_text()
     assert (folder / "model.safetensors").exists()  # the rest of the repo is still written
 
+    def missing_dependency(model, output_path, opset=18, dynamic=False):
+        raise ImportError("ONNX export needs onnxruntime")
+
+    monkeypatch.setitem(sys.modules, "offseg_hf.onnx", types.SimpleNamespace(export_onnx=missing_dependency))
+    with pytest.raises(ImportError, match="needs onnxruntime"):  # no variant would export: stop and say so
+        load_script().main(["--output_dir", str(tmp_path / "missing"), *base])
+
 
 def test_push_to_hub_uploads_the_space(tmp_path, monkeypatch):
     import huggingface_hub
