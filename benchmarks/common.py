@@ -137,6 +137,37 @@ class OfficialOrder(nn.Module):
         return literal_offset_learning(self.model.classifier, offseg.pool(x))
 
 
+class Autocast(nn.Module):
+    """Runs `model` under `torch.autocast(device_type, dtype)`; `measure` times it like any model."""
+
+    def __init__(self, model: nn.Module, device_type: str, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.model, self.device_type, self.dtype = model, device_type, dtype
+
+    def forward(self, *args, **kwargs):
+        with torch.autocast(device_type=self.device_type, dtype=self.dtype):
+            return self.model(*args, **kwargs)
+
+
+def logits_of(output) -> torch.Tensor:
+    """The semantic logits of a model output (a `...Output` with `logits`, or a tensor)."""
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
+def agreement(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
+    """(max |other - reference|, share of positions whose argmax over classes agrees), in float32."""
+    reference, other = reference.float(), other.float()
+    same = (reference.argmax(dim=1) == other.argmax(dim=1)).float().mean().item()
+    return (other - reference).abs().max().item(), same
+
+
+def machine_line(device: torch.device) -> str:
+    line = f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}"
+    if device.type == "cuda":
+        line += f" ({torch.cuda.get_device_name(device)})"
+    return line
+
+
 def parameters_m(model: nn.Module) -> float:
     return sum(p.numel() for p in model.parameters()) / 1e6
 
