@@ -37,24 +37,14 @@ CLASSIFIER_KEYS = ("norm.", "head.", "head_dist.")
 
 
 def _resized_bias(module: nn.Module, queries: int, keys: int) -> torch.Tensor:
-    """The (heads, N, N) bias of `module`, bicubically resized to (heads, queries, keys) when it differs.
+    """The (heads, N, N) bias of `module`, bicubically resized to (heads, queries, keys).
 
-    Without autograd the expanded (heads, N, N) matrix is cached, keyed by the table's version counter, so a
-    `load_state_dict` or optimizer step invalidates it (timm's own cache survives `load_state_dict`).
+    The resize runs at every size, with no branch on it: at the table's own size bicubic interpolation reads each
+    value at its own position (weights 0, 1, 0, 0), so it returns the table unchanged, and one traced or exported
+    graph serves every input size. Nothing is cached on the module (a cache keyed by storage cannot be traced).
     """
-    table = module.attention_biases
-    if torch.is_grad_enabled() and table.requires_grad:
-        bias = table[:, module.attention_bias_idxs]
-    else:
-        key = (table._version, table.data_ptr(), table.device, table.dtype)
-        cached = module.__dict__.get("_expanded_bias")
-        if cached is None or cached[0] != key:
-            cached = (key, table.detach()[:, module.attention_bias_idxs])
-            module.__dict__["_expanded_bias"] = cached
-        bias = cached[1]
-    if bias.shape[-2:] != (queries, keys):
-        bias = F.interpolate(bias.unsqueeze(0), size=(queries, keys), mode="bicubic", align_corners=False)[0]
-    return bias
+    bias = module.attention_biases[:, module.attention_bias_idxs]  # (heads, N, N)
+    return F.interpolate(bias.unsqueeze(0), size=(queries, keys), mode="bicubic", align_corners=False)[0]
 
 
 def _attention_bias_init_(module: nn.Module) -> None:

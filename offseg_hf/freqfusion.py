@@ -27,10 +27,6 @@ from transformers import initialization as init
 
 from .layers import initialise_with
 
-# Accumulator rows per pass are chosen so one pass's output block stays in a core's cache (about 2 MB):
-# CARAFE is memory-bound, and k*k passes over a map larger than the cache cost several times more.
-_CACHE_BLOCK_BYTES = 2 * 1024 * 1024
-
 
 def carafe(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, scale_factor: int) -> torch.Tensor:
     """Content-aware reassembly.
@@ -56,17 +52,14 @@ def carafe(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, scale_
     # Output phase (i, j) of input pixel (y, x) is output pixel (s*y + i, s*x + j): (B, k*k, s*s, h, w).
     phases = F.pixel_unshuffle(masks, s).view(batch_size, taps, s * s, height, width) if s > 1 else masks[:, :, None]
     out = padded[:, :, :, :height, :width] * phases[:, None, 0]  # tap (0, 0): (B, C, s*s, h, w)
-    row_bytes = batch_size * channels * s * s * width * features.element_size()
-    block = max(1, _CACHE_BLOCK_BYTES // row_bytes)
-    for top in range(0, height, block):
-        bottom = min(height, top + block)
-        out_rows = out[:, :, :, top:bottom]
-        for tap in range(1, taps):
-            a, b = divmod(tap, kernel_size)
-            out_rows.addcmul_(padded[:, :, :, top + a : bottom + a, b : b + width], phases[:, None, tap, :, top:bottom])
+    # A fixed number of whole-map passes (k*k, from the kernel size only), so the loop unrolls the same way for every
+    # input size when traced or exported; in-place accumulation keeps one output buffer alive.
+    for tap in range(1, taps):
+        a, b = divmod(tap, kernel_size)
+        out.addcmul_(padded[:, :, :, a : a + height, b : b + width], phases[:, None, tap])
     if s == 1:
         return out[:, :, 0]
-    return F.pixel_shuffle(out.view(batch_size, channels * s * s, height, width), s)  # (B, C, s*h, s*w)
+    return F.pixel_shuffle(out.flatten(1, 2), s)  # (B, C, s*h, s*w)
 
 
 def neighbour_cosine_similarity(x: torch.Tensor, window: int = 3, dilation: int = 2) -> torch.Tensor:
@@ -150,11 +143,13 @@ class SimilarityGuidedResampler(nn.Module):
         batch_size, _, height, width = offsets.shape
         s, groups = self.scale, self.groups
         offsets = offsets.view(batch_size, 2, -1, height, width)  # (B, xy, G*s*s, H, W)
-        ys = torch.arange(height, device=x.device, dtype=x.dtype) + 0.5
+        # Pixel centres normalised to [-1, 1] per coordinate, with the sizes as Python scalars (symbolic when
+        # exported), not a tensor built from them.
         xs = torch.arange(width, device=x.device, dtype=x.dtype) + 0.5
-        centres = torch.stack([xs.view(1, -1).expand(height, width), ys.view(-1, 1).expand(height, width)])
-        size = torch.tensor([width, height], device=x.device, dtype=x.dtype).view(1, 2, 1, 1, 1)
-        grid = 2 * (centres.view(1, 2, 1, height, width) + offsets) / size - 1  # normalised to [-1, 1]
+        ys = torch.arange(height, device=x.device, dtype=x.dtype).view(-1, 1) + 0.5
+        grid_x = 2 * (xs + offsets[:, 0]) / width - 1  # (B, G*s*s, H, W)
+        grid_y = 2 * (ys + offsets[:, 1]) / height - 1
+        grid = torch.stack([grid_x, grid_y], dim=1)  # (B, xy, G*s*s, H, W)
         grid = F.pixel_shuffle(grid.reshape(batch_size, -1, height, width), s)  # (B, 2*G, sH, sW)
         grid = grid.view(batch_size, 2, groups, s * height, s * width).permute(0, 2, 3, 4, 1).flatten(0, 1)
         sampled = F.grid_sample(
@@ -201,8 +196,8 @@ class FreqFusion(nn.Module):
                 f"FreqFusion needs the high-res map at twice the low-res size; got {(height, width)} and "
                 f"{(lr_h, lr_w)}."
             )
-        if (height, width) != (2 * lr_h, 2 * lr_w):
-            hr_feat = F.pad(hr_feat, (0, 2 * lr_w - width, 0, 2 * lr_h - height), mode="replicate")
+        # Padded (by zero rows/columns at even sizes) without a branch on the sizes, so one traced graph serves all.
+        hr_feat = F.pad(hr_feat, (0, 2 * lr_w - width, 0, 2 * lr_h - height), mode="replicate")
 
         hr_guide = self.hr_compressor(hr_feat)  # (B, c, 2h, 2w)
         lr_guide = self.lr_compressor(lr_feat)  # (B, c, h, w)

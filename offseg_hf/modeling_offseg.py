@@ -50,6 +50,24 @@ class OffSegModelOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
+@dataclass
+class OffSegSemanticSegmenterOutput(SemanticSegmenterOutput):
+    """
+    `SemanticSegmenterOutput` (loss, logits, hidden_states, attentions) plus:
+
+    Args:
+        class_attention (`torch.FloatTensor` of shape `(batch_size, num_labels, height, width)`, *optional*, returned
+            when `output_class_attention=True` and the classifier is offset learning):
+            Softmax over positions of the coupled attention A = W E^T between the class embeddings W and the pixel
+            embeddings E (the paper's Eq. 4-5): for each class, a distribution over the classifier's positions
+            (each map sums to 1) showing where the class offset gathers the class's context from. At the
+            classifier's resolution, the same as `logits` (1/4 of the input for OffSeg, 1/8 for SegFormer-offset).
+            `None` for the per-pixel classifier.
+    """
+
+    class_attention: torch.FloatTensor | None = None
+
+
 class OffSegPreTrainedModel(PreTrainedModel):
     config: OffSegConfig
     config_class = OffSegConfig
@@ -224,15 +242,19 @@ class OffSegForSemanticSegmentation(OffSegPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
+        output_class_attention: bool = False,
         **kwargs,
-    ) -> SemanticSegmenterOutput | tuple:
+    ) -> OffSegSemanticSegmenterOutput | tuple:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
             Ground-truth class ids; `config.semantic_loss_ignore_index` marks pixels to ignore. The loss is cross
             entropy on the logits upsampled (bilinear) to the label size.
+        output_class_attention (`bool`, *optional*, defaults to `False`):
+            Also return `class_attention`, the offset-learning classifier's Softmax over positions of A = W E^T
+            (`None` for the per-pixel classifier). Costs nothing extra when not requested.
 
-        Returns `SemanticSegmenterOutput` with `logits` of shape `(batch_size, num_labels, height, width)` at the
-        classifier's resolution (1/8 of the input for SegFormer-offset).
+        Returns `OffSegSemanticSegmenterOutput` with `logits` of shape `(batch_size, num_labels, height, width)` at
+        the classifier's resolution (1/8 of the input for SegFormer-offset).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.offseg(
@@ -241,7 +263,11 @@ class OffSegForSemanticSegmentation(OffSegPreTrainedModel):
             output_attentions=output_attentions,
             return_dict=True,
         )
-        logits = self.classifier(outputs.last_hidden_state)  # (B, K, h, w)
+        class_attention = None
+        if output_class_attention and isinstance(self.classifier, OffsetLearning):
+            logits, class_attention = self.classifier(outputs.last_hidden_state, output_class_attention=True)
+        else:
+            logits = self.classifier(outputs.last_hidden_state)  # (B, K, h, w)
 
         loss = None
         if labels is not None:
@@ -251,10 +277,20 @@ class OffSegForSemanticSegmentation(OffSegPreTrainedModel):
             upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
             loss = F.cross_entropy(upsampled, labels.long(), ignore_index=self.config.semantic_loss_ignore_index)
 
-        output = SemanticSegmenterOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        output = OffSegSemanticSegmenterOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            class_attention=class_attention,
         )
         return output if return_dict else output.to_tuple()
 
 
-__all__ = ["OffSegModel", "OffSegForSemanticSegmentation", "OffSegPreTrainedModel", "OffSegModelOutput"]
+__all__ = [
+    "OffSegModel",
+    "OffSegForSemanticSegmentation",
+    "OffSegPreTrainedModel",
+    "OffSegModelOutput",
+    "OffSegSemanticSegmenterOutput",
+]

@@ -82,12 +82,12 @@ class OffsetLearning(nn.Module):
             raise ValueError(f"OffsetLearning expects {self.channels} feature channels, got {features.shape[1]}.")
         return features.flatten(2)
 
-    def _aligned_classes(self, embeddings: torch.Tensor, coupled_attention: torch.Tensor | None) -> torch.Tensor:
-        """W' = W + dW, (B, K, C), from E^T (B, C, HW) and A (B, K, HW); W broadcast when there is no class offset."""
+    def _aligned_classes(self, embeddings: torch.Tensor, class_attention: torch.Tensor | None) -> torch.Tensor:
+        """W' = W + dW, (B, K, C), from E^T (B, C, HW) and Softmax_HW(A) (B, K, HW); W broadcast when there is no
+        class offset."""
         class_embeddings = self.class_embeddings  # W: (K, C)
         if self.class_offset_proj is None:
             return class_embeddings.expand(embeddings.shape[0], -1, -1)
-        class_attention = coupled_attention.softmax(dim=-1)  # over positions: (B, K, HW)
         class_context = torch.matmul(class_attention, embeddings.transpose(1, 2))  # F_cls: (B, K, C)
         return class_embeddings + self.class_offset_proj(class_context)
 
@@ -95,22 +95,36 @@ class OffsetLearning(nn.Module):
         """The per-image class representations W + dW (B, K, C) that `forward` scores (B, C, H, W) features with
         (W itself, broadcast over the batch, without the class-offset branch)."""
         embeddings = self._flatten(features)
-        coupled_attention = None
+        class_attention = None
         if self.class_offset_proj is not None:
-            coupled_attention = torch.matmul(self.class_embeddings, embeddings)  # A: (B, K, HW)
-        return self._aligned_classes(embeddings, coupled_attention)
+            class_attention = torch.matmul(self.class_embeddings, embeddings).softmax(dim=-1)  # (B, K, HW)
+        return self._aligned_classes(embeddings, class_attention)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) pixel embeddings -> (B, K, H, W) normalised class scores."""
+    def forward(
+        self, features: torch.Tensor, output_class_attention: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, H, W) pixel embeddings -> (B, K, H, W) normalised class scores.
+
+        With `output_class_attention=True`, returns `(scores, class_attention)`: class_attention (B, K, H, W) is
+        Softmax_HW(A), A = W E^T, the per-class distribution over positions that the class offset pools E with
+        (Eq. 4-5). It is the tensor the class-offset branch computes anyway; without that branch it is computed for
+        the output only.
+        """
         height, width = features.shape[-2:]
         embeddings = self._flatten(features)  # E^T: (B, C, HW), a view
         class_embeddings = self.class_embeddings  # W: (K, C)
+        has_offsets = self.class_offset_proj is not None or self.feature_offset_proj is not None
 
-        if self.class_offset_proj is None and self.feature_offset_proj is None:
+        coupled_attention = class_attention = None
+        if has_offsets or output_class_attention:
+            coupled_attention = torch.matmul(class_embeddings, embeddings)  # A: (B, K, HW)
+        if self.class_offset_proj is not None or output_class_attention:
+            class_attention = coupled_attention.softmax(dim=-1)  # over positions: (B, K, HW)
+
+        if not has_offsets:
             scores = torch.matmul(embeddings.transpose(1, 2), class_embeddings.t())  # (B, HW, K)
         else:
-            coupled_attention = torch.matmul(class_embeddings, embeddings)  # A: (B, K, HW)
-            aligned_classes = self._aligned_classes(embeddings, coupled_attention)  # W': (B, K, C)
+            aligned_classes = self._aligned_classes(embeddings, class_attention)  # W': (B, K, C)
             scores = torch.matmul(embeddings.transpose(1, 2), aligned_classes.transpose(1, 2))  # E W'^T: (B, HW, K)
 
             if self.feature_offset_proj is not None:
@@ -122,7 +136,10 @@ class OffsetLearning(nn.Module):
                 scores = torch.baddbmm(scores, position_attention.transpose(1, 2), class_mixing)  # (B, HW, K)
 
         scores = self.mask_norm(scores)  # LayerNorm over the K class scores
-        return scores.transpose(1, 2).unflatten(2, (height, width))  # (B, K, H, W), channels_last strides
+        scores = scores.transpose(1, 2).unflatten(2, (height, width))  # (B, K, H, W), channels_last strides
+        if output_class_attention:
+            return scores, class_attention.unflatten(2, (height, width))
+        return scores
 
 
 class PerPixelClassifier(nn.Module):
