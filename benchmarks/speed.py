@@ -16,7 +16,8 @@ Modes (columns):
 Every preset is timed in its own group of rounds together with the baseline (hf-segformer-b0, eager fp32): within
 a round the models take turns, so drift in machine load hits them alike, and every ratio is a preset's median over
 the baseline's median from the same rounds. The baseline's own row is a group of its four modes. Latency is the
-median over `--repeats` passes after `--warmup` untimed ones (batch `--batch_size`, default 1).
+median over `--repeats` passes after `--warmup` untimed ones (batch `--batch_size`, default 1), in wall time or,
+with `--clock process --threads 1` on a CPU shared with other work, in this process's CPU time.
 
 On CUDA a second table gives throughput (images/s) at batch `--throughput_batch` (default 16): eager fp32, bf16
 autocast, and fused + bf16 autocast.
@@ -98,7 +99,7 @@ def timed_group(name: str, args, pixel_values: torch.Tensor, baseline) -> tuple[
     models = {(name, mode): fn for mode, fn in callables.items()}
     if name != HF_SEGFORMER_B0:
         models[(HF_SEGFORMER_B0, "eager")] = baseline
-    times = measure(models, pixel_values, args.warmup, args.repeats)
+    times = measure(models, pixel_values, args.warmup, args.repeats, args.clock)
     ms = {mode: median(times[(name, mode)]) for mode in callables}
     return ms, info, times[(HF_SEGFORMER_B0, "eager")]
 
@@ -121,8 +122,16 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--compile_backend", default="inductor", help="torch.compile backend (default inductor)")
     parser.add_argument("--throughput_batch", type=int, default=16, help="CUDA throughput table batch size")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "process"],
+        default="wall",
+        help="wall time, or this process's CPU time (CPU only; with --threads 1 on a shared machine)",
+    )
     args = parser.parse_args()
     args.modes = ["eager", *[m for m in MODES if m in args.modes and m != "eager"]]
+    if args.clock == "process" and args.device != "cpu":
+        parser.error("--clock process measures CPU time: CPU only.")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -137,7 +146,10 @@ def main() -> None:
         print(f"# {name}: " + ", ".join(f"{mode} {value:.1f} ms" for mode, value in ms.items()), flush=True)
 
     shape = "x".join(map(str, pixel_values.shape))
-    print(f"\n# {shape}, {args.num_labels} labels, {args.repeats} repeats after {args.warmup}, {machine_line(device)}")
+    print(
+        f"\n# {shape}, {args.num_labels} labels, {args.repeats} repeats after {args.warmup}, {args.clock} clock, "
+        f"{machine_line(device)}"
+    )
     print("\n## Latency (median ms) and ratio against HF SegFormer-B0 eager fp32 timed in the same rounds\n")
     columns = ["model", *[f"{mode} ms" for mode in args.modes], "HF B0 ms (same rounds)"]
     columns += [f"{mode} / HF" for mode in args.modes]
