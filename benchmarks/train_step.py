@@ -14,7 +14,8 @@ every step (drawn before timing). Precisions: fp32, and bf16 autocast around the
 optimizer in fp32 weights, as Accelerate's `--mixed_precision bf16` does).
 
 Each (model, precision) runs in a fresh process (spawned), so memory figures do not mix: `--warmup` untimed steps
-(the first step allocates the optimizer state), then `--repeats` timed ones; the median step time is reported.
+(the first step allocates the optimizer state), then `--repeats` timed ones; the median step time is reported, in
+wall time or, with `--clock process --threads 1` on a CPU shared with other work, in the process's CPU time.
 Peak memory: on CPU the peak resident set size (`resource.getrusage(...).ru_maxrss`) minus the resident size after
 the model and the batches were built, so it counts gradients, optimizer state and activations; on CUDA
 `torch.cuda.max_memory_allocated` minus the memory allocated after building. Ratios are against hf-segformer-b0 in
@@ -42,7 +43,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import HF_SEGFORMER_B0, hf_segformer_b0, machine_line, print_table, synchronize
+from common import CLOCKS, HF_SEGFORMER_B0, hf_segformer_b0, machine_line, print_table, synchronize
 
 from offseg_hf.presets import all_variant_names, model_for_variant
 
@@ -86,16 +87,17 @@ def _worker(name: str, precision: str, args: dict, queue) -> None:
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     times, losses = [], []
+    now = CLOCKS[args["clock"]]
     for images, labels in batches:
         synchronize(device)
-        start = time.perf_counter()
+        start = now()
         optimizer.zero_grad(set_to_none=True)
         with autocast:
             loss = model(pixel_values=images, labels=labels).loss
         loss.backward()
         optimizer.step()
         synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
+        times.append((now() - start) * 1e3)
         losses.append(loss.item())
     if device.type == "cuda":
         peak_mib = (torch.cuda.max_memory_allocated(device) - base) / 2**20
@@ -150,6 +152,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--clock",
+        choices=list(CLOCKS),
+        default="wall",
+        help="wall time, or the process's CPU time (CPU only; with --threads 1 on a shared machine)",
+    )
     names = all_variant_names()
     parser.add_argument("--variants", nargs="+", choices=names, default=names, metavar="VARIANT")
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
@@ -157,7 +165,9 @@ def main() -> None:
     parser.add_argument("--demo_variants", nargs="+", choices=names, default=["segformer-b0-offset", "offseg-t"])
     args = parser.parse_args()
     worker_args = {k: getattr(args, k) for k in ("height", "width", "batch_size", "num_labels", "warmup", "repeats")}
-    worker_args |= {"threads": args.threads, "device": args.device}
+    worker_args |= {"threads": args.threads, "device": args.device, "clock": args.clock}
+    if args.clock == "process" and args.device != "cpu":
+        parser.error("--clock process measures CPU time: CPU only.")
 
     results = {}
     for name in [HF_SEGFORMER_B0, *dict.fromkeys(args.variants)]:
@@ -169,7 +179,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(
         f"\n# training step: batch {args.batch_size} x {args.height}x{args.width}, {args.num_labels} classes, "
-        f"AdamW; median of {args.repeats} after {args.warmup}; {machine_line(torch.device(args.device))}\n"
+        f"AdamW; median of {args.repeats} after {args.warmup}, {args.clock} clock; "
+        f"{machine_line(torch.device(args.device))}\n"
     )
     memory = "peak RSS delta MiB" if args.device == "cpu" else "peak allocated delta MiB"
     columns = ["model", "precision", "median ms/step", "first step ms", "ratio vs HF B0", memory, "memory vs HF B0"]
