@@ -1,0 +1,525 @@
+"""ONNX export and ONNX Runtime inference for every preset (SegFormer-offset, OffSeg, SegNeXt, Mask2Former).
+
+Export (PyTorch's dynamo exporter, `torch.onnx.export(..., dynamo=True)`) writes one self-contained `.onnx` file with
+one input, `pixel_values` (batch, 3, height, width), and one output, `logits`: the model's `outputs.logits` (1/8 of
+the input size for SegFormer-offset, 1/4 for OffSeg, the input size for Mask2Former, whose `logits` are its
+semantic class scores). Batch, height and width are dynamic unless `dynamic=False`. The file's metadata carries
+`id2label` (JSON) so `OnnxSegmenter` can name classes without the model folder.
+
+    python -m offseg_hf.onnx --model_name_or_path outputs/demo-segformer-b0-offset --output model.onnx
+    python -m offseg_hf.onnx --variant offseg-t --random_init --num_labels 150 --output offseg-t.onnx --quantize int8
+
+After the export the command runs the file with ONNX Runtime and prints the largest |ORT - PyTorch| logit
+difference at three sizes (`--no_verify` skips it). `--quantize int8` also writes `<output stem>.int8.onnx`.
+
+`OnnxSegmenter(path, image_processor=folder_or_processor)` runs a file with ONNX Runtime with the same pre- and
+post-processing as `pipeline("image-segmentation")` on the model folder: `OffSegImageProcessor` (the folder's
+`preprocessor_config.json`) and its `post_process_semantic_segmentation` (bilinear resize of the logits to the image
+size, argmax). Whole-image inference only: sliding-window evaluation (`offseg_hf.inference.slide_inference`) is not
+part of the exported graph.
+
+What the exporter needs, done here without touching the models (all undone after the export):
+
+* an example batch of 2, so the batch dimension is not specialised to 1;
+* `torch.linspace` with a symbolic number of steps (transformers' Mask2Former pixel decoder builds its reference
+  points with it) is traced as arange arithmetic; the decomposition would otherwise bake the example's step count in;
+* Mask2Former's Swin runs eager attention (the sdpa path's decomposition fails on a non-contiguous view);
+* Mask2Former-offset's per-pass cache of resized mask features is keyed by symbolic sizes, which are unhashable:
+  the export wrapper gives the mask predictor a cache keyed by the sizes' text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from torch import nn
+
+INPUT_NAME = "pixel_values"
+OUTPUT_NAME = "logits"
+DEFAULT_OPSET = 18
+DEFAULT_VERIFY_SIZES: tuple[tuple[int, int], ...] = ((512, 512), (480, 640), (333, 517))
+ID2LABEL_KEY = "id2label"
+
+
+def _require_onnx() -> None:
+    missing = [name for name in ("onnx", "onnxruntime", "onnxscript") if _missing(name)]
+    if missing:
+        raise ImportError(
+            f"ONNX export needs {', '.join(missing)}: install offseg-hf's onnx extra (pip install 'offseg-hf[onnx]')."
+        )
+
+
+def _missing(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is None
+
+
+# --- Export ---
+
+
+class _SizeKeyedCache(dict):
+    """A dict keyed by the text of its keys: symbolic sizes (tuples of SymInt) are unhashable while tracing."""
+
+    def get(self, key, default=None):
+        return super().get(str(key), default)
+
+    def __getitem__(self, key):
+        return super().__getitem__(str(key))
+
+    def __setitem__(self, key, value):
+        super().__setitem__(str(key), value)
+
+    def __contains__(self, key):
+        return super().__contains__(str(key))
+
+
+def _mask_predictor(model: nn.Module) -> nn.Module | None:
+    try:
+        return model.model.transformer_module.decoder.mask_predictor
+    except AttributeError:
+        return None
+
+
+class SemanticLogits(nn.Module):
+    """`pixel_values -> outputs.logits` of a segmentation model: the graph the exporter traces."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        predictor = _mask_predictor(self.model)
+        if predictor is not None and hasattr(predictor, "resized_features"):
+            predictor.resized_features = _SizeKeyedCache()  # reset by the model's end_pass after the pass
+        return self.model(pixel_values=pixel_values).logits
+
+
+_torch_linspace = torch.linspace
+
+
+def _traceable_linspace(start, end, steps, *args, **kwargs):
+    """`torch.linspace` for a symbolic `steps` (else torch's own), with its kernel's arithmetic: the first half
+    counts up from `start`, the second half down from `end`, in steps of (end - start) / (steps - 1)."""
+    if not isinstance(steps, torch.SymInt) or args or kwargs.get("out") is not None:
+        return _torch_linspace(start, end, steps, *args, **kwargs)
+    dtype = kwargs.get("dtype") or torch.get_default_dtype()
+    device = kwargs.get("device")
+    index = torch.arange(steps, dtype=dtype, device=device)
+    step = (end - start) / torch.sym_max(steps - 1, 1)
+    ascending = index * step + start
+    descending = end - (steps - 1 - index) * step
+    values = torch.where(index < steps // 2, ascending, descending)
+    return values.requires_grad_(kwargs.get("requires_grad", False))
+
+
+def _is_mask2former(model: nn.Module) -> bool:
+    return _mask_predictor(model) is not None
+
+
+@contextlib.contextmanager
+def export_friendly(model: nn.Module) -> Iterator[None]:
+    """The export-time switches listed in the module docstring; everything is restored on exit."""
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    switch_attention = _is_mask2former(model) and attention not in (None, "eager")
+    training = model.training
+    torch.linspace = _traceable_linspace
+    try:
+        if switch_attention:
+            model.set_attn_implementation("eager")
+        model.eval()
+        yield
+    finally:
+        torch.linspace = _torch_linspace
+        if switch_attention:
+            model.set_attn_implementation(attention)
+        model.train(training)
+
+
+def _example_input(example_size: Sequence[int], batch: int = 2, seed: int = 0) -> torch.Tensor:
+    height, width = example_size
+    return torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def _rename_dimensions(proto, names: dict[str, str]) -> None:
+    """Give the symbolic dimensions readable names (s12 -> height, in expressions too) in inputs, outputs and
+    value infos."""
+    if not names:
+        return
+    pattern = re.compile(r"\b(" + "|".join(re.escape(symbol) for symbol in names) + r")\b")
+    values = [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]
+    for value in values:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param"):
+                dim.dim_param = pattern.sub(lambda match: names[match.group(1)], dim.dim_param)
+
+
+def export_onnx(
+    model: nn.Module,
+    output_path: str | Path,
+    opset: int = DEFAULT_OPSET,
+    dynamic: bool = True,
+    example_size: tuple[int, int] = (512, 512),
+) -> Path:
+    """Export a segmentation model (eval mode) to one ONNX file: input `pixel_values`, output `logits`.
+
+    With `dynamic` the batch, height and width are symbolic (named `batch`, `height`, `width` in the file); without
+    it the graph takes batch 1 at `example_size` only. Returns the path written."""
+    _require_onnx()
+    import onnx
+
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    wrapper = SemanticLogits(model).eval()
+    example = _example_input(example_size, batch=2 if dynamic else 1)
+    dynamic_shapes = None
+    if dynamic:
+        dim = torch.export.Dim.DYNAMIC
+        dynamic_shapes = {INPUT_NAME: {0: dim, 2: dim, 3: dim}}
+    with export_friendly(model), torch.no_grad():
+        program = torch.onnx.export(
+            wrapper,
+            (example,),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=opset,
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes,
+            external_data=False,
+            optimize=True,
+            verbose=False,
+        )
+    proto = program.model_proto
+    if dynamic:
+        dims = proto.graph.input[0].type.tensor_type.shape.dim
+        names = {dims[axis].dim_param: name for axis, name in ((0, "batch"), (2, "height"), (3, "width"))}
+        _rename_dimensions(proto, {symbol: name for symbol, name in names.items() if symbol})
+    id2label = getattr(model.config, "id2label", None)
+    if id2label:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = ID2LABEL_KEY, json.dumps({int(k): v for k, v in id2label.items()})
+    model_type = getattr(model.config, "model_type", None)
+    if model_type:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = "model_type", str(model_type)
+    onnx.save_model(proto, str(output_path))
+    return output_path
+
+
+# --- ONNX Runtime ---
+
+
+def inference_session(path: str | Path, threads: int | None = None):
+    """A CPU ONNX Runtime session (`threads` intra-op threads; default ORT's choice), full graph optimisation."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def check_pixel_values(pixel_values: np.ndarray, num_channels: int = 3) -> np.ndarray:
+    """Float32 (batch, channels, height, width) or a clear ValueError."""
+    pixel_values = np.asarray(pixel_values)
+    if pixel_values.ndim != 4 or pixel_values.shape[1] != num_channels:
+        raise ValueError(
+            f"pixel_values must have shape (batch, {num_channels}, height, width); got {tuple(pixel_values.shape)}. "
+            "Convert grayscale or RGBA images to RGB first (the image processor does this)."
+        )
+    return np.ascontiguousarray(pixel_values, dtype=np.float32)
+
+
+def compare_with_pytorch(
+    model: nn.Module,
+    onnx_path: str | Path,
+    sizes: Iterable[tuple[int, int]] = DEFAULT_VERIFY_SIZES,
+    batch: int = 1,
+    session=None,
+    seed: int = 0,
+) -> dict[tuple[int, int], float]:
+    """Largest |ORT - PyTorch| of the logits per input size (random pixel values, eval mode)."""
+    session = session or inference_session(onnx_path)
+    differences = {}
+    model.eval()
+    for height, width in sizes:
+        pixel_values = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            expected = model(pixel_values=pixel_values).logits.float().numpy()
+        actual = session.run([OUTPUT_NAME], {INPUT_NAME: pixel_values.numpy()})[0]
+        if actual.shape != expected.shape:
+            raise AssertionError(f"ONNX logits {actual.shape} != PyTorch logits {expected.shape} at {height}x{width}")
+        differences[(height, width)] = float(np.abs(actual - expected).max())
+    return differences
+
+
+def _load_processor(image_processor):
+    from .image_processing_offseg import OffSegImageProcessor
+
+    if image_processor is None:
+        return OffSegImageProcessor()
+    if isinstance(image_processor, (str, Path)):
+        return OffSegImageProcessor.from_pretrained(str(image_processor))
+    return image_processor
+
+
+class OnnxSegmenter:
+    """Semantic segmentation with an exported file on ONNX Runtime, pre- and post-processed as
+    `pipeline("image-segmentation")` does it (whole image; see the module docstring).
+
+    `path`: the `.onnx` file, or a folder holding `model.onnx`. `image_processor`: an image processor, a folder with
+    `preprocessor_config.json`, or None (the file's folder when it holds a `preprocessor_config.json`, else the
+    default `OffSegImageProcessor`). `id2label`: class names; default the file's metadata, else the folder's
+    `config.json`, else the ids as text.
+
+        segmenter = OnnxSegmenter("my-model/model.onnx")
+        label_map = segmenter.segment(image)  # (H, W) int64 at the image size
+        segments = segmenter.pipeline_output(image)  # [{"label", "score": None, "mask": PIL "L"}], as the pipeline
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        image_processor=None,
+        id2label: dict[int, str] | None = None,
+        threads: int | None = None,
+        session=None,
+    ):
+        path = Path(path)
+        if path.is_dir():
+            path = path / "model.onnx"
+        if not path.is_file() and session is None:
+            raise FileNotFoundError(f"No ONNX file at {path}.")
+        self.path = path
+        if image_processor is None and (path.parent / "preprocessor_config.json").is_file():
+            image_processor = path.parent
+        self.image_processor = _load_processor(image_processor)
+        self.session = session or inference_session(path, threads)
+        self.id2label = id2label or self._read_id2label()
+
+    def _read_id2label(self) -> dict[int, str] | None:
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        if ID2LABEL_KEY in metadata:
+            return {int(k): v for k, v in json.loads(metadata[ID2LABEL_KEY]).items()}
+        config = self.path.parent / "config.json"
+        if config.is_file():
+            id2label = json.loads(config.read_text()).get("id2label")
+            if id2label:
+                return {int(k): v for k, v in id2label.items()}
+        return None
+
+    def preprocess(self, images) -> np.ndarray:
+        """Images (PIL, numpy, or a list of them) -> float32 pixel values, as the pipeline prepares them."""
+        return self.image_processor(images=images, return_tensors="np")["pixel_values"].astype(np.float32)
+
+    def logits(self, pixel_values: np.ndarray) -> np.ndarray:
+        """The model's logits for prepared pixel values (batch, 3, height, width)."""
+        pixel_values = check_pixel_values(pixel_values)
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: pixel_values})[0]
+
+    def segment(self, image) -> np.ndarray:
+        """The label map (height, width) int64 of one image at its own size."""
+        image = _as_pil(image)
+        logits = self.logits(self.preprocess([image]))
+        outputs = SimpleNamespace(logits=torch.from_numpy(logits))
+        label_map = self.image_processor.post_process_semantic_segmentation(
+            outputs, target_sizes=[(image.height, image.width)]
+        )[0]
+        return label_map.numpy().astype(np.int64)
+
+    def pipeline_output(self, image) -> list[dict]:
+        """What `pipeline("image-segmentation")` returns for a semantic model: per label present (ascending),
+        {"score": None, "label": name, "mask": PIL image "L" (255 where the label is)}."""
+        from PIL import Image
+
+        label_map = self.segment(image)
+        segments = []
+        for label in np.unique(label_map):
+            mask = Image.fromarray(((label_map == label) * 255).astype(np.uint8), mode="L")
+            name = self.id2label[int(label)] if self.id2label else str(int(label))
+            segments.append({"score": None, "label": name, "mask": mask})
+        return segments
+
+    def __call__(self, image, return_masks: bool = False):
+        return self.pipeline_output(image) if return_masks else self.segment(image)
+
+
+def _as_pil(image):
+    from PIL import Image
+
+    if isinstance(image, (str, Path)):
+        from transformers.image_utils import load_image
+
+        return load_image(str(image))
+    if isinstance(image, np.ndarray):
+        return Image.fromarray(image)
+    return image
+
+
+# --- Quantisation ---
+
+
+class _CalibrationReader:
+    """ONNX Runtime's CalibrationDataReader protocol over a list of pixel-value arrays."""
+
+    def __init__(self, batches: Sequence[np.ndarray]):
+        self._batches = iter(list(batches))
+
+    def get_next(self):
+        batch = next(self._batches, None)
+        return None if batch is None else {INPUT_NAME: batch}
+
+
+def calibration_batches(image_processor=None, count: int = 8, seed: int = 0) -> list[np.ndarray]:
+    """`count` prepared demo-set images (offseg_hf.demo_data) for static quantisation, one per batch."""
+    from .demo_data import make_demo_splits
+
+    processor = _load_processor(image_processor)
+    splits = make_demo_splits(seed=seed, num_train=count, num_validation=0)
+    train = splits[0]["train"] if isinstance(splits, tuple) else splits["train"]
+    images = [train[i]["image"] for i in range(count)]
+    return [processor(images=[image], return_tensors="np")["pixel_values"].astype(np.float32) for image in images]
+
+
+def quantize_int8(
+    onnx_path: str | Path,
+    output_path: str | Path | None = None,
+    mode: str = "dynamic",
+    calibration: Sequence[np.ndarray] | None = None,
+) -> Path:
+    """Int8 copy of an exported file: `mode="dynamic"` (ORT `quantize_dynamic`: int8 weights, activations
+    quantised at run time) or `"static"` (ORT `quantize_static`, QDQ, per-channel int8 weights, uint8 activations
+    calibrated on `calibration` batches, default 8 demo-set images). Written to `<stem>.int8.onnx` by default."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    onnx_path = Path(onnx_path)
+    output_path = Path(output_path) if output_path else onnx_path.with_suffix(".int8.onnx")
+    if mode == "dynamic":
+        quantize_dynamic(str(onnx_path), str(output_path), weight_type=QuantType.QInt8)
+    elif mode == "static":
+        batches = calibration if calibration is not None else calibration_batches()
+        quantize_static(
+            str(onnx_path),
+            str(output_path),
+            _CalibrationReader(batches),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+        )
+    else:
+        raise ValueError(f"mode must be 'dynamic' or 'static'; got {mode!r}.")
+    return output_path
+
+
+# --- Command line ---
+
+
+def load_model(model_name_or_path: str | None = None, variant: str | None = None, num_labels: int = 150):
+    """A model in eval mode: from a folder / Hub repo, or a randomly initialised preset."""
+    from . import presets
+
+    if variant:
+        torch.manual_seed(0)
+        return presets.model_for_variant(variant, num_labels=num_labels).eval()
+    from transformers import AutoModelForSemanticSegmentation
+
+    return AutoModelForSemanticSegmentation.from_pretrained(model_name_or_path).eval()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m offseg_hf.onnx")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model_name_or_path", help="A saved model folder or Hub repo.")
+    source.add_argument("--variant", help="A preset (offseg_hf.presets.all_variant_names()); needs --random_init.")
+    parser.add_argument("--random_init", action="store_true", help="With --variant: a randomly initialised model.")
+    parser.add_argument("--num_labels", type=int, default=150, help="With --variant: classes (default 150).")
+    parser.add_argument("--output", required=True, help="The .onnx file to write.")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET}).")
+    parser.add_argument(
+        "--dynamic",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Dynamic batch, height and width (default); --no-dynamic fixes batch 1 at --example_size.",
+    )
+    parser.add_argument("--example_size", type=int, nargs=2, default=(512, 512), metavar=("HEIGHT", "WIDTH"))
+    parser.add_argument("--no_verify", action="store_true", help="Skip the ONNX Runtime vs PyTorch check.")
+    parser.add_argument(
+        "--verify_sizes",
+        default=",".join(f"{h}x{w}" for h, w in DEFAULT_VERIFY_SIZES),
+        help="Sizes of the check, HxW comma-separated (default %(default)s; only --example_size without --dynamic).",
+    )
+    parser.add_argument("--quantize", choices=["int8"], default=None, help="Also write <output stem>.int8.onnx.")
+    parser.add_argument(
+        "--quantize_mode", choices=["dynamic", "static"], default="dynamic", help="Int8 method (default dynamic)."
+    )
+    return parser
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    sizes = []
+    for item in text.split(","):
+        height, _, width = item.strip().lower().partition("x")
+        sizes.append((int(height), int(width or height)))
+    return sizes
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.variant and not args.random_init:
+        parser.error("--variant exports a randomly initialised preset: add --random_init (or use a folder).")
+    model = load_model(args.model_name_or_path, args.variant, args.num_labels)
+    name = args.model_name_or_path or args.variant
+    start = time.perf_counter()
+    path = export_onnx(model, args.output, opset=args.opset, dynamic=args.dynamic, example_size=args.example_size)
+    print(f"exported {name} to {path} in {time.perf_counter() - start:.1f} s (opset {args.opset})")
+    if args.model_name_or_path and Path(args.model_name_or_path).is_dir():
+        source = Path(args.model_name_or_path) / "preprocessor_config.json"
+        target = path.parent / "preprocessor_config.json"
+        if source.is_file() and not target.exists():
+            target.write_text(source.read_text())
+    if not args.no_verify:
+        sizes = parse_sizes(args.verify_sizes) if args.dynamic else [tuple(args.example_size)]
+        for (height, width), difference in compare_with_pytorch(model, path, sizes).items():
+            print(f"ORT vs PyTorch at {height}x{width}: max |diff| {difference:.3g}")
+    if args.quantize:
+        quantized = quantize_int8(path, mode=args.quantize_mode)
+        print(f"wrote {quantized} ({args.quantize_mode} int8)")
+        if not args.no_verify:
+            size = tuple(args.example_size) if not args.dynamic else parse_sizes(args.verify_sizes)[0]
+            difference = compare_with_pytorch(model, quantized, [size])[size]
+            print(f"int8 ORT vs PyTorch at {size[0]}x{size[1]}: max |diff| {difference:.3g}")
+    return path
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "INPUT_NAME",
+    "OUTPUT_NAME",
+    "OnnxSegmenter",
+    "SemanticLogits",
+    "calibration_batches",
+    "check_pixel_values",
+    "compare_with_pytorch",
+    "export_friendly",
+    "export_onnx",
+    "inference_session",
+    "quantize_int8",
+]

@@ -1,0 +1,244 @@
+"""ONNX export and ONNX Runtime inference (offseg_hf/onnx.py): each family exported once with dynamic shapes, ORT
+logits against PyTorch at three sizes (square, non-square, odd), graph names, the ORT segmenter against the
+pipeline, the command line on a saved folder with int8 quantisation, and clear errors."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+from transformers import pipeline
+
+from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation, OffSegImageProcessor
+from offseg_hf import onnx as offseg_onnx
+from offseg_hf.onnx import INPUT_NAME, OUTPUT_NAME, OnnxSegmenter, compare_with_pytorch, export_onnx
+
+from .conftest import build_model, randomize_norms
+from .test_backbone_mscan import SMALL_MSCAN
+
+# 512x512, 480x640 and 333x517 scaled by 1/4 (the odd size kept odd, the non-square one non-square).
+SIZES = ((128, 128), (120, 160), (83, 129))
+TOLERANCE = 1e-4
+LABELS = {0: "wall", 1: "floor", 2: "sky", 3: "tree", 4: "car", 5: "person"}
+
+
+def segnext_model() -> OffSegForSemanticSegmentation:
+    torch.manual_seed(0)
+    config = OffSegConfig.from_variant("segnext-t-offset", num_labels=5, encoder_config=dict(SMALL_MSCAN))
+    model = OffSegForSemanticSegmentation(config).eval()
+    randomize_norms(model)
+    return model
+
+
+FAMILIES = {
+    "segformer": lambda: build_model("segformer"),
+    "segnext": segnext_model,
+    "offseg-t": lambda: build_model("offseg-t"),
+}
+# OffSeg-T is the real EfficientFormerV2-S1 + FreqFusion: its dynamic-shape export traces for minutes on 2 cores.
+FAMILY_PARAMS = [pytest.param(f, marks=pytest.mark.slow) if f == "offseg-t" else f for f in sorted(FAMILIES)]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Per family, the model and its dynamic-shape export, built on first use and shared by the module's tests."""
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            model = FAMILIES[family]()
+            path = export_onnx(model, tmp_path_factory.mktemp(family) / "model.onnx", example_size=(128, 160))
+            cache[family] = model, path
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
+def test_ort_logits_match_pytorch_at_three_sizes(exported, family):
+    model, path = exported(family)
+    differences = compare_with_pytorch(model, path, SIZES, batch=2)
+    assert set(differences) == set(SIZES)
+    assert max(differences.values()) < TOLERANCE, differences
+
+
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
+def test_graph_names_and_dynamic_dimensions(exported, family):
+    model, path = exported(family)
+    proto = onnx.load(str(path))
+    assert [value.name for value in proto.graph.input] == [INPUT_NAME]
+    assert [value.name for value in proto.graph.output] == [OUTPUT_NAME]
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert [dims[0].dim_param, dims[1].dim_value, dims[2].dim_param, dims[3].dim_param] == [
+        "batch",
+        3,
+        "height",
+        "width",
+    ]
+    output_dims = proto.graph.output[0].type.tensor_type.shape.dim
+    assert output_dims[0].dim_param == "batch" and output_dims[1].dim_value == model.config.num_labels
+    metadata = {entry.key: entry.value for entry in proto.metadata_props}
+    assert {int(k): v for k, v in json.loads(metadata["id2label"]).items()} == model.config.id2label
+    assert not list(path.parent.glob("*.data"))  # one self-contained file
+
+
+def test_static_export_takes_its_example_size_only(tmp_path):
+    model = build_model("segformer")
+    path = export_onnx(model, tmp_path / "static.onnx", dynamic=False, example_size=(96, 64))
+    dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [1, 3, 96, 64]
+    assert compare_with_pytorch(model, path, [(96, 64)])[(96, 64)] < TOLERANCE
+
+
+def scene(height: int = 83, width: int = 129, seed: int = 0) -> Image.Image:
+    """A blocky RGB image with some structure, so label maps are not constant."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+    image = np.kron(blocks, np.ones((height // 6 + 1, width // 8 + 1, 1), dtype=np.uint8))[:height, :width]
+    return Image.fromarray(np.clip(image + rng.integers(0, 40, image.shape), 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def saved_folder(tmp_path_factory):
+    """A tiny SegFormer-offset with named labels and a 128x128 processor, saved as the scripts save models."""
+    folder = tmp_path_factory.mktemp("folder")
+    torch.manual_seed(0)
+    model = build_model("segformer")
+    model.config.id2label, model.config.label2id = dict(LABELS), {v: k for k, v in LABELS.items()}
+    model.save_pretrained(folder)
+    OffSegImageProcessor(size={"height": 128, "width": 128}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cli_export(saved_folder, tmp_path_factory):
+    """The command line on the saved folder, with int8: (printed text, the .onnx path)."""
+    import contextlib
+    import io
+
+    output = tmp_path_factory.mktemp("cli") / "model.onnx"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        offseg_onnx.main(
+            [
+                "--model_name_or_path",
+                str(saved_folder),
+                "--output",
+                str(output),
+                "--example_size",
+                "128",
+                "160",
+                "--verify_sizes",
+                "64x96,45x67",
+                "--quantize",
+                "int8",
+            ]
+        )
+    return printed.getvalue(), output
+
+
+def test_segmenter_label_map_and_segments_equal_the_pipeline(saved_folder, cli_export):
+    segmenter = OnnxSegmenter(cli_export[1], image_processor=saved_folder)
+    segment = pipeline("image-segmentation", model=str(saved_folder))
+    for image in (scene(), scene(200, 150, seed=1)):
+        expected = segment(image)
+        label_map = segmenter.segment(image)
+        assert label_map.shape == (image.height, image.width)
+        reference = np.zeros(label_map.shape, dtype=np.int64) - 1
+        names = {v: k for k, v in LABELS.items()}
+        for item in expected:
+            reference[np.asarray(item["mask"]) > 0] = names[item["label"]]
+        np.testing.assert_array_equal(label_map, reference)
+        assert len(np.unique(label_map)) > 1
+        ours = segmenter.pipeline_output(image)
+        assert [(s["label"], s["score"]) for s in ours] == [(s["label"], s["score"]) for s in expected]
+        for mine, theirs in zip(ours, expected, strict=True):
+            assert mine["mask"].mode == theirs["mask"].mode == "L"
+            np.testing.assert_array_equal(np.asarray(mine["mask"]), np.asarray(theirs["mask"]))
+        assert [s["label"] for s in segmenter(image, return_masks=True)] == [s["label"] for s in expected]
+
+
+def test_cli_on_a_saved_folder_with_int8(cli_export):
+    printed, output = cli_export
+    differences = [float(line.rsplit(" ", 1)[1]) for line in printed.splitlines() if line.startswith("ORT vs")]
+    assert len(differences) == 2 and max(differences) < TOLERANCE, printed
+    quantized = output.with_name("model.int8.onnx")
+    assert quantized.is_file() and "int8 ORT vs PyTorch" in printed
+    assert (output.parent / "preprocessor_config.json").is_file()  # the folder's processor, for OnnxSegmenter
+    # The int8 file runs, keeps the graph's names, and its label map mostly agrees with fp32's.
+    fp32, int8 = OnnxSegmenter(output), OnnxSegmenter(quantized)
+    assert int8.image_processor.size == {"height": 128, "width": 128}
+    image = scene()
+    logits = int8.logits(int8.preprocess([image]))
+    assert logits.shape == (1, 6, 16, 16) and np.isfinite(logits).all()
+    assert (int8.segment(image) == fp32.segment(image)).mean() > 0.5
+    assert int8.pipeline_output(image)[0]["label"] in LABELS.values()
+
+
+def test_static_int8_quantisation_runs(exported, tmp_path):
+    _, path = exported("segformer")
+    calibration = [np.random.default_rng(i).standard_normal((1, 3, 64, 64)).astype(np.float32) for i in range(2)]
+    quantized = offseg_onnx.quantize_int8(path, tmp_path / "static.int8.onnx", mode="static", calibration=calibration)
+    logits = OnnxSegmenter(quantized).logits(calibration[0])
+    assert logits.shape == (1, 6, 8, 8) and np.isfinite(logits).all()
+
+
+def test_wrong_channel_count_is_a_clear_error(exported):
+    _, path = exported("segformer")
+    segmenter = OnnxSegmenter(path)
+    with pytest.raises(ValueError, match=r"pixel_values must have shape \(batch, 3, height, width\); got \(1, 4"):
+        segmenter.logits(np.zeros((1, 4, 64, 64), dtype=np.float32))
+    with pytest.raises(ValueError, match="got \\(3, 64, 64\\)"):
+        segmenter.logits(np.zeros((3, 64, 64), dtype=np.float32))
+    # Grayscale and RGBA images become RGB in the processor, so whole images work.
+    for mode in ("L", "RGBA"):
+        assert segmenter.segment(scene().convert(mode)).shape == (83, 129)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No ONNX file"):
+        OnnxSegmenter(tmp_path)
+
+
+def test_cli_needs_random_init_with_a_variant(capsys):
+    with pytest.raises(SystemExit):
+        offseg_onnx.main(["--variant", "offseg-t", "--output", "x.onnx"])
+    assert "--random_init" in capsys.readouterr().err
+
+
+# --- The export-time switches (Mask2Former's needs, checked on small graphs) ---
+
+
+class Grid(torch.nn.Module):
+    """Reference points as transformers' Mask2Former pixel decoder builds them: linspace over a feature size."""
+
+    def forward(self, x):
+        height, width = x.shape[-2:]
+        ys = torch.linspace(0.5, height - 0.5, height, dtype=x.dtype)
+        xs = torch.linspace(0.5, width - 0.5, width, dtype=x.dtype)
+        return ys[:, None] / height + xs[None, :] / width + x.sum() * 0
+
+
+def test_linspace_with_a_symbolic_step_count_stays_dynamic(tmp_path):
+    grid = Grid()
+    path = tmp_path / "grid.onnx"
+    with offseg_onnx.export_friendly(torch.nn.Linear(1, 1)):
+        dim = torch.export.Dim.DYNAMIC
+        program = torch.onnx.export(
+            grid, (torch.zeros(2, 3, 7, 11),), dynamo=True, dynamic_shapes=({0: dim, 2: dim, 3: dim},)
+        )
+    program.save(str(path))
+    assert torch.linspace is offseg_onnx._torch_linspace  # restored
+    session = offseg_onnx.inference_session(path)
+    for height, width in ((7, 11), (5, 13), (1, 4), (16, 16)):
+        x = torch.zeros(1, 3, height, width)
+        (actual,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        np.testing.assert_array_equal(actual, grid(x).numpy())
+
+
+def test_size_keyed_cache_takes_symbolic_sizes():
+    cache = offseg_onnx._SizeKeyedCache()
+    cache[(4, 5)] = "a"
+    assert cache.get((4, 5)) == "a" and (4, 5) in cache and cache.get((5, 4)) is None
