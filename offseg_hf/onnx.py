@@ -3,7 +3,8 @@
 Export (PyTorch's dynamo exporter, `torch.onnx.export(..., dynamo=True)`) writes one self-contained `.onnx` file with
 one input, `pixel_values` (batch, 3, height, width), and one output, `logits`: the model's `outputs.logits` (1/8 of
 the input size for SegFormer-offset, 1/4 for OffSeg, the input size for Mask2Former, whose `logits` are its
-semantic class scores). Batch, height and width are dynamic unless `dynamic=False`. The file's metadata carries
+semantic class scores). Batch, height and width are dynamic unless `dynamic=False` (Mask2Former: the batch only, see
+below). The file's metadata carries
 `id2label` (JSON) so `OnnxSegmenter` can name classes without the model folder.
 
     python -m offseg_hf.onnx --model_name_or_path outputs/demo-segformer-b0-offset --output model.onnx
@@ -24,6 +25,10 @@ What the exporter needs, done here without touching the models (all undone after
 * `torch.linspace` with a symbolic number of steps (transformers' Mask2Former pixel decoder builds its reference
   points with it) is traced as arange arithmetic; the decomposition would otherwise bake the example's step count in;
 * Mask2Former's Swin runs eager attention (the sdpa path's decomposition fails on a non-contiguous view);
+* Mask2Former's height and width stay fixed (`example_size`, default 512x512: what `OffSegImageProcessor` feeds it);
+  only its batch is dynamic. With symbolic sizes the exporter traces for minutes and the file it writes gets Swin's
+  window padding wrong (shape errors at run time, even at the example size), and the graph it traces holds only
+  for inputs whose every Swin stage has more than one 7x7 window;
 * Mask2Former-offset's per-pass cache of resized mask features is keyed by symbolic sizes, which are unhashable:
   the export wrapper gives the mask predictor a cache keyed by the sizes' text.
 """
@@ -36,6 +41,7 @@ import json
 import re
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -185,7 +191,15 @@ def export_onnx(
     dynamic_shapes = None
     if dynamic:
         dim = torch.export.Dim.DYNAMIC
-        dynamic_shapes = {INPUT_NAME: {0: dim, 2: dim, 3: dim}}
+        axes = (0,) if _is_mask2former(model) else (0, 2, 3)
+        if len(axes) == 1:
+            warnings.warn(
+                f"Mask2Former exports with a dynamic batch at a fixed {example_size[0]}x{example_size[1]} input (the "
+                "image processor's size): with symbolic height and width the exporter mistranslates Swin's window "
+                "padding (wrong shapes at run time) and takes minutes.",
+                stacklevel=2,
+            )
+        dynamic_shapes = {INPUT_NAME: {axis: dim for axis in axes}}
     with export_friendly(model), torch.no_grad():
         program = torch.onnx.export(
             wrapper,
@@ -202,7 +216,7 @@ def export_onnx(
     proto = program.model_proto
     if dynamic:
         dims = proto.graph.input[0].type.tensor_type.shape.dim
-        names = {dims[axis].dim_param: name for axis, name in ((0, "batch"), (2, "height"), (3, "width"))}
+        names = {dims[axis].dim_param: name for axis, name in zip(axes, ("batch", "height", "width"), strict=False)}
         _rename_dimensions(proto, {symbol: name for symbol, name in names.items() if symbol})
     id2label = getattr(model.config, "id2label", None)
     if id2label:
@@ -492,14 +506,15 @@ def main(argv: list[str] | None = None) -> Path:
         if source.is_file() and not target.exists():
             target.write_text(source.read_text())
     if not args.no_verify:
-        sizes = parse_sizes(args.verify_sizes) if args.dynamic else [tuple(args.example_size)]
+        fixed_size = not args.dynamic or _is_mask2former(model)
+        sizes = [tuple(args.example_size)] if fixed_size else parse_sizes(args.verify_sizes)
         for (height, width), difference in compare_with_pytorch(model, path, sizes).items():
             print(f"ORT vs PyTorch at {height}x{width}: max |diff| {difference:.3g}")
     if args.quantize:
         quantized = quantize_int8(path, mode=args.quantize_mode)
         print(f"wrote {quantized} ({args.quantize_mode} int8)")
         if not args.no_verify:
-            size = tuple(args.example_size) if not args.dynamic else parse_sizes(args.verify_sizes)[0]
+            size = sizes[0]
             difference = compare_with_pytorch(model, quantized, [size])[size]
             print(f"int8 ORT vs PyTorch at {size[0]}x{size[1]}: max |diff| {difference:.3g}")
     return path

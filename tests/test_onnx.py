@@ -84,6 +84,21 @@ def test_graph_names_and_dynamic_dimensions(exported, family):
     assert not list(path.parent.glob("*.data"))  # one self-contained file
 
 
+def test_mask2former_exports_with_a_dynamic_batch_at_a_fixed_size(tmp_path):
+    """Mask2Former-offset (tiny Swin/decoder): semantic logits at the input size, batch 1 and 2 (the mask predictor
+    counts its calls within a pass, so the traced pass must still give the evaluation logits)."""
+    from .test_mask2former import tiny_model
+
+    model = tiny_model()
+    with pytest.warns(UserWarning, match="dynamic batch at a fixed 64x96"):
+        path = export_onnx(model, tmp_path / "m2f.onnx", example_size=(64, 96))
+    dims = onnx.load(str(path)).graph.output[0].type.tensor_type.shape.dim
+    assert [dims[0].dim_param, *[d.dim_value for d in dims[1:]]] == ["batch", 4, 64, 96]
+    for batch in (1, 2):
+        assert compare_with_pytorch(model, path, [(64, 96)], batch=batch, seed=batch)[(64, 96)] < TOLERANCE
+    assert model.model.transformer_module.decoder.mask_predictor.calls == 0  # the pass state was reset
+
+
 def test_static_export_takes_its_example_size_only(tmp_path):
     model = build_model("segformer")
     path = export_onnx(model, tmp_path / "static.onnx", dynamic=False, example_size=(96, 64))
