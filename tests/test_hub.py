@@ -391,3 +391,20 @@ def test_deployment_arguments_are_checked(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit):
         load_script().main(["--output_dir", str(tmp_path / "hub"), "--random_init", *args])
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_onnx_flag_writes_a_file_that_onnx_runtime_runs_like_the_model(tmp_path):
+    import onnxruntime
+
+    args = ["--output_dir", str(tmp_path / "hub"), "--random_init", *TINY_SEGFORMER, "--seed", "3"]
+    (folder,) = load_script().main([*args, "--variants", "segformer-b0-offset", "--onnx"])
+    model = OffSegForSemanticSegmentation.from_pretrained(folder).eval()
+    session = onnxruntime.InferenceSession(str(folder / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    pixel_values = torch.randn(1, 3, 96, 160)  # another size than the export's example: dynamic height and width
+    (logits,) = session.run(["logits"], {"pixel_values": pixel_values.numpy()})
+    with torch.no_grad():
+        expected = model(pixel_values).logits
+    assert logits.shape == tuple(expected.shape) == (1, 150, 12, 20)
+    torch.testing.assert_close(torch.from_numpy(logits), expected, atol=1e-4, rtol=1e-4)
+    assert "`onnx/model.onnx` (opset 18, dynamic batch, height and width)" in (folder / "README.md").read_text()
