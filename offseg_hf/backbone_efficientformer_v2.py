@@ -41,10 +41,25 @@ def _resized_bias(module: nn.Module, queries: int, keys: int) -> torch.Tensor:
 
     The resize runs at every size, with no branch on it: at the table's own size bicubic interpolation reads each
     value at its own position (weights 0, 1, 0, 0), so it returns the table unchanged, and one traced or exported
-    graph serves every input size. Nothing is cached on the module (a cache keyed by storage cannot be traced).
+    graph serves every input size. In eager inference (no autograd through the table, not tracing) the result is
+    memoised for the last grid, keyed by the table's version counter and storage, so a `load_state_dict` or
+    optimizer step invalidates it: at 512x512 the resize costs about 5% of OffSeg-T's forward pass.
     """
-    bias = module.attention_biases[:, module.attention_bias_idxs]  # (heads, N, N)
-    return F.interpolate(bias.unsqueeze(0), size=(queries, keys), mode="bicubic", align_corners=False)[0]
+    table = module.attention_biases
+    memoise = not (
+        torch.compiler.is_compiling() or torch.jit.is_tracing() or (torch.is_grad_enabled() and table.requires_grad)
+    )
+    if memoise:
+        key = (table._version, table.data_ptr(), table.device, table.dtype, queries, keys)
+        cached = module.__dict__.get("_resized_bias")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        table = table.detach()
+    bias = table[:, module.attention_bias_idxs]  # (heads, N, N)
+    bias = F.interpolate(bias.unsqueeze(0), size=(queries, keys), mode="bicubic", align_corners=False)[0]
+    if memoise:
+        module.__dict__["_resized_bias"] = (key, bias)
+    return bias
 
 
 def _attention_bias_init_(module: nn.Module) -> None:
@@ -75,8 +90,15 @@ class ResizableAttention2d(Attention2d):
 
         x = (attn @ v).transpose(2, 3).reshape(batch_size, self.dh, grid_h, grid_w) + v_local
         if self.upsample is not None:
-            # Back to the input grid; equals timm's scale-2 upsample when the input size is even.
-            x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
+            # Back to the input grid; equals timm's scale-2 upsample when the input size is even. Channels-last
+            # input: ATen's CPU bilinear kernel on this wide, small NCHW map (e.g. 1024 x 16 x 16) takes a slow
+            # layout round trip, about 40 ms against 0.2 ms (same values), 12% of OffSeg-T's forward pass.
+            x = F.interpolate(
+                x.contiguous(memory_format=torch.channels_last),
+                size=(height, width),
+                mode="bilinear",
+                align_corners=False,
+            )
         return self.proj(self.act(x))
 
 
@@ -157,7 +179,9 @@ class EfficientFormerV2Backbone(nn.Module):
     def forward(self, pixel_values: torch.Tensor, output_attentions: bool = False, **kwargs) -> EncoderOutput:
         if output_attentions:
             raise no_attentions_error("EfficientFormerV2")
-        x = self.stem(pixel_values)  # (B, C0, H/4, W/4)
+        # Channels-last throughout: oneDNN's depthwise convolutions and ATen's bilinear upsampling are faster on it
+        # (backbone about 16% faster on one CPU core at 512x512); the stage outputs are channels-last too.
+        x = self.stem(pixel_values.contiguous(memory_format=torch.channels_last))  # (B, C0, H/4, W/4)
         features = []
         for stage in self.stages:
             x = stage(x)

@@ -51,15 +51,24 @@ def carafe(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, scale_
     padded = F.pad(features, (radius, radius, radius, radius))[:, :, None]  # (B, C, 1, h + 2r, w + 2r)
     # Output phase (i, j) of input pixel (y, x) is output pixel (s*y + i, s*x + j): (B, k*k, s*s, h, w).
     phases = F.pixel_unshuffle(masks, s).view(batch_size, taps, s * s, height, width) if s > 1 else masks[:, :, None]
-    out = padded[:, :, :, :height, :width] * phases[:, None, 0]  # tap (0, 0): (B, C, s*s, h, w)
+    phases = phases[:, None].unbind(dim=2)  # k*k x (B, 1, s*s, h, w)
     # A fixed number of whole-map passes (k*k, from the kernel size only), so the loop unrolls the same way for every
-    # input size when traced or exported; in-place accumulation keeps one output buffer alive.
-    for tap in range(1, taps):
-        a, b = divmod(tap, kernel_size)
-        out.addcmul_(padded[:, :, :, a : a + height, b : b + width], phases[:, None, tap])
+    # input size when traced or exported; the windows are sliced with constant bounds (no size arithmetic in the
+    # graph). In-place accumulation keeps one output buffer alive.
+    out = None
+    for tap in range(taps):
+        window = _shifted_window(padded, *divmod(tap, kernel_size), 2 * radius)
+        out = window * phases[tap] if out is None else out.addcmul_(window, phases[tap])  # (B, C, s*s, h, w)
     if s == 1:
         return out[:, :, 0]
     return F.pixel_shuffle(out.flatten(1, 2), s)  # (B, C, s*h, s*w)
+
+
+def _shifted_window(padded: torch.Tensor, top: int, left: int, margin: int) -> torch.Tensor:
+    """The window of a map padded by `margin` in total per dimension whose corner is (top, left):
+    `padded[..., top : top + H, left : left + W]` for the unpadded size (H, W), with constant bounds."""
+    bottom, right = top - margin, left - margin  # <= 0; 0 means to the end
+    return padded[..., top : bottom if bottom else None, left : right if right else None]
 
 
 def neighbour_cosine_similarity(x: torch.Tensor, window: int = 3, dilation: int = 2) -> torch.Tensor:
@@ -67,7 +76,6 @@ def neighbour_cosine_similarity(x: torch.Tensor, window: int = 3, dilation: int 
 
     (B, C, H, W) -> (B, window^2 - 1, H, W), neighbours in row-major order with the centre left out.
     """
-    height, width = x.shape[-2:]
     radius = (window // 2) * dilation
     # Sum of squares over the channel dim of NCHW, rather than `norm(dim=1)`, which reduces slowly over a strided dim.
     unit = x / x.square().sum(dim=1, keepdim=True).sqrt().clamp_min(1e-8)  # (B, C, H, W)
@@ -77,7 +85,7 @@ def neighbour_cosine_similarity(x: torch.Tensor, window: int = 3, dilation: int 
         if tap == window * window // 2:
             continue
         a, b = divmod(tap, window)
-        neighbour = padded[:, :, a * dilation : a * dilation + height, b * dilation : b * dilation + width]
+        neighbour = _shifted_window(padded, a * dilation, b * dilation, 2 * radius)
         similarities.append((unit * neighbour).sum(dim=1))  # (B, H, W)
     return torch.stack(similarities, dim=1)
 
