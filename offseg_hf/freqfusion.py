@@ -228,4 +228,11 @@ class FreqFusion(nn.Module):
         # Adaptive high-pass residual: hr + (hr - lowpass(hr)).
         hr_out = 2 * hr_feat - carafe(hr_feat, highpass_logits.softmax(dim=1), self.highpass_kernel, 1)
         lr_out = self.resampler(hr_guide, lr_guide, upsampled)
-        return hr_out[..., :height, :width], lr_out[..., :height, :width]
+        # narrow, not a slice: a slice to the full length is elided when traced, which would tie the graph to sizes
+        # where no padding happens.
+        return _crop(hr_out, height, width), _crop(lr_out, height, width)
+
+
+def _crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The top-left (height, width) window of a (..., H, W) map."""
+    return x.narrow(-2, 0, height).narrow(-1, 0, width)

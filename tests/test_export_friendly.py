@@ -1,0 +1,99 @@
+"""The OffSeg pieces trace into one graph for every input size (torch.export with dynamic shapes), and the graph
+computes what eager does at sizes other than the traced one (even and odd, FreqFusion's padded case included).
+
+The whole model exports the same way (about a minute on two cores, too slow for the suite); these exports of its
+parts take seconds and cover what used to block it: CARAFE's loops, FreqFusion's size branch and size-built
+tensors, and the attention-bias resize and cache of the backbone.
+"""
+
+import pytest
+import torch
+from torch.export import Dim
+
+from offseg_hf.backbone_efficientformer_v2 import EfficientFormerV2Backbone, _resized_bias
+from offseg_hf.freqfusion import FreqFusion, carafe
+
+
+def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+
+
+class _Fusion(torch.nn.Module):
+    """FreqFusion fed from one high-res map, as in the decoder (the low-res map is its stride-2 pooling)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fusion = FreqFusion(hr_channels=16, lr_channels=24, compressed_channels=8)
+        self.lift = torch.nn.Conv2d(16, 24, 3, stride=2, padding=1)
+
+    def forward(self, hr: torch.Tensor) -> torch.Tensor:
+        hr_out, lr_out = self.fusion(hr, self.lift(hr))
+        return hr_out + lr_out.sum(dim=1, keepdim=True)
+
+
+def test_freqfusion_exports_with_dynamic_sizes_and_matches_eager():
+    torch.manual_seed(0)
+    model = _Fusion().eval()
+    _randomise(model)
+    dims = {"hr": {0: Dim.DYNAMIC, 2: Dim.DYNAMIC, 3: Dim.DYNAMIC}}
+    program = torch.export.export(model, (torch.randn(2, 16, 12, 14),), dynamic_shapes=dims)
+    # torch.export records a memory-layout guard (the crop after FreqFusion's padding is contiguous at even sizes);
+    # ONNX has no strides, and the values must not depend on it: run the one graph at odd sizes too.
+    exported = program.module(check_guards=False)
+    for size in [(12, 14), (9, 17), (20, 11)]:  # the traced size, odd sizes (padded), other even sizes
+        hr = torch.randn(3, 16, *size)
+        with torch.no_grad():
+            torch.testing.assert_close(exported(hr), model(hr), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1, 2])
+def test_carafe_exports_with_dynamic_sizes(scale):
+    class Carafe(torch.nn.Module):
+        def forward(self, features, masks):
+            return carafe(features, masks.softmax(dim=1), 5, scale)
+
+    height = Dim("height", min=2, max=64)
+    width = Dim("width", min=2, max=64)
+    dims = {
+        "features": {2: height, 3: width},
+        "masks": {2: height * scale, 3: width * scale} if scale > 1 else {2: height, 3: width},
+    }
+    program = torch.export.export(
+        Carafe(), (torch.randn(1, 3, 6, 7), torch.randn(1, 25, 6 * scale, 7 * scale)), dynamic_shapes=dims
+    )
+    features, masks = torch.randn(1, 3, 9, 4), torch.randn(1, 25, 9 * scale, 4 * scale)
+    torch.testing.assert_close(program.module()(features, masks), Carafe()(features, masks))
+
+
+def test_bias_resize_exports_and_matches_eager_at_any_grid():
+    backbone = EfficientFormerV2Backbone("efficientformerv2_s1").eval()
+    attention = backbone.stages[3].blocks[-1].token_mixer
+    with torch.no_grad():
+        attention.attention_biases.normal_()
+
+    class Mixer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = attention
+
+        def forward(self, x):
+            return self.attention(x)
+
+    mixer = Mixer().eval()
+    dims = {"x": {0: Dim.DYNAMIC, 2: Dim.DYNAMIC, 3: Dim.DYNAMIC}}
+    program = torch.export.export(mixer, (torch.randn(2, 224, 16, 16),), dynamic_shapes=dims)
+    for size in [(16, 16), (12, 21), (7, 5)]:
+        x = torch.randn(2, 224, *size)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x), mixer(x), rtol=1e-5, atol=1e-5)
+    # The eager memo is the plain resize, and a new table (as after load_state_dict) replaces it.
+    with torch.no_grad():
+        first = _resized_bias(attention, 80, 80).clone()
+        attention.attention_biases.add_(1.0)
+        table = attention.attention_biases[:, attention.attention_bias_idxs]
+        expected = torch.nn.functional.interpolate(table[None], size=(80, 80), mode="bicubic", align_corners=False)
+        torch.testing.assert_close(_resized_bias(attention, 80, 80), expected[0], rtol=0, atol=0)
+    assert not torch.equal(first, expected[0])
