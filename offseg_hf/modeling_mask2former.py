@@ -34,6 +34,7 @@ from transformers.models.mask2former.modeling_mask2former import (
 )
 
 from .configuration_mask2former import OffSegMask2FormerConfig
+from .fusion import FuseForInferenceMixin
 from .image_processing_offseg import OffSegImageProcessor  # noqa: F401  (copied into saved folders: see the auto_map)
 from .layers import INIT_RULE
 from .offset_learning import MaskOffsetLearning, resize_features
@@ -113,7 +114,7 @@ def semantic_targets(labels: torch.Tensor, num_labels: int, ignore_index: int = 
     return mask_labels, class_labels
 
 
-class OffSegMask2FormerForSemanticSegmentation(Mask2FormerForUniversalSegmentation):
+class OffSegMask2FormerForSemanticSegmentation(FuseForInferenceMixin, Mask2FormerForUniversalSegmentation):
     """Mask2Former (Swin) for semantic segmentation, with the paper's offset learning when
     `config.offset_learning` (see the module docstring)."""
 

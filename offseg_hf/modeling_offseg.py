@@ -19,6 +19,7 @@ from .configuration_offseg import OffSegConfig
 from .decode_head_lightham import LightHamPixelDecoder
 from .decode_head_offseg import OffSegPixelDecoder
 from .decode_head_segformer import SegformerPixelDecoder
+from .fusion import FuseForInferenceMixin
 from .image_processing_offseg import OffSegImageProcessor  # noqa: F401  (copied into saved folders: see AUTO_MAP)
 from .layers import INIT_RULE
 from .offset_learning import OffsetLearning, PerPixelClassifier
@@ -68,7 +69,7 @@ class OffSegSemanticSegmenterOutput(SemanticSegmenterOutput):
     class_attention: torch.FloatTensor | None = None
 
 
-class OffSegPreTrainedModel(PreTrainedModel):
+class OffSegPreTrainedModel(FuseForInferenceMixin, PreTrainedModel):
     config: OffSegConfig
     config_class = OffSegConfig
     base_model_prefix = "offseg"

@@ -10,7 +10,13 @@ import timm.models.efficientformer_v2 as efficientformer_v2
 import torch
 from torch import nn
 
-from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation, backbone_mscan, layers
+from offseg_hf import (
+    OffSegConfig,
+    OffSegForSemanticSegmentation,
+    OffSegMask2FormerForSemanticSegmentation,
+    backbone_mscan,
+    layers,
+)
 from offseg_hf.fusion import FusedModelError, FuseForInferenceMixin, find_conv_bn_pairs, fuse_for_inference
 
 from .conftest import build_model, randomize_norms
@@ -197,10 +203,9 @@ def test_fused_model_refuses_saving_and_the_unfused_checkpoint_still_loads(tmp_p
 
 
 def test_mixin_refuses_saving_a_fused_model(tmp_path):
-    class Fusable(FuseForInferenceMixin, OffSegForSemanticSegmentation):
-        pass
-
-    model = Fusable(small_model("segformer").config).eval()
+    assert issubclass(OffSegForSemanticSegmentation, FuseForInferenceMixin)  # the model classes carry the mixin
+    assert issubclass(OffSegMask2FormerForSemanticSegmentation, FuseForInferenceMixin)
+    model = OffSegForSemanticSegmentation(small_model("segformer").config).eval()
     model.save_pretrained(tmp_path / "before")  # unfused: saves as usual
     assert model.fuse_for_inference() is model and model.is_fused
     assert "save_pretrained" not in vars(model)  # the class's own guard, no instance patch
