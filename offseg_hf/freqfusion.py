@@ -220,11 +220,13 @@ class FreqFusion(nn.Module):
             self.lowpass_encoder(lr_guide), lowpass_logits.softmax(dim=1), self.lowpass_kernel, 2
         )
         lowpass_kernels = lowpass_logits.softmax(dim=1)
-        highpass_logits = highpass_logits + carafe(
-            self.highpass_encoder(lr_guide), lowpass_kernels, self.lowpass_kernel, 2
+        # The low-res map (adaptive low-pass upsampling) and its high-pass kernel logits share the low-pass kernels:
+        # one CARAFE over both (channels are independent), half the traced graph of two.
+        shared = carafe(
+            torch.cat([lr_feat, self.highpass_encoder(lr_guide)], dim=1), lowpass_kernels, self.lowpass_kernel, 2
         )
-
-        upsampled = carafe(lr_feat, lowpass_kernels, self.lowpass_kernel, 2)  # adaptive low-pass upsampling
+        upsampled, highpass_upsampled = shared.split([lr_feat.shape[1], self.highpass_kernel**2], dim=1)
+        highpass_logits = highpass_logits + highpass_upsampled
         # Adaptive high-pass residual: hr + (hr - lowpass(hr)).
         hr_out = 2 * hr_feat - carafe(hr_feat, highpass_logits.softmax(dim=1), self.highpass_kernel, 1)
         lr_out = self.resampler(hr_guide, lr_guide, upsampled)
