@@ -97,3 +97,26 @@ def test_bias_resize_exports_and_matches_eager_at_any_grid():
         expected = torch.nn.functional.interpolate(table[None], size=(80, 80), mode="bicubic", align_corners=False)
         torch.testing.assert_close(_resized_bias(attention, 80, 80), expected[0], rtol=0, atol=0)
     assert not torch.equal(first, expected[0])
+
+
+@pytest.mark.parametrize("case", ["offseg-t", "offseg-b", "offseg-l", "offseg-t/per_pixel"])
+def test_export_friendly_model_keeps_the_reference_logits(case):
+    """The reformulations (channels-last backbone, branch-free FreqFusion, CARAFE, bias resize) compute the same
+    function: float64 logits agree with the fixture to summation-order rounding, float32 within float32's own error
+    on these weights (about 3e-5 against float64)."""
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    fixtures = Path(__file__).with_name("fixtures")
+    sys.path.insert(0, str(fixtures))
+    from make_reference_logits import build, input_pixels
+
+    reference = load_file(str(fixtures / "reference_logits.safetensors"))
+    model = build(case, torch.float64)
+    for dtype, tag, tolerance in ((torch.float64, "fp64", 1e-9), (torch.float32, "fp32", 1e-4)):
+        model.to(dtype)
+        with torch.no_grad():
+            logits = model(input_pixels().to(dtype)).logits
+        torch.testing.assert_close(logits, reference[f"{case}:{tag}"], rtol=0, atol=tolerance)
