@@ -16,6 +16,7 @@ from .modeling_offseg import (
     OffSegModel,
     OffSegModelOutput,
     OffSegPreTrainedModel,
+    OffSegSemanticSegmenterOutput,
 )
 from .offset_learning import MaskOffsetLearning, OffsetLearning, PerPixelClassifier
 
@@ -64,6 +65,7 @@ __all__ = [
     "OffSegImageProcessor",
     "OffSegModel",
     "OffSegModelOutput",
+    "OffSegSemanticSegmenterOutput",
     "OffSegPreTrainedModel",
     "OffsetLearning",
     "PAPER_FIGURES",

@@ -22,6 +22,13 @@ SAME_KERNELS = (
     PROVENANCE.get("torch") == torch.__version__
     and PROVENANCE.get("cpu_capability") == torch.backends.cpu.get_cpu_capability()
 )
+# Cases whose summation order was changed on purpose since the fixture: they are held to the tolerances below even
+# on the fixture's kernels (the float64 check still rules out any change of function).
+REORDERED = {
+    case: "EfficientFormerV2 runs on channels-last memory (backbone input, the stride-2 attention's upsampling), "
+    "so oneDNN sums the convolutions in another order"
+    for case in ("offseg-t", "offseg-b", "offseg-l", "offseg-t/per_pixel")
+}
 
 
 @pytest.mark.slow
@@ -34,7 +41,7 @@ def test_logits_match_the_reference_fixture(case):
         model.to(dtype)  # the name-seeded values are drawn in float64, so float32 gets them rounded, as the fixture
         with torch.no_grad():
             logits = model(input_pixels().to(dtype)).logits
-        if SAME_KERNELS:
+        if SAME_KERNELS and case not in REORDERED:
             assert torch.equal(logits, REFERENCE[f"{case}:{tag}"]), f"{case} {tag}: not bitwise equal"
         else:
             torch.testing.assert_close(logits, REFERENCE[f"{case}:{tag}"], rtol=0, atol=tolerance)
