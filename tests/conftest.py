@@ -16,6 +16,20 @@ from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation  # noqa: E402
 TINY_ENCODER = {"hidden_sizes": [8, 16, 24, 32], "num_attention_heads": [1, 1, 2, 2], "depths": [1, 1, 1, 1]}
 
 
+# A Mask2Former small enough for a unit test, with the real code paths (Swin, deformable pixel decoder,
+# masked-attention decoder, matcher, loss): one narrower block per Swin stage, one pixel-decoder layer, the initial
+# prediction + 2 decoder layers, 20 queries; the 256-channel features and mask embeddings (so the offset module) are
+# the preset's.
+TINY_MASK2FORMER = {
+    "num_labels": 4,
+    "backbone_config": {"depths": [1, 1, 1, 1], "embed_dim": 48, "num_heads": [1, 2, 4, 8]},
+    "encoder_layers": 1,
+    "decoder_layers": 3,
+    "num_queries": 20,
+    "dim_feedforward": 512,
+}
+
+
 def tiny_config(**overrides) -> OffSegConfig:
     values = {"num_labels": 6, "decoder_hidden_size": 32, "encoder_config": dict(TINY_ENCODER)}
     values.update(overrides)

@@ -17,18 +17,9 @@ from offseg_hf import OffSegImageProcessor
 from offseg_hf.hub import endpoint_requirements, handler_source, write_endpoint_files
 from offseg_hf.presets import model_for_variant
 
-from .conftest import build_model, run_python_elsewhere
+from .conftest import TINY_MASK2FORMER, build_model, run_python_elsewhere
 
 MASK2FORMER = "mask2former-swin-t-offset"
-# A Mask2Former-offset small enough for a unit test (as in test_mask2former.py).
-TINY_MASK2FORMER = {
-    "num_labels": 4,
-    "backbone_config": {"depths": [1, 1, 1, 1], "embed_dim": 48, "num_heads": [1, 2, 4, 8]},
-    "encoder_layers": 1,
-    "decoder_layers": 3,
-    "num_queries": 20,
-    "dim_feedforward": 512,
-}
 
 # The handler, driven as Inference Endpoints does (EndpointHandler(path)(data)), in a process without offseg_hf.
 # It prints, per input kind, the labels, scores and decoded masks (as lists) for the test to check.

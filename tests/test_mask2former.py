@@ -25,20 +25,10 @@ from offseg_hf import (
 )
 from offseg_hf.modeling_mask2former import semantic_targets
 
-from .conftest import run_python_elsewhere
+from .conftest import TINY_MASK2FORMER, run_python_elsewhere
 
 OFFSET, BASELINE = "mask2former-swin-t-offset", "mask2former-swin-t"
-# The real code paths (Swin, deformable pixel decoder, masked-attention decoder, matcher, loss) at a size that runs
-# in a fraction of a second: one narrower block per Swin stage, one pixel-decoder layer, the initial prediction + 2
-# decoder layers, 20 queries; the 256-channel features and mask embeddings (so the offset module) are the preset's.
-TINY = {
-    "num_labels": 4,
-    "backbone_config": {"depths": [1, 1, 1, 1], "embed_dim": 48, "num_heads": [1, 2, 4, 8]},
-    "encoder_layers": 1,
-    "decoder_layers": 3,
-    "num_queries": 20,
-    "dim_feedforward": 512,
-}
+TINY = TINY_MASK2FORMER
 OFFSET_MODULE = "model.transformer_module.decoder.mask_predictor.offset_learning"
 OFFSET_KEYS = {f"{OFFSET_MODULE}.class_offset_proj.weight", f"{OFFSET_MODULE}.feature_offset_proj.weight"}
 LABELS = {0: "wall", 1: "floor", 2: "sky", 3: "tree"}
