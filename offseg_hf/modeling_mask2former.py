@@ -70,10 +70,11 @@ class OffsetMaskPredictor(Mask2FormerMaskPredictor):
         self.calls += 1
         if attention_only:
             size = tuple(attention_mask_target_size)
-            cached = self.resized_features.get(size)
+            key = str(size)  # by text: while tracing for export the sizes may be symbolic, which do not hash
+            cached = self.resized_features.get(key)
             if cached is None or cached[0] is not pixel_embeddings:
                 cached = (pixel_embeddings, resize_features(pixel_embeddings, size))
-                self.resized_features[size] = cached
+                self.resized_features[key] = cached
             outputs_mask = attention_mask = self.offset_learning(
                 mask_embeddings, pixel_embeddings, size=size, resized_features=cached[1]
             )

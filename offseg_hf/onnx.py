@@ -29,8 +29,6 @@ What the exporter needs, done here without touching the models (all undone after
   only its batch is dynamic. With symbolic sizes the exporter traces for minutes and the file it writes gets Swin's
   window padding wrong (shape errors at run time, even at the example size), and the graph it traces holds only
   for inputs whose every Swin stage has more than one 7x7 window;
-* Mask2Former-offset's per-pass cache of resized mask features is keyed by symbolic sizes, which are unhashable:
-  the export wrapper gives the mask predictor a cache keyed by the sizes' text.
 """
 
 from __future__ import annotations
@@ -74,22 +72,6 @@ def _missing(module: str) -> bool:
 # --- Export ---
 
 
-class _SizeKeyedCache(dict):
-    """A dict keyed by the text of its keys: symbolic sizes (tuples of SymInt) are unhashable while tracing."""
-
-    def get(self, key, default=None):
-        return super().get(str(key), default)
-
-    def __getitem__(self, key):
-        return super().__getitem__(str(key))
-
-    def __setitem__(self, key, value):
-        super().__setitem__(str(key), value)
-
-    def __contains__(self, key):
-        return super().__contains__(str(key))
-
-
 def _mask_predictor(model: nn.Module) -> nn.Module | None:
     try:
         return model.model.transformer_module.decoder.mask_predictor
@@ -105,9 +87,6 @@ class SemanticLogits(nn.Module):
         self.model = model
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        predictor = _mask_predictor(self.model)
-        if predictor is not None and hasattr(predictor, "resized_features"):
-            predictor.resized_features = _SizeKeyedCache()  # reset by the model's end_pass after the pass
         return self.model(pixel_values=pixel_values).logits
 
 

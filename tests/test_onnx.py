@@ -251,9 +251,3 @@ def test_linspace_with_a_symbolic_step_count_stays_dynamic(tmp_path):
         x = torch.zeros(1, 3, height, width)
         (actual,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
         np.testing.assert_array_equal(actual, grid(x).numpy())
-
-
-def test_size_keyed_cache_takes_symbolic_sizes():
-    cache = offseg_onnx._SizeKeyedCache()
-    cache[(4, 5)] = "a"
-    assert cache.get((4, 5)) == "a" and (4, 5) in cache and cache.get((5, 4)) is None
