@@ -43,10 +43,11 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-try:  # timm's BatchNorm + dropout + activation (EfficientFormerV2's ConvNormAct)
+try:  # timm's BatchNorm + dropout + activation (EfficientFormerV2's ConvNormAct), and its GELU module
+    from timm.layers.activations import GELU as TimmGELU
     from timm.layers.norm_act import BatchNormAct2d
 except ImportError:  # pragma: no cover - timm is a dependency of the package
-    BatchNormAct2d = None
+    BatchNormAct2d = TimmGELU = None
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _PLAIN_BN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
@@ -87,8 +88,71 @@ def _foldable_batch_norm(module: nn.Module) -> bool:
 def _replacement(batch_norm: nn.Module) -> nn.Module:
     """What stays in a folded BatchNorm's place: nothing, or timm's BatchNormAct2d's dropout and activation."""
     if BatchNormAct2d is not None and type(batch_norm) is BatchNormAct2d:
-        rest = [m for m in (batch_norm.drop, batch_norm.act) if not isinstance(m, nn.Identity)]
+        rest = [m for m in (batch_norm.drop, batch_norm.act) if not _is_no_op(m)]
         return nn.Identity() if not rest else rest[0] if len(rest) == 1 else nn.Sequential(*rest)
+    return nn.Identity()
+
+
+def _is_no_op(module: nn.Module) -> bool:
+    """Identity, or a dropout in eval mode (what timm's BatchNormAct2d holds between its norm and activation)."""
+    return isinstance(module, nn.Identity) or (
+        isinstance(module, nn.modules.dropout._DropoutNd) and not module.training
+    )
+
+
+def _onednn_activation(module: nn.Module) -> tuple[str, str | None] | None:
+    """oneDNN's name (attr, algorithm) for an activation module it can apply as a convolution post-op, else None."""
+    if type(module) is nn.ReLU:
+        return "relu", None
+    if type(module) is nn.GELU:
+        return "gelu", module.approximate  # "none" (erf) or "tanh"
+    if TimmGELU is not None and type(module) is TimmGELU:
+        return "gelu", "none"  # timm's GELU module: `F.gelu(x)`, erf form
+    return None
+
+
+class ConvActivation2d(nn.Conv2d):
+    """A BatchNorm-folded `nn.Conv2d` and the activation after it, as one oneDNN convolution with an element-wise
+    post-op on CPU: the activation is applied while the output tile is still in cache, so the map is written once
+    and no second full-size buffer is allocated. EfficientFormerV2's 1/4-resolution MLP blocks are memory-bound:
+    this halves their time (see `benchmarks/speed.py`, fused column). The values are the convolution's followed by
+    the activation's, up to float rounding (oneDNN evaluates erf-GELU with its own polynomial; about 1e-7).
+
+    Only fuse_for_inference makes these, by changing the class of a folded convolution and keeping the activation
+    module as `fused_activation`. Where oneDNN's op does not apply (not CPU float32, autograd on, autocast,
+    tracing, torch.compile or ONNX export, which fuse the two themselves) it runs `fused_activation(conv(x))`.
+    """
+
+    fused_activation: nn.Module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._runs_onednn(x):
+            attr, algorithm = _onednn_activation(self.fused_activation)
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups, attr, [], algorithm
+            )
+        return self.fused_activation(super().forward(x))
+
+    def _runs_onednn(self, x: torch.Tensor) -> bool:
+        if x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32 or x.dim() != 4:
+            return False
+        if self.padding_mode != "zeros" or isinstance(self.padding, str) or not torch.backends.mkldnn.enabled:
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return False  # oneDNN's fused op has no backward
+        if torch.is_autocast_enabled("cpu") or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return False
+        return not (torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting())
+
+
+def _fuse_activation(conv: nn.Module, replacement: nn.Module) -> nn.Module:
+    """Move an activation that directly follows a folded Conv2d into it (as `ConvActivation2d`) when oneDNN can run
+    the pair as one op; returns what stays in the BatchNorm's place."""
+    fusable = type(conv) is nn.Conv2d and torch.backends.mkldnn.is_available()
+    if not fusable or _onednn_activation(replacement) is None:
+        return replacement
+    conv.__class__ = ConvActivation2d
+    conv.fused_activation = replacement
     return nn.Identity()
 
 
@@ -283,12 +347,14 @@ def _guarded_train(model: nn.Module, mode: bool = True):
     return type(model).train(model, False)
 
 
-def fuse_for_inference(model: nn.Module, example_inputs=None) -> nn.Module:
+def fuse_for_inference(model: nn.Module, example_inputs=None, fuse_activations: bool = True) -> nn.Module:
     """Fold every foldable eval-mode BatchNorm into the convolution before it, in place; returns `model`.
 
     The pairs come from `find_conv_bn_pairs` (one traced forward pass on `example_inputs`, default a random
     1x3x128x128 image); each is folded with `torch.nn.utils.fusion.fuse_conv_bn_weights` and its BatchNorm replaced
-    by `nn.Identity` (for timm's `BatchNormAct2d`, by its dropout/activation). The model gets `is_fused = True` and
+    by `nn.Identity` (for timm's `BatchNormAct2d`, by its dropout/activation). With `fuse_activations` (default),
+    a ReLU or GELU that timm's `BatchNormAct2d` applies right after the folded convolution moves into it
+    (`ConvActivation2d`: one oneDNN op on CPU) and its place holds `nn.Identity`. The model gets `is_fused = True` and
     `fused_conv_bn_pairs`; its `save_pretrained` and `train(True)` raise `FusedModelError` afterwards. Raises
     `FusedModelError` on a model in training mode.
     """
@@ -297,6 +363,8 @@ def fuse_for_inference(model: nn.Module, example_inputs=None) -> nn.Module:
         conv, batch_norm = model.get_submodule(conv_name), model.get_submodule(bn_name)
         _fold(conv, batch_norm)
         replacement = _replacement(batch_norm)
+        if fuse_activations:
+            replacement = _fuse_activation(conv, replacement)
         for name, module in list(model.named_modules(remove_duplicate=False)):
             if module is batch_norm:
                 model.set_submodule(name, replacement)
@@ -316,8 +384,8 @@ class FuseForInferenceMixin:
 
     is_fused: bool = False
 
-    def fuse_for_inference(self, example_inputs=None):
-        return fuse_for_inference(self, example_inputs)
+    def fuse_for_inference(self, example_inputs=None, fuse_activations: bool = True):
+        return fuse_for_inference(self, example_inputs, fuse_activations)
 
     def save_pretrained(self, *args, **kwargs):
         if self.is_fused:
@@ -330,4 +398,4 @@ class FuseForInferenceMixin:
         return super().train(mode)
 
 
-__all__ = ["FuseForInferenceMixin", "FusedModelError", "find_conv_bn_pairs", "fuse_for_inference"]
+__all__ = ["ConvActivation2d", "FuseForInferenceMixin", "FusedModelError", "find_conv_bn_pairs", "fuse_for_inference"]

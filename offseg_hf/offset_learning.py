@@ -44,6 +44,24 @@ def _conv_seg_(conv: nn.Conv2d) -> None:
     init.zeros_(conv.bias)
 
 
+# Class rows are padded to a multiple of this for the GEMMs whose output has the classes on one side and the HW
+# positions on the other (see `pad_class_rows`).
+CLASS_ROW_MULTIPLE = 8
+
+
+def pad_class_rows(rows: torch.Tensor) -> torch.Tensor:
+    """(..., K, C) -> (..., K8, C): zero rows appended up to a multiple of `CLASS_ROW_MULTIPLE`.
+
+    Why: MKL's single-precision GEMM on a class count like ADE20K's 150 (not a multiple of its register tile) runs
+    the (HW x C) x (C x K) products at about half speed; at K = 152 the same products take 0.4-0.6x the time (measured
+    at HW = 128 x 128, C = 256 on an AVX2 CPU, `benchmarks/speed.py` shows the whole-model effect). The padded
+    outputs are sliced off before anything reads them, so only the real rows' values leave; they equal the unpadded
+    products up to float rounding. K is a config constant, so the padding is a fixed op in traced/exported graphs.
+    """
+    padding = -rows.shape[-2] % CLASS_ROW_MULTIPLE
+    return F.pad(rows, (0, 0, 0, padding)) if padding else rows
+
+
 class OffsetLearning(nn.Module):
     """Class- and feature-offset learning followed by a LayerNorm over the class scores.
 
@@ -111,29 +129,32 @@ class OffsetLearning(nn.Module):
         the output only.
         """
         height, width = features.shape[-2:]
+        num_classes = self.num_classes
         embeddings = self._flatten(features)  # E^T: (B, C, HW), a view
         class_embeddings = self.class_embeddings  # W: (K, C)
         has_offsets = self.class_offset_proj is not None or self.feature_offset_proj is not None
 
+        # The GEMMs with the classes on a long output side run on the class rows padded to K8, a multiple of 8 (zero
+        # rows, sliced off again): see `pad_class_rows`.
         coupled_attention = class_attention = None
         if has_offsets or output_class_attention:
-            coupled_attention = torch.matmul(class_embeddings, embeddings)  # A: (B, K, HW)
+            coupled_attention = torch.matmul(pad_class_rows(class_embeddings), embeddings)[:, :num_classes]  # A
         if self.class_offset_proj is not None or output_class_attention:
             class_attention = coupled_attention.softmax(dim=-1)  # over positions: (B, K, HW)
 
         if not has_offsets:
-            scores = torch.matmul(embeddings.transpose(1, 2), class_embeddings.t())  # (B, HW, K)
+            scores = torch.matmul(embeddings.transpose(1, 2), pad_class_rows(class_embeddings).t())  # (B, HW, K8)
         else:
             aligned_classes = self._aligned_classes(embeddings, class_attention)  # W': (B, K, C)
-            scores = torch.matmul(embeddings.transpose(1, 2), aligned_classes.transpose(1, 2))  # E W'^T: (B, HW, K)
+            padded_classes = pad_class_rows(aligned_classes).transpose(1, 2)  # (B, C, K8)
+            scores = torch.matmul(embeddings.transpose(1, 2), padded_classes)  # E W'^T: (B, HW, K8)
 
             if self.feature_offset_proj is not None:
                 position_attention = coupled_attention.softmax(dim=1)  # over classes: (B, K, HW)
-                # dE W'^T = A_pos (W P_f^T) W'^T, with the small (K, K) factor formed first.
-                class_mixing = torch.matmul(
-                    self.feature_offset_proj(class_embeddings), aligned_classes.transpose(1, 2)
-                )  # (B, K, K)
-                scores = torch.baddbmm(scores, position_attention.transpose(1, 2), class_mixing)  # (B, HW, K)
+                # dE W'^T = A_pos (W P_f^T) W'^T, with the small (K, K8) factor formed first.
+                class_mixing = torch.matmul(self.feature_offset_proj(class_embeddings), padded_classes)  # (B, K, K8)
+                scores = scores.baddbmm_(position_attention.transpose(1, 2), class_mixing)  # (B, HW, K8), in place
+        scores = scores[..., :num_classes]  # (B, HW, K)
 
         scores = self.mask_norm(scores)  # LayerNorm over the K class scores
         scores = scores.transpose(1, 2).unflatten(2, (height, width))  # (B, K, H, W), channels_last strides

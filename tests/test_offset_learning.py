@@ -6,6 +6,7 @@ import torch
 from torch.nn import functional as F
 
 from offseg_hf import MaskOffsetLearning, OffsetLearning
+from offseg_hf.offset_learning import pad_class_rows
 
 
 def reference(module: OffsetLearning, features: torch.Tensor) -> torch.Tensor:
@@ -50,12 +51,28 @@ def make_module(class_offset=True, feature_offset=True, num_classes=7, channels=
 
 @pytest.mark.parametrize("class_offset", [True, False])
 @pytest.mark.parametrize("feature_offset", [True, False])
-def test_matches_paper_equations(class_offset, feature_offset):
-    module = make_module(class_offset, feature_offset)
+@pytest.mark.parametrize("num_classes", [7, 8, 19])  # the GEMMs pad 7 and 19 class rows to 8 and 24; 8 needs none
+def test_matches_paper_equations(class_offset, feature_offset, num_classes):
+    module = make_module(class_offset, feature_offset, num_classes=num_classes)
     features = torch.randn(3, 16, 5, 9, dtype=torch.float64)
     out = module(features)
-    assert out.shape == (3, 7, 5, 9)
+    assert out.shape == (3, num_classes, 5, 9)
     torch.testing.assert_close(out, reference(module, features), rtol=1e-10, atol=1e-10)
+
+
+def test_class_rows_are_zero_padded_to_a_multiple_of_8():
+    rows = torch.randn(2, 150, 4)
+    padded = pad_class_rows(rows)
+    assert padded.shape == (2, 152, 4) and torch.equal(padded[:, :150], rows) and not padded[:, 150:].any()
+    eight = rows[:, :8]
+    assert pad_class_rows(eight) is eight  # already a multiple: no copy
+    # ADE20K's 150 classes on a channels-last 1/4-resolution map: equal to the paper's equations.
+    module = make_module(num_classes=150, channels=16)
+    features = torch.randn(1, 16, 12, 10, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    scores, attention = module(features, output_class_attention=True)
+    torch.testing.assert_close(scores, reference(module, features), rtol=1e-10, atol=1e-10)
+    assert attention.shape == (1, 150, 12, 10)
+    torch.testing.assert_close(attention.sum(dim=(2, 3)), torch.ones(1, 150, dtype=torch.float64))
 
 
 def test_matches_paper_equations_float32():
