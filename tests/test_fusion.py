@@ -124,7 +124,8 @@ def test_fused_logits_match_and_exactly_the_conv_bn_pairs_fold(family):
     torch.testing.assert_close(fused64, reference64, atol=1e-10, rtol=0)
     # In float32, a few ulps of rounding per folded layer; MSCAN's stage LayerNorms magnify them on the segnext
     # model (1.3e-5 at logits of magnitude 2.6 in this test), hence the relative term.
-    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+    # (1.05e-5 seen on an AVX2 CPU, whose MKL rounds differently; the float64 check above is the exactness test.)
+    torch.testing.assert_close(fused, reference, atol=2e-5, rtol=1e-5)
 
 
 class _Residual(nn.Module):
