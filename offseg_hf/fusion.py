@@ -17,7 +17,12 @@ torch call record, for each convolution output tensor, every operation that read
   conv's weight, which `resize_and_project` applies blockwise: that BatchNorm stays);
 - the BatchNorm uses running statistics (eval mode, `track_running_stats`), and both are plain torch modules
   (`nn.Conv1d/2d/3d` with their own forward, without parametrizations; `nn.BatchNorm1d/2d/3d`/`SyncBatchNorm`, or
-  timm's `BatchNormAct2d`, whose dropout and activation stay in its place).
+  timm's `BatchNormAct2d`, whose dropout and activation stay in its place, see below).
+
+Then (unless `fuse_activations=False`) a ReLU or GELU that timm's `BatchNormAct2d` applies right after a folded
+`nn.Conv2d` moves into it: the conv becomes a `ConvActivation2d`, which runs both as one oneDNN op on CPU in float32
+inference (and conv then activation everywhere else), and the BatchNorm's place holds `nn.Identity` (44 convs of
+OffSeg-T).
 
 The folding is computed in float64 and written into the convolution's own weight (its memory format is kept) and
 bias (created when the convolution had none). A fused model is for inference only: it has no BatchNorm keys and
@@ -114,9 +119,10 @@ def _onednn_activation(module: nn.Module) -> tuple[str, str | None] | None:
 class ConvActivation2d(nn.Conv2d):
     """A BatchNorm-folded `nn.Conv2d` and the activation after it, as one oneDNN convolution with an element-wise
     post-op on CPU: the activation is applied while the output tile is still in cache, so the map is written once
-    and no second full-size buffer is allocated. EfficientFormerV2's 1/4-resolution MLP blocks are memory-bound:
-    this halves their time (see `benchmarks/speed.py`, fused column). The values are the convolution's followed by
-    the activation's, up to float rounding (oneDNN evaluates erf-GELU with its own polynomial; about 1e-7).
+    and no second full-size buffer is allocated. EfficientFormerV2's 1/4-resolution MLP blocks are memory-bound: a
+    1x1 conv + GELU on a (1, 128, 128, 128) map took 6.6 ms as one op against 23.8 ms as two (2 threads, AVX2 CPU;
+    the whole-model effect is what `benchmarks/speed.py`'s fused column measures). The values are the convolution's
+    followed by the activation's, up to float rounding (oneDNN evaluates erf-GELU with its own polynomial; about 1e-7).
 
     Only fuse_for_inference makes these, by changing the class of a folded convolution and keeping the activation
     module as `fused_activation`. Where oneDNN's op does not apply (not CPU float32, autograd on, autocast,
