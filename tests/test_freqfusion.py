@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from offseg_hf.freqfusion import FreqFusion, carafe, neighbour_cosine_similarity
+from offseg_hf.freqfusion import FreqFusion, SimilarityGuidedResampler, carafe, neighbour_cosine_similarity
 
 
 def naive_carafe(features, masks, kernel_size, scale):
@@ -90,3 +90,31 @@ def test_model_initialisation_gives_freqfusion_the_official_init():
             bound = (6 / (fan_in + fan_out)) ** 0.5
             assert conv.weight.abs().max() <= bound and conv.weight.abs().max() > 0.5 * bound
             assert not conv.bias.any()
+
+
+def test_resampler_samples_like_grid_sample_on_nchw_planes():
+    """The resampler hands its groups to grid_sample on channels-last memory (a speed choice): values and gradients
+    equal sampling the plain NCHW group planes, at batch 2."""
+    torch.manual_seed(0)
+    resampler = SimilarityGuidedResampler(channels=16, groups=4).double()
+    x = torch.randn(2, 32, 10, 14, dtype=torch.float64, requires_grad=True)
+    offsets = torch.randn(2, 2 * 4 * 4, 5, 7, dtype=torch.float64, requires_grad=True)
+    ours = resampler.sample(x, offsets)
+
+    # The same grid, built independently: per group and output pixel (2y + i, 2x + j), the low-res centre plus the
+    # offset of phase (i, j), normalised to [-1, 1].
+    off = offsets.view(2, 2, 4, 2, 2, 5, 7)  # (B, xy, G, i, j, h, w)
+    xs = (torch.arange(7, dtype=torch.float64) + 0.5 + off[:, 0]) * 2 / 7 - 1  # (B, G, i, j, h, w)
+    ys = (torch.arange(5, dtype=torch.float64).view(-1, 1) + 0.5 + off[:, 1]) * 2 / 5 - 1
+    grid = torch.stack([xs, ys], dim=-1).permute(0, 1, 4, 2, 5, 3, 6).reshape(8, 10, 14, 2)
+    reference = F.grid_sample(
+        x.reshape(8, 8, 10, 14), grid, mode="bilinear", padding_mode="border", align_corners=False
+    ).view(2, 32, 10, 14)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-12)
+    weights = torch.randn_like(ours)
+    for a, b in zip(
+        torch.autograd.grad((ours * weights).sum(), [x, offsets]),
+        torch.autograd.grad((reference * weights).sum(), [x, offsets]),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)

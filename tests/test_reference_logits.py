@@ -25,9 +25,17 @@ SAME_KERNELS = (
 # Cases whose summation order was changed on purpose since the fixture: they are held to the tolerances below even
 # on the fixture's kernels (the float64 check still rules out any change of function).
 REORDERED = {
-    case: "EfficientFormerV2 runs on channels-last memory (backbone input, the stride-2 attention's upsampling), "
-    "so oneDNN sums the convolutions in another order"
-    for case in ("offseg-t", "offseg-b", "offseg-l", "offseg-t/per_pixel")
+    **{
+        case: "EfficientFormerV2 runs on channels-last memory (backbone input, the stride-2 attention's upsampling) "
+        "and its talking heads as a GEMM, so the convolutions and head mixing sum in another order"
+        for case in ("offseg-t", "offseg-b", "offseg-l", "offseg-t/per_pixel")
+    },
+    **{
+        # Measured on the fixture's kernels (AVX512, torch 2.14.1): float64 2.2e-14 off, float32 bitwise equal.
+        case: "MSCAN and the LightHam head run on channels-last memory, so oneDNN sums the convolutions in another "
+        "order"
+        for case in ("segnext-t-offset", "segnext-t", "segnext-b-offset")
+    },
 }
 
 
