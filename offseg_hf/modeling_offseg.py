@@ -275,7 +275,10 @@ class OffSegForSemanticSegmentation(OffSegPreTrainedModel):
             if labels.ndim != 3 or labels.shape[0] != logits.shape[0]:
                 raise ValueError(f"labels must have shape (batch, height, width); got {tuple(labels.shape)}.")
             self._check_labels(labels)
-            upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            # Offset learning's logits are a channels-last view; the full-resolution upsample, log-softmax over classes
+            # and their backward ran 859 ms against 677 ms on NCHW memory (batch 2, 150 classes, 128 -> 512 px, 2
+            # threads), for a copy of the small map. Same values.
+            upsampled = F.interpolate(logits.contiguous(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
             loss = F.cross_entropy(upsampled, labels.long(), ignore_index=self.config.semantic_loss_ignore_index)
 
         output = OffSegSemanticSegmenterOutput(
