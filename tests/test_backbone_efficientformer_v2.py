@@ -62,6 +62,12 @@ def test_imagenet_sized_biases_are_skipped_like_the_official_backbone():
         backbone.load_timm_state_dict({k: v for k, v in imagenet.state_dict().items() if "stem" not in k})
 
 
+def table_grad_path(attention):
+    """The bias through the traced graph's form: gather, then the identity-size bicubic resize."""
+    table = attention.attention_biases[:, attention.attention_bias_idxs]
+    return F.interpolate(table[None], size=table.shape[-2:], mode="bicubic", align_corners=False)[0]
+
+
 def test_bias_is_resized_bicubically_for_other_grids():
     backbone = EfficientFormerV2Backbone("efficientformerv2_s1")
     attention = backbone.stages[3].blocks[-1].token_mixer
@@ -69,6 +75,14 @@ def test_bias_is_resized_bicubically_for_other_grids():
         attention.attention_biases.normal_()
     table = attention.attention_biases[:, attention.attention_bias_idxs]  # (heads, 256, 256)
     assert torch.equal(_resized_bias(attention, 256, 256), table)
+    # Skipping the resize at the table's size (plain eager) is exact: the traced graph's identity resize equals it.
+    identity = F.interpolate(table[None], size=(256, 256), mode="bicubic", align_corners=False)[0]
+    assert torch.equal(identity, table)
+    weights = torch.randn(table.shape)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad((_resized_bias(attention, 256, 256) * weights).sum(), attention.attention_biases)
+        (expected,) = torch.autograd.grad((table_grad_path(attention) * weights).sum(), attention.attention_biases)
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0)
     resized = _resized_bias(attention, 12, 12)
     expected = F.interpolate(table[None], size=(12, 12), mode="bicubic", align_corners=False)[0]
     torch.testing.assert_close(resized, expected)
