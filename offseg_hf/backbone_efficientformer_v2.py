@@ -74,19 +74,6 @@ def _attention_bias_init_(module: nn.Module) -> None:
     init.copy_(indices, module._compute_attention_bias_idxs(device=indices.device))
 
 
-def _mix_heads(conv: nn.Conv2d, attn: torch.Tensor) -> torch.Tensor:
-    """timm's talking-head 1x1 convolution over the heads of (B, heads, Nq, Nk) attention maps, as one batched GEMM.
-
-    Same function as `conv(attn)` (equal up to float rounding); on CPU oneDNN's convolution of this 8-channel,
-    N*N-position map took 2.7 ms against 0.12 ms for the GEMM (N = 256, 2 threads), and OffSeg-T runs it 8 times a
-    pass. The weights stay in the conv module, so checkpoints and conversions are unchanged.
-    """
-    batch_size, heads = attn.shape[:2]
-    weight = conv.weight.view(heads, heads).expand(batch_size, -1, -1)  # (B, heads_out, heads_in)
-    mixed = torch.baddbmm(conv.bias.view(1, heads, 1), weight, attn.flatten(2))  # (B, heads, Nq*Nk)
-    return mixed.view_as(attn)
-
-
 class ResizableAttention2d(Attention2d):
     """timm's `Attention2d` (talking-head attention with a local value branch) on any token grid."""
 
@@ -103,7 +90,7 @@ class ResizableAttention2d(Attention2d):
         v = v.reshape(batch_size, self.num_heads, -1, tokens).transpose(-1, -2)  # (B, heads, N, d)
 
         attn = (q @ k) * self.scale + _resized_bias(self, tokens, tokens)  # (B, heads, N, N)
-        attn = _mix_heads(self.talking_head2, _mix_heads(self.talking_head1, attn).softmax(dim=-1))
+        attn = self.talking_head2(self.talking_head1(attn).softmax(dim=-1))
 
         x = (attn @ v).transpose(2, 3).reshape(batch_size, self.dh, grid_h, grid_w) + v_local
         if self.upsample is not None:

@@ -7,12 +7,7 @@ from safetensors.torch import save_file
 from torch.nn import functional as F
 
 from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation
-from offseg_hf.backbone_efficientformer_v2 import (
-    BIAS_INPUT_SIZE,
-    EfficientFormerV2Backbone,
-    _mix_heads,
-    _resized_bias,
-)
+from offseg_hf.backbone_efficientformer_v2 import BIAS_INPUT_SIZE, EfficientFormerV2Backbone, _resized_bias
 
 
 def make_timm_reference(name="efficientformerv2_s1"):
@@ -127,19 +122,3 @@ def test_from_pretrained_encoder_with_a_local_timm_file(tmp_path):
         if key in ours and not key.endswith("attention_bias_idxs"):
             assert torch.equal(ours[key], value), key
     assert model.config.num_labels == 3
-
-
-def test_talking_heads_as_a_gemm_equal_timms_1x1_convolution():
-    """The head mixing runs as a batched GEMM on the conv's own weights: the same function as the conv (float64 to
-    rounding, gradients too), at batch 2 and a non-square (queries, keys) map."""
-    torch.manual_seed(0)
-    conv = torch.nn.Conv2d(8, 8, 1).double()
-    attn = torch.randn(2, 8, 12, 20, dtype=torch.float64, requires_grad=True)
-    mixed = _mix_heads(conv, attn)
-    reference = conv(attn)
-    torch.testing.assert_close(mixed, reference, rtol=0, atol=1e-12)
-    weights = torch.randn_like(reference)
-    ours = torch.autograd.grad((mixed * weights).sum(), [attn, conv.weight, conv.bias])
-    theirs = torch.autograd.grad((reference * weights).sum(), [attn, conv.weight, conv.bias])
-    for a, b in zip(ours, theirs, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)

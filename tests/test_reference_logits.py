@@ -26,8 +26,8 @@ SAME_KERNELS = (
 # on the fixture's kernels (the float64 check still rules out any change of function).
 REORDERED = {
     **{
-        case: "EfficientFormerV2 runs on channels-last memory (backbone input, the stride-2 attention's upsampling) "
-        "and its talking heads as a GEMM, so the convolutions and head mixing sum in another order"
+        case: "EfficientFormerV2 runs on channels-last memory (backbone input, the stride-2 attention's upsampling), "
+        "so oneDNN sums the convolutions in another order"
         for case in ("offseg-t", "offseg-b", "offseg-l", "offseg-t/per_pixel")
     },
     **{
