@@ -154,8 +154,8 @@ def test_model_initialisation_gives_freqfusion_the_official_init():
 
 
 def test_resampler_samples_like_grid_sample_on_nchw_planes():
-    """The resampler hands its groups to grid_sample on channels-last memory (a speed choice): values and gradients
-    equal sampling the plain NCHW group planes, at batch 2."""
+    """The resampler's grid (low-res centres plus per-group, per-phase offsets, normalised) against one built
+    independently here: values and gradients equal, at batch 2."""
     torch.manual_seed(0)
     resampler = SimilarityGuidedResampler(channels=16, groups=4).double()
     x = torch.randn(2, 32, 10, 14, dtype=torch.float64, requires_grad=True)
