@@ -12,8 +12,8 @@ local feature similarity.
 CARAFE here loops over the k*k taps and accumulates `mask_tap * shifted_map` in place: no (C * k * k)-channel
 unfolded copy of the map is ever built (CARAFE is memory-bound: the copy costs more than the arithmetic). For s = 2 the
 masks are split into the four output phases (pixel-unshuffle), the taps are accumulated at the input resolution
-for all phases at once, and the result is pixel-shuffled up. Large maps are processed in row blocks that fit
-the cache.
+for all phases at once, and the result is pixel-shuffled up. With gradients, one autograd node with a hand-written,
+in-place backward replaces the k*k recorded multiply-adds (`_CarafeFunction`).
 """
 
 from __future__ import annotations
