@@ -120,9 +120,15 @@ class _CarafeFunction(torch.autograd.Function):
         grad_features = grad_phases = None
         if ctx.needs_input_grad[0]:
             batch_size, channels, height, width = features.shape
-            padded_grad = grad.new_zeros(batch_size, channels, height + margin, width + margin).contiguous(
-                memory_format=layout
-            )
+            padded_grad = torch.empty(
+                batch_size,
+                channels,
+                height + margin,
+                width + margin,
+                dtype=grad.dtype,
+                device=grad.device,
+                memory_format=layout,
+            ).zero_()
             for tap in range(k * k):
                 window = _shifted_window(padded_grad, *divmod(tap, k), margin)  # (B, C, h, w), a view
                 for phase in range(s * s):

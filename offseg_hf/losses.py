@@ -62,7 +62,7 @@ def _banded_loss_sum(
     height, out_width = labels.shape[-2:]
     rows_matrix = interpolation_matrix(height, rows, logits.device, logits.dtype)  # R_h: (H, h)
     cols_matrix = interpolation_matrix(out_width, width, logits.device, logits.dtype)  # R_w: (W, w)
-    scores = logits.permute(0, 2, 3, 1).contiguous()  # (B, h, w, K)
+    scores = logits.permute(0, 2, 3, 1).contiguous()  # (B, h, w, K); no copy for offset learning's channels-last logits
     grad = torch.zeros_like(scores) if with_gradient else None
     band = max(1, BAND_ELEMENTS // (batch_size * num_classes * out_width))  # label rows per band
     total = logits.new_zeros((), dtype=torch.float64)
@@ -89,7 +89,7 @@ def _banded_loss_sum(
             band_grad.mul_(valid.unsqueeze(-1))
             widened_grad = torch.matmul(band_rows.t(), band_grad.flatten(2))  # (B, r, W*K)
             grad[:, low:high] += torch.matmul(cols_matrix.t(), widened_grad.view(widened.shape))  # (B, r, w, K)
-    return total, (grad.permute(0, 3, 1, 2).contiguous() if with_gradient else None)
+    return total, (grad.permute(0, 3, 1, 2) if with_gradient else None)  # (B, K, h, w), channels-last memory
 
 
 class _BandedUpsampledCrossEntropy(torch.autograd.Function):
@@ -99,7 +99,7 @@ class _BandedUpsampledCrossEntropy(torch.autograd.Function):
         # autocast too (and float64 logits stay float64).
         dtype = torch.promote_types(logits.dtype, torch.float32)
         with torch.autocast(logits.device.type, enabled=False):
-            work = logits.detach().to(dtype).contiguous()
+            work = logits.detach().to(dtype)  # any layout: the bands read it classes-last
             total, grad = _banded_loss_sum(work, labels, ignore_index, with_gradient)
         count = (labels != ignore_index).sum()
         ctx.save_for_backward(grad.to(logits.dtype) if grad is not None else None, count)
