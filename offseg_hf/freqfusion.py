@@ -51,13 +51,16 @@ def carafe(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, scale_
             f"CARAFE masks must have shape {(batch_size, taps, s * height, s * width)} for features "
             f"{tuple(features.shape)}, kernel {kernel_size} and scale {scale_factor}; got {tuple(masks.shape)}."
         )
-    if (
-        torch.is_grad_enabled()
-        and (features.requires_grad or masks.requires_grad)
-        and not torch.compiler.is_compiling()
-    ):
+    if _takes_hand_written_backward(features, masks):
         return _CarafeFunction.apply(features, masks, kernel_size, scale_factor)
     return _carafe(features, masks, kernel_size, scale_factor)
+
+
+def _takes_hand_written_backward(*inputs: torch.Tensor) -> bool:
+    """Whether an op here runs as its autograd node with a hand-written backward: only when a gradient will be taken
+    and not under torch.compile (which traces the plain loop; inference, tracing and export run it too)."""
+    needs_gradient = torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs)
+    return needs_gradient and not torch.compiler.is_compiling()
 
 
 def _phases(x: torch.Tensor, scale_factor: int) -> torch.Tensor:
@@ -160,7 +163,7 @@ def neighbour_cosine_similarity(x: torch.Tensor, window: int = 3, dilation: int 
     """
     # Sum of squares over the channel dim of NCHW, rather than `norm(dim=1)`, which reduces slowly over a strided dim.
     unit = x / x.square().sum(dim=1, keepdim=True).sqrt().clamp_min(1e-8)  # (B, C, H, W)
-    if torch.is_grad_enabled() and unit.requires_grad and not torch.compiler.is_compiling():
+    if _takes_hand_written_backward(unit):
         return _NeighbourDotsFunction.apply(unit, window, dilation)
     return _neighbour_dots(unit, window, dilation)
 

@@ -66,10 +66,13 @@ def _banded_loss_sum(
     grad = torch.zeros_like(scores) if with_gradient else None
     band = max(1, BAND_ELEMENTS // (batch_size * num_classes * out_width))  # label rows per band
     total = logits.new_zeros((), dtype=torch.float64)
+    # The first and last logits row each label row reads (one host transfer for all bands, not one per band).
+    reads = rows_matrix.ne(0)
+    first_read = reads.int().argmax(dim=1).tolist()
+    last_read = (rows - 1 - reads.flip(1).int().argmax(dim=1)).tolist()
     for top in range(0, height, band):
         bottom = min(top + band, height)
-        used = rows_matrix[top:bottom].ne(0).any(dim=0).nonzero()  # the logits rows this band reads
-        low, high = int(used[0]), int(used[-1]) + 1
+        low, high = min(first_read[top:bottom]), max(last_read[top:bottom]) + 1  # the logits rows this band reads
         band_rows = rows_matrix[top:bottom, low:high]  # (band, r)
         widened = torch.matmul(cols_matrix, scores[:, low:high])  # (B, r, W, K)
         upsampled = torch.matmul(band_rows, widened.flatten(2)).view(batch_size, bottom - top, out_width, -1)
