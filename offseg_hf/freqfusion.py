@@ -14,10 +14,18 @@ unfolded copy of the map is ever built (CARAFE is memory-bound: the copy costs m
 masks are split into the four output phases (pixel-unshuffle), the taps are accumulated at the input resolution
 for all phases at once, and the result is pixel-shuffled up. With gradients, one autograd node with a hand-written,
 in-place backward replaces the k*k recorded multiply-adds (`_CarafeFunction`).
+
+For ONNX export (`gather_formulations()`, which `offseg_hf.onnx.export_onnx` enters) CARAFE and the resampler's
+bilinear sampling are written as row gathers and small batched matrix products instead: ONNX Runtime runs the tap loop
+as k*k separate slice, product and sum kernels, each writing a fresh full-size buffer, and its GridSample kernel is
+slow; the gather forms run 3x faster there (and slower than the tap loop in eager PyTorch, hence export only). They
+compute the same values up to float rounding (summation order).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from functools import partial
 
 import torch
@@ -51,9 +59,26 @@ def carafe(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, scale_
             f"CARAFE masks must have shape {(batch_size, taps, s * height, s * width)} for features "
             f"{tuple(features.shape)}, kernel {kernel_size} and scale {scale_factor}; got {tuple(masks.shape)}."
         )
+    if _gather_formulations_on:
+        return _carafe_by_gather(features, masks, kernel_size, scale_factor)
     if _takes_hand_written_backward(features, masks):
         return _CarafeFunction.apply(features, masks, kernel_size, scale_factor)
     return _carafe(features, masks, kernel_size, scale_factor)
+
+
+_gather_formulations_on = False
+
+
+@contextlib.contextmanager
+def gather_formulations() -> Iterator[None]:
+    """Within the block, CARAFE and the resampler's sampling run their gather forms (`_carafe_by_gather`,
+    `_grid_sample_by_gather`): what ONNX export traces. Not thread-safe (a module-level switch, as export is)."""
+    global _gather_formulations_on
+    previous, _gather_formulations_on = _gather_formulations_on, True
+    try:
+        yield
+    finally:
+        _gather_formulations_on = previous
 
 
 def _takes_hand_written_backward(*inputs: torch.Tensor) -> bool:
@@ -89,6 +114,48 @@ def _carafe(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, scale
     if s == 1:
         return out[:, :, 0]
     return F.pixel_shuffle(out.flatten(1, 2), s)  # (B, C, s*h, s*w)
+
+
+def _carafe_by_gather(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, scale_factor: int) -> torch.Tensor:
+    """CARAFE as one gather and one batched matrix product: every input pixel's k x k window of channel rows
+    (pixel-major, (B, h*w, k*k, C)) is gathered from the padded, channels-last map by index, and multiplied by that
+    pixel's (k*k, s*s) masks. The window copy is k*k times the map (at 1/8 of a 512x512 input with 233 channels:
+    95 MB), read once."""
+    batch_size, channels, height, width = features.shape
+    k, s, radius = kernel_size, scale_factor, kernel_size // 2
+    rows = F.pad(features, (radius, radius, radius, radius)).permute(0, 2, 3, 1).reshape(batch_size, -1, channels)
+    taps = torch.arange(k, device=features.device)
+    # Row of tap (a, b) for pixel (y, x) in the padded map: (y + a) * (w + 2r) + x + b, as a (h, w, k, k) grid.
+    top = (torch.arange(height, device=features.device).view(-1, 1, 1, 1) + taps.view(-1, 1)) * (width + 2 * radius)
+    left = torch.arange(width, device=features.device).view(-1, 1, 1) + taps
+    windows = rows.index_select(1, (top + left).flatten()).view(batch_size, height * width, k * k, channels)
+    phases = F.pixel_unshuffle(masks, s) if s > 1 else masks  # (B, k*k*s*s, h, w), channel = tap * s*s + phase
+    phases = phases.permute(0, 2, 3, 1).reshape(batch_size, height * width, k * k, s * s)
+    out = windows.transpose(-1, -2) @ phases  # (B, h*w, C, s*s)
+    out = out.reshape(batch_size, height, width, channels * s * s).permute(0, 3, 1, 2)  # pixel-shuffle's channels
+    return F.pixel_shuffle(out, s) if s > 1 else out
+
+
+def _grid_sample_by_gather(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """`F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)` as a gather of the four
+    neighbours' channel rows (channels-last) and a (1 x 4) @ (4 x C) product per output pixel; the coordinates are
+    unnormalised and clipped with grid_sample's own formulas."""
+    batch_size, channels, height, width = x.shape
+    out_height, out_width = grid.shape[1:3]
+    ix = (((grid[..., 0] + 1) * width - 1) / 2).clamp(0, width - 1)
+    iy = (((grid[..., 1] + 1) * height - 1) / 2).clamp(0, height - 1)
+    x0, y0 = ix.floor(), iy.floor()
+    tx, ty = ix - x0, iy - y0
+    x0, y0 = x0.long(), y0.long()
+    x1, y1 = (x0 + 1).clamp(max=width - 1), (y0 + 1).clamp(max=height - 1)  # weight 0 where clamped
+    base = torch.arange(batch_size, device=x.device).view(-1, 1, 1) * (height * width)
+    top, bottom = base + y0 * width, base + y1 * width
+    index = torch.stack([top + x0, top + x1, bottom + x0, bottom + x1], dim=-1)  # (N, oh, ow, 4)
+    weights = torch.stack([(1 - tx) * (1 - ty), tx * (1 - ty), (1 - tx) * ty, tx * ty], dim=-1)
+    rows = x.permute(0, 2, 3, 1).reshape(-1, channels)
+    corners = rows.index_select(0, index.flatten()).view(batch_size, out_height * out_width, 4, channels)
+    out = weights.view(batch_size, out_height * out_width, 1, 4) @ corners
+    return out.view(batch_size, out_height, out_width, channels).permute(0, 3, 1, 2)
 
 
 class _CarafeFunction(torch.autograd.Function):
@@ -287,14 +354,12 @@ class SimilarityGuidedResampler(nn.Module):
         grid = torch.stack([grid_x, grid_y], dim=1)  # (B, xy, G*s*s, H, W)
         grid = F.pixel_shuffle(grid.reshape(batch_size, -1, height, width), s)  # (B, 2*G, sH, sW)
         grid = grid.view(batch_size, 2, groups, s * height, s * width).permute(0, 2, 3, 4, 1).flatten(0, 1)
-        sampled = F.grid_sample(
-            x.reshape(batch_size * groups, -1, s * height, s * width),
-            grid,
-            mode="bilinear",
-            padding_mode="border",
-            align_corners=False,
-        )
-        return sampled.view(batch_size, -1, s * height, s * width)
+        grouped = x.reshape(batch_size * groups, -1, s * height, s * width)
+        if _gather_formulations_on:
+            sampled = _grid_sample_by_gather(grouped, grid)
+        else:
+            sampled = F.grid_sample(grouped, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return sampled.reshape(batch_size, -1, s * height, s * width)  # the gather form is channels-last
 
 
 class FreqFusion(nn.Module):

@@ -24,6 +24,9 @@ What the exporter needs, done here without touching the models (all undone after
 * an example batch of 2, so the batch dimension is not specialised to 1;
 * `torch.linspace` with a symbolic number of steps (transformers' Mask2Former pixel decoder builds its reference
   points with it) is traced as arange arithmetic; the decomposition would otherwise bake the example's step count in;
+* FreqFusion's CARAFE and its resampler's bilinear sampling run their gather forms
+  (`offseg_hf.freqfusion.gather_formulations`): ONNX Runtime runs them 3x faster than the tap loop and GridSample
+  (same values up to float rounding);
 * Mask2Former's Swin runs eager attention (the sdpa path's decomposition fails on a non-contiguous view);
 * Mask2Former's height and width stay fixed (`example_size`, default 512x512: what `OffSegImageProcessor` feeds it);
   only its batch is dynamic. With symbolic sizes the exporter traces for minutes and the file it writes gets Swin's
@@ -47,6 +50,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 from torch import nn
+
+from .freqfusion import gather_formulations
 
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
@@ -123,7 +128,8 @@ def export_friendly(model: nn.Module) -> Iterator[None]:
         if switch_attention:
             model.set_attn_implementation("eager")
         model.eval()
-        yield
+        with gather_formulations():
+            yield
     finally:
         torch.linspace = _torch_linspace
         if switch_attention:
@@ -147,6 +153,47 @@ def _rename_dimensions(proto, names: dict[str, str]) -> None:
         for dim in value.type.tensor_type.shape.dim:
             if dim.HasField("dim_param"):
                 dim.dim_param = pattern.sub(lambda match: names[match.group(1)], dim.dim_param)
+
+
+def _constant_is_zero(node) -> bool:
+    from onnx import numpy_helper
+
+    if node.op_type != "Constant" or len(node.attribute) != 1 or node.attribute[0].name != "value":
+        return False
+    return not numpy_helper.to_array(node.attribute[0].t).any()
+
+
+def _drop_zero_conv_biases(proto) -> int:
+    """Remove the bias input of every Conv whose bias is the exporter's `Expand(CastLike(0, x), shape)` (how it
+    writes a convolution without bias), and the nodes left unused; returns how many Convs changed.
+
+    A computed bias, even an all-zero one, keeps ONNX Runtime from folding a following BatchNormalization into the
+    Conv (its fusion wants constant inputs): SegFormer-offset's four stage projections ran as Conv + a separate
+    BatchNormalization. Without the input the Conv computes the same values and the fusion applies."""
+    graph = proto.graph
+    producer = {output: node for node in graph.node for output in node.output}
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    changed = 0
+    for node in graph.node:
+        if node.op_type != "Conv" or len(node.input) < 3 or consumers.get(node.input[2]) != 1:
+            continue
+        expand = producer.get(node.input[2])
+        cast = producer.get(expand.input[0]) if expand is not None and expand.op_type == "Expand" else None
+        zero = producer.get(cast.input[0]) if cast is not None and cast.op_type == "CastLike" else None
+        if zero is not None and _constant_is_zero(zero):
+            del node.input[2]
+            changed += 1
+    graph_outputs = {output.name for output in graph.output}
+    while True:  # drop nodes whose outputs nobody reads any more
+        used = {name for node in graph.node for name in node.input} | graph_outputs
+        dead = [node for node in graph.node if not any(output in used for output in node.output)]
+        if not dead:
+            return changed
+        for node in dead:
+            graph.node.remove(node)
 
 
 def export_onnx(
@@ -198,6 +245,7 @@ def export_onnx(
             verbose=False,
         )
     proto = program.model_proto
+    _drop_zero_conv_biases(proto)
     if dynamic:
         dims = proto.graph.input[0].type.tensor_type.shape.dim
         names = {dims[axis].dim_param: name for axis, name in zip(axes, ("batch", "height", "width"), strict=False)}

@@ -9,8 +9,11 @@ from offseg_hf.freqfusion import (
     SimilarityGuidedResampler,
     _carafe,
     _CarafeFunction,
+    _carafe_by_gather,
+    _grid_sample_by_gather,
     _neighbour_dots,
     carafe,
+    gather_formulations,
     neighbour_cosine_similarity,
 )
 
@@ -78,6 +81,53 @@ def test_carafe_without_gradients_is_the_plain_tap_loop():
 def test_carafe_rejects_mismatched_masks():
     with pytest.raises(ValueError, match="masks must have shape"):
         carafe(torch.randn(1, 2, 4, 4), torch.randn(1, 25, 7, 8), 5, 2)
+
+
+@pytest.mark.parametrize("kernel_size", [3, 5])
+@pytest.mark.parametrize("scale", [1, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_carafe_gather_form_matches_the_tap_loop(kernel_size, scale, channels_last):
+    """The export form (window gather + batched product) equals the tap loop to float64 rounding, at a non-square
+    size, batch 2, both memory layouts; `gather_formulations()` routes `carafe` to it and is undone on exit."""
+    torch.manual_seed(0)
+    features = torch.randn(2, 6, 5, 7, dtype=torch.float64)
+    if channels_last:
+        features = features.contiguous(memory_format=torch.channels_last)
+    masks = torch.randn(2, kernel_size**2, 5 * scale, 7 * scale, dtype=torch.float64).softmax(dim=1)
+    expected = _carafe(features, masks, kernel_size, scale)
+    gathered = _carafe_by_gather(features, masks, kernel_size, scale)
+    torch.testing.assert_close(gathered, expected, rtol=0, atol=1e-13)
+    with gather_formulations():
+        assert torch.equal(carafe(features, masks, kernel_size, scale), gathered)
+    assert torch.equal(carafe(features, masks, kernel_size, scale), expected)
+
+
+@pytest.mark.parametrize("out_size", [(9, 11), (4, 3)])
+def test_grid_sample_gather_form_matches_grid_sample(out_size):
+    """Bilinear, border padding, align_corners=False, with sample points inside, on the borders exactly and far
+    outside the map (clipped), up- and down-sampling."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 6, 8, dtype=torch.float64)
+    grid = torch.rand(3, *out_size, 2, dtype=torch.float64) * 3 - 1.5
+    grid[0, 0, 0] = torch.tensor([1.0, 1.0])
+    grid[0, 0, 1] = torch.tensor([-1.0, -1.0])
+    grid[1, 0, 0] = torch.tensor([7 / 8, 5 / 6])  # exactly the last pixel centre: the clamped neighbour has weight 0
+    expected = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    torch.testing.assert_close(_grid_sample_by_gather(x, grid), expected, rtol=0, atol=1e-13)
+
+
+def test_freqfusion_gather_forms_match_eager():
+    torch.manual_seed(0)
+    fusion = FreqFusion(hr_channels=32, lr_channels=64, compressed_channels=24).double().eval()
+    for param in fusion.parameters():
+        param.data.normal_(0, 0.1)
+    hr, lr = torch.randn(2, 32, 15, 18, dtype=torch.float64), torch.randn(2, 64, 8, 9, dtype=torch.float64)
+    with torch.no_grad():
+        expected = fusion(hr, lr)
+        with gather_formulations():
+            gathered = fusion(hr, lr)
+    for ours, reference in zip(gathered, expected, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=1e-12)
 
 
 def test_neighbour_similarity_matches_unfold_definition():
