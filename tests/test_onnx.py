@@ -84,6 +84,26 @@ def test_graph_names_and_dynamic_dimensions(exported, family):
     assert not list(path.parent.glob("*.data"))  # one self-contained file
 
 
+def test_convolutions_without_bias_let_runtime_fold_their_batchnorm(exported, tmp_path):
+    """SegFormer-offset's stage projections are bias-free Conv + BatchNorm: the file has no computed (Expand) bias
+    on any Conv, and ONNX Runtime's optimised graph keeps only the BatchNorm that follows a sum, not a Conv."""
+    import onnxruntime as ort
+
+    _, path = exported("segformer")
+    proto = onnx.load(str(path))
+    producer = {output: node for node in proto.graph.node for output in node.output}
+    convs = [node for node in proto.graph.node if node.op_type == "Conv"]
+    assert convs and not [node.name for node in convs if len(node.input) > 2 and node.input[2] in producer]
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    optimised = onnx.load(options.optimized_model_filepath).graph
+    producer = {output: node for node in optimised.node for output in node.output}
+    norms = [node for node in optimised.node if node.op_type == "BatchNormalization"]
+    assert [producer[node.input[0]].op_type for node in norms] == ["Add"]
+
+
 def test_mask2former_exports_with_a_dynamic_batch_at_a_fixed_size(tmp_path):
     """Mask2Former-offset (tiny Swin/decoder): semantic logits at the input size, batch 1 and 2 (the mask predictor
     counts its calls within a pass, so the traced pass must still give the evaluation logits)."""
