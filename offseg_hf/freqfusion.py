@@ -15,8 +15,8 @@ masks are split into the four output phases (pixel-unshuffle), the taps are accu
 for all phases at once, and the result is pixel-shuffled up. With gradients, one autograd node with a hand-written,
 in-place backward replaces the k*k recorded multiply-adds (`_CarafeFunction`).
 
-For ONNX export (`gather_formulations()`, which `offseg_hf.onnx.export_onnx` enters) CARAFE and the resampler's
-bilinear sampling are written as row gathers and small batched matrix products instead: ONNX Runtime runs the tap loop
+For ONNX export (`gather_formulations()`, which `offseg_hf.onnx.export_onnx` enters) CARAFE, the resampler's
+neighbour similarities and its bilinear sampling are written as row gathers and small batched matrix products instead: ONNX Runtime runs the tap loop
 as k*k separate slice, product and sum kernels, each writing a fresh full-size buffer, and its GridSample kernel is
 slow; the gather forms run 3x faster there (and slower than the tap loop in eager PyTorch, hence export only). They
 compute the same values up to float rounding (summation order).
@@ -71,8 +71,8 @@ _gather_formulations_on = False
 
 @contextlib.contextmanager
 def gather_formulations() -> Iterator[None]:
-    """Within the block, CARAFE and the resampler's sampling run their gather forms (`_carafe_by_gather`,
-    `_grid_sample_by_gather`): what ONNX export traces. Not thread-safe (a module-level switch, as export is)."""
+    """Within the block, CARAFE and the resampler's similarities and sampling run their gather forms
+    (`_carafe_by_gather`, `_neighbour_dots_by_gather`, `_grid_sample_by_gather`): what ONNX export traces. Not thread-safe (a module-level switch, as export is)."""
     global _gather_formulations_on
     previous, _gather_formulations_on = _gather_formulations_on, True
     try:
@@ -230,6 +230,8 @@ def neighbour_cosine_similarity(x: torch.Tensor, window: int = 3, dilation: int 
     """
     # Sum of squares over the channel dim of NCHW, rather than `norm(dim=1)`, which reduces slowly over a strided dim.
     unit = x / x.square().sum(dim=1, keepdim=True).sqrt().clamp_min(1e-8)  # (B, C, H, W)
+    if _gather_formulations_on:
+        return _neighbour_dots_by_gather(unit, window, dilation)
     if _takes_hand_written_backward(unit):
         return _NeighbourDotsFunction.apply(unit, window, dilation)
     return _neighbour_dots(unit, window, dilation)
@@ -251,6 +253,21 @@ def _neighbour_dots(unit: torch.Tensor, window: int, dilation: int) -> torch.Ten
         for top, left in _neighbour_offsets(window, dilation)
     ]  # each (B, H, W)
     return torch.stack(similarities, dim=1)
+
+
+def _neighbour_dots_by_gather(unit: torch.Tensor, window: int, dilation: int) -> torch.Tensor:
+    """`_neighbour_dots` as one gather of every position's neighbour rows (channels-last, (B, H*W, n, C)) and a
+    (n x C) @ (C x 1) product per position: the export form (ONNX Runtime runs the loop as n slices, products and
+    channel sums)."""
+    batch_size, channels, height, width = unit.shape
+    radius = (window // 2) * dilation
+    rows = F.pad(unit, (radius,) * 4).permute(0, 2, 3, 1).reshape(batch_size, -1, channels)
+    corners = torch.tensor(_neighbour_offsets(window, dilation), device=unit.device)  # (n, 2): (top, left)
+    top = (torch.arange(height, device=unit.device).view(-1, 1, 1) + corners[:, 0]) * (width + 2 * radius)
+    left = torch.arange(width, device=unit.device).view(-1, 1) + corners[:, 1]  # (W, n); top is (H, 1, n)
+    neighbours = rows.index_select(1, (top + left).flatten()).view(batch_size, height * width, -1, channels)
+    centres = unit.permute(0, 2, 3, 1).reshape(batch_size, height * width, channels, 1)
+    return (neighbours @ centres).view(batch_size, height, width, -1).permute(0, 3, 1, 2)
 
 
 class _NeighbourDotsFunction(torch.autograd.Function):

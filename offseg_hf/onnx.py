@@ -24,9 +24,9 @@ What the exporter needs, done here without touching the models (all undone after
 * an example batch of 2, so the batch dimension is not specialised to 1;
 * `torch.linspace` with a symbolic number of steps (transformers' Mask2Former pixel decoder builds its reference
   points with it) is traced as arange arithmetic; the decomposition would otherwise bake the example's step count in;
-* FreqFusion's CARAFE and its resampler's bilinear sampling run their gather forms
-  (`offseg_hf.freqfusion.gather_formulations`): ONNX Runtime runs them 3x faster than the tap loop and GridSample
-  (same values up to float rounding);
+* FreqFusion's CARAFE and its resampler's neighbour similarities and bilinear sampling run their gather forms
+  (`offseg_hf.freqfusion.gather_formulations`): ONNX Runtime runs them 2-3x faster than the tap loops and
+  GridSample (same values up to float rounding);
 * Mask2Former's Swin runs eager attention (the sdpa path's decomposition fails on a non-contiguous view);
 * Mask2Former's height and width stay fixed (`example_size`, default 512x512: what `OffSegImageProcessor` feeds it);
   only its batch is dynamic. With symbolic sizes the exporter traces for minutes and the file it writes gets Swin's

@@ -12,6 +12,7 @@ from offseg_hf.freqfusion import (
     _CarafeFunction,
     _grid_sample_by_gather,
     _neighbour_dots,
+    _neighbour_dots_by_gather,
     carafe,
     gather_formulations,
     neighbour_cosine_similarity,
@@ -114,6 +115,14 @@ def test_grid_sample_gather_form_matches_grid_sample(out_size):
     grid[1, 0, 0] = torch.tensor([7 / 8, 5 / 6])  # exactly the last pixel centre: the clamped neighbour has weight 0
     expected = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     torch.testing.assert_close(_grid_sample_by_gather(x, grid), expected, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_neighbour_dots_gather_form_matches_the_loop(dilation):
+    torch.manual_seed(0)
+    unit = torch.randn(2, 5, 7, 9, dtype=torch.float64)
+    expected = _neighbour_dots(unit, 3, dilation)
+    torch.testing.assert_close(_neighbour_dots_by_gather(unit, 3, dilation), expected, rtol=0, atol=1e-13)
 
 
 def test_freqfusion_gather_forms_match_eager():
