@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"Also export each model to {ONNX_FILE} (offseg_hf.onnx.export_onnx, dynamic batch/height/width; needs "
         "offseg-hf's onnx extra). A variant the exporter cannot handle gets no ONNX file and a card that says so.",
     )
-    extras.add_argument("--onnx_opset", type=int, default=18, help="ONNX opset of --onnx (default 18).")
+    extras.add_argument("--onnx_opset", type=int, default=20, help="ONNX opset of --onnx (default 20).")
     extras.add_argument(
         "--space_dir",
         default=None,

@@ -407,4 +407,4 @@ def test_onnx_flag_writes_a_file_that_onnx_runtime_runs_like_the_model(tmp_path)
         expected = model(pixel_values).logits
     assert logits.shape == tuple(expected.shape) == (1, 150, 12, 20)
     torch.testing.assert_close(torch.from_numpy(logits), expected, atol=1e-4, rtol=1e-4)
-    assert "`onnx/model.onnx` (opset 18, dynamic batch, height and width)" in (folder / "README.md").read_text()
+    assert "`onnx/model.onnx` (opset 20, dynamic batch, height and width)" in (folder / "README.md").read_text()
