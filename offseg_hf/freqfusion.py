@@ -16,10 +16,10 @@ for all phases at once, and the result is pixel-shuffled up. With gradients, one
 in-place backward replaces the k*k recorded multiply-adds (`_CarafeFunction`).
 
 For ONNX export (`gather_formulations()`, which `offseg_hf.onnx.export_onnx` enters) CARAFE, the resampler's
-neighbour similarities and its bilinear sampling are written as row gathers and small batched matrix products instead: ONNX Runtime runs the tap loop
-as k*k separate slice, product and sum kernels, each writing a fresh full-size buffer, and its GridSample kernel is
-slow; the gather forms run 3x faster there (and slower than the tap loop in eager PyTorch, hence export only). They
-compute the same values up to float rounding (summation order).
+neighbour similarities and its bilinear sampling are written as row gathers and small batched matrix products
+instead: ONNX Runtime runs the tap loops as k*k separate slice, product and sum kernels, each writing a fresh
+full-size buffer, and its GridSample kernel is slow; the gather forms run 2-3x faster there (and slower than the tap
+loops in eager PyTorch, hence export only). They compute the same values up to float rounding (summation order).
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ _gather_formulations_on = False
 @contextlib.contextmanager
 def gather_formulations() -> Iterator[None]:
     """Within the block, CARAFE and the resampler's similarities and sampling run their gather forms
-    (`_carafe_by_gather`, `_neighbour_dots_by_gather`, `_grid_sample_by_gather`): what ONNX export traces. Not thread-safe (a module-level switch, as export is)."""
+    (`_carafe_by_gather`, `_neighbour_dots_by_gather`, `_grid_sample_by_gather`): what ONNX export traces. Not
+    thread-safe (a module-level switch, as export is)."""
     global _gather_formulations_on
     previous, _gather_formulations_on = _gather_formulations_on, True
     try:

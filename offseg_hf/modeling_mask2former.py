@@ -192,13 +192,17 @@ class OffSegMask2FormerForSemanticSegmentation(FuseForInferenceMixin, Mask2Forme
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         height, width = pixel_values.shape[-2:]
         divisor = self.config.size_divisor
-        pad_h, pad_w = (-height) % divisor, (-width) % divisor
-        if pad_h or pad_w:
+        # The padded size as ceil(n / d) * d and, under torch.export, a pad even when it is zero: a branch on the sizes
+        # would tie the exported graph to the example's.
+        pad_h = (height + divisor - 1) // divisor * divisor - height
+        pad_w = (width + divisor - 1) // divisor * divisor - width
+        padding = torch.compiler.is_exporting() or pad_h or pad_w
+        if padding:
             pixel_values = F.pad(pixel_values, (0, pad_w, 0, pad_h))  # zeros after normalisation, as mmseg pads
         if labels is not None:
             if labels.ndim != 3 or labels.shape[0] != pixel_values.shape[0]:
                 raise ValueError(f"labels must have shape (batch, height, width); got {tuple(labels.shape)}.")
-            if pad_h or pad_w:
+            if padding:
                 labels = F.pad(labels, (0, pad_w, 0, pad_h), value=self.config.ignore_value)
             mask_labels, class_labels = semantic_targets(labels, self.config.num_labels, self.config.ignore_value)
         predictor = self.model.transformer_module.decoder.mask_predictor
@@ -224,7 +228,13 @@ class OffSegMask2FormerForSemanticSegmentation(FuseForInferenceMixin, Mask2Forme
         if not self.training or mask_labels is None:
             logits = self.semantic_logits(
                 outputs.class_queries_logits, outputs.masks_queries_logits, tuple(pixel_values.shape[-2:])
-            )[..., :height, :width]
+            )
+            if torch.compiler.is_exporting():
+                # A crop by negative padding (a new tensor): traced, a slice's view asks whether it is contiguous,
+                # that is whether the crop is empty, which would tie the graph to the example's sizes.
+                logits = F.pad(logits, (0, width - logits.shape[-1], 0, height - logits.shape[-2]))
+            else:
+                logits = logits[..., :height, :width]
         output = OffSegMask2FormerOutput(**outputs, logits=logits)
         return output if return_dict else output.to_tuple()
 

@@ -3,9 +3,9 @@
 Export (PyTorch's dynamo exporter, `torch.onnx.export(..., dynamo=True)`) writes one self-contained `.onnx` file with
 one input, `pixel_values` (batch, 3, height, width), and one output, `logits`: the model's `outputs.logits` (1/8 of
 the input size for SegFormer-offset, 1/4 for OffSeg, the input size for Mask2Former, whose `logits` are its
-semantic class scores). Batch, height and width are dynamic unless `dynamic=False` (Mask2Former: the batch only, see
-below). The file's metadata carries
-`id2label` (JSON) so `OnnxSegmenter` can name classes without the model folder.
+semantic class scores). Batch, height and width are dynamic unless `dynamic=False`. The file's metadata carries
+`id2label` (JSON) so `OnnxSegmenter` can name classes without the model folder, and for Mask2Former
+`min_input_size` (see below), which `OnnxSegmenter` enforces.
 
     python -m offseg_hf.onnx --model_name_or_path outputs/demo-segformer-b0-offset --output model.onnx
     python -m offseg_hf.onnx --variant offseg-t --random_init --num_labels 150 --output offseg-t.onnx --quantize int8
@@ -28,10 +28,12 @@ What the exporter needs, done here without touching the models (all undone after
   (`offseg_hf.freqfusion.gather_formulations`): ONNX Runtime runs them 2-3x faster than the tap loops and
   GridSample (same values up to float rounding);
 * Mask2Former's Swin runs eager attention (the sdpa path's decomposition fails on a non-contiguous view);
-* Mask2Former's height and width stay fixed (`example_size`, default 512x512: what `OffSegImageProcessor` feeds it);
-  only its batch is dynamic. With symbolic sizes the exporter traces for minutes and the file it writes gets Swin's
-  window padding wrong (shape errors at run time, even at the example size), and the graph it traces holds only
-  for inputs whose every Swin stage has more than one 7x7 window;
+* Mask2Former: transformers' Swin pads without branches on the sizes (`offseg_hf.swin_export.branch_free_swin`),
+  `torch.as_tensor` of a list of symbolic sizes (its pixel decoder's level shapes) stays symbolic, and the model
+  is captured by `torch.export` directly (the ONNX exporter's own capture assumes sizes of at least 2 and fails on
+  the pixel decoder). The graph holds for inputs of at least `minimum_input_size(model)` pixels a side (225 for
+  Swin-T: its last stage must be wider than one 7x7 window, where Swin would narrow the window instead), written
+  to the file's metadata as `min_input_size`; the export refuses a smaller example.
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ import json
 import re
 import sys
 import time
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -52,6 +53,7 @@ import torch
 from torch import nn
 
 from .freqfusion import gather_formulations
+from .swin_export import branch_free_swin
 
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
@@ -60,6 +62,7 @@ OUTPUT_NAME = "logits"
 DEFAULT_OPSET = 20
 DEFAULT_VERIFY_SIZES: tuple[tuple[int, int], ...] = ((512, 512), (480, 640), (333, 517))
 ID2LABEL_KEY = "id2label"
+MIN_SIZE_KEY = "min_input_size"
 
 
 def _require_onnx() -> None:
@@ -115,8 +118,44 @@ def _traceable_linspace(start, end, steps, *args, **kwargs):
     return values.requires_grad_(kwargs.get("requires_grad", False))
 
 
+_torch_as_tensor = torch.as_tensor
+
+
+def _holds_symbolic_size(data) -> bool:
+    if isinstance(data, (list, tuple)):
+        return any(_holds_symbolic_size(item) for item in data)
+    return isinstance(data, torch.SymInt)
+
+
+def _stacked(data, dtype, device) -> torch.Tensor:
+    if isinstance(data, (list, tuple)):
+        return torch.stack([_stacked(item, dtype, device) for item in data])
+    return torch.full((), data, dtype=dtype, device=device)
+
+
+def _traceable_as_tensor(data, *args, **kwargs):
+    """`torch.as_tensor` of (nested) lists holding symbolic sizes as a stack of scalar tensors, which stay symbolic
+    (else torch's own): transformers' Mask2Former pixel decoder turns its list of level sizes into a tensor, which
+    would otherwise bake the example's sizes into the graph."""
+    if args or not _holds_symbolic_size(data):
+        return _torch_as_tensor(data, *args, **kwargs)
+    return _stacked(data, kwargs.get("dtype") or torch.long, kwargs.get("device"))
+
+
 def _is_mask2former(model: nn.Module) -> bool:
     return _mask_predictor(model) is not None
+
+
+def minimum_input_size(model: nn.Module) -> int | None:
+    """The smallest height and width a dynamic-size export of `model` holds for (None: any). Mask2Former's Swin
+    narrows its windows at stages no larger than one window (a branch the exported graph cannot follow): the graph
+    holds while the last stage, at stride patch * 2^(stages - 1), is wider than one window."""
+    if not _is_mask2former(model):
+        return None
+    backbone = model.config.backbone_config
+    patch = backbone.patch_size if isinstance(backbone.patch_size, int) else max(backbone.patch_size)
+    stride = patch * 2 ** (len(backbone.depths) - 1)
+    return stride * backbone.window_size + 1
 
 
 @contextlib.contextmanager
@@ -125,15 +164,15 @@ def export_friendly(model: nn.Module) -> Iterator[None]:
     attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
     switch_attention = _is_mask2former(model) and attention not in (None, "eager")
     training = model.training
-    torch.linspace = _traceable_linspace
+    torch.linspace, torch.as_tensor = _traceable_linspace, _traceable_as_tensor
     try:
         if switch_attention:
             model.set_attn_implementation("eager")
         model.eval()
-        with gather_formulations():
+        with gather_formulations(), branch_free_swin():
             yield
     finally:
-        torch.linspace = _torch_linspace
+        torch.linspace, torch.as_tensor = _torch_linspace, _torch_as_tensor
         if switch_attention:
             model.set_attn_implementation(attention)
         model.train(training)
@@ -222,20 +261,24 @@ def export_onnx(
     wrapper = SemanticLogits(model).eval()
     example = _example_input(example_size, batch=2 if dynamic else 1)
     dynamic_shapes = None
+    minimum = minimum_input_size(model) if dynamic else None
+    if minimum is not None and min(example_size) < minimum:
+        raise ValueError(
+            f"A dynamic-size export of this model holds for inputs of at least {minimum}x{minimum} only; the example "
+            f"size {example_size[0]}x{example_size[1]} is smaller (export at e.g. 512x512, or with dynamic=False)."
+        )
     if dynamic:
         dim = torch.export.Dim.DYNAMIC
-        axes = (0,) if _is_mask2former(model) else (0, 2, 3)
-        if len(axes) == 1:
-            warnings.warn(
-                f"Mask2Former exports with a dynamic batch at a fixed {example_size[0]}x{example_size[1]} input (the "
-                "image processor's size): with symbolic height and width the exporter mistranslates Swin's window "
-                "padding (wrong shapes at run time) and takes minutes.",
-                stacklevel=2,
-            )
+        axes = (0, 2, 3)
         dynamic_shapes = {INPUT_NAME: {axis: dim for axis in axes}}
     with export_friendly(model), torch.no_grad():
+        traced = wrapper
+        if _is_mask2former(model):
+            # Captured here rather than by the ONNX exporter, whose capture assumes every size is at least 2
+            # ("size-oblivious"): on Mask2Former's pixel decoder that contradicts the example and the capture fails.
+            traced = torch.export.export(wrapper, (example,), dynamic_shapes=dynamic_shapes, strict=False)
         program = torch.onnx.export(
-            wrapper,
+            traced,
             (example,),
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
@@ -256,6 +299,9 @@ def export_onnx(
     if id2label:
         entry = proto.metadata_props.add()
         entry.key, entry.value = ID2LABEL_KEY, json.dumps({int(k): v for k, v in id2label.items()})
+    if minimum is not None:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = MIN_SIZE_KEY, str(minimum)
     model_type = getattr(model.config, "model_type", None)
     if model_type:
         entry = proto.metadata_props.add()
@@ -356,6 +402,7 @@ class OnnxSegmenter:
         self.image_processor = _load_processor(image_processor)
         self.session = session or inference_session(path, threads)
         self.id2label = id2label or self._read_id2label()
+        self.minimum_size = int(self.session.get_modelmeta().custom_metadata_map.get(MIN_SIZE_KEY, 0))
 
     def _read_id2label(self) -> dict[int, str] | None:
         metadata = self.session.get_modelmeta().custom_metadata_map
@@ -375,6 +422,11 @@ class OnnxSegmenter:
     def logits(self, pixel_values: np.ndarray) -> np.ndarray:
         """The model's logits for prepared pixel values (batch, 3, height, width)."""
         pixel_values = check_pixel_values(pixel_values)
+        if min(pixel_values.shape[-2:]) < self.minimum_size:
+            raise ValueError(
+                f"This ONNX file holds for inputs of at least {self.minimum_size}x{self.minimum_size} pixels; got "
+                f"{pixel_values.shape[-2]}x{pixel_values.shape[-1]} (resize the image up, as the image processor does)."
+            )
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: pixel_values})[0]
 
     def segment(self, image) -> np.ndarray:

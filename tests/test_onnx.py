@@ -104,19 +104,54 @@ def test_convolutions_without_bias_let_runtime_fold_their_batchnorm(exported, tm
     assert [producer[node.input[0]].op_type for node in norms] == ["Add"]
 
 
-def test_mask2former_exports_with_a_dynamic_batch_at_a_fixed_size(tmp_path):
-    """Mask2Former-offset (tiny Swin/decoder): semantic logits at the input size, batch 1 and 2 (the mask predictor
-    counts its calls within a pass, so the traced pass must still give the evaluation logits)."""
+# Swin with 3x3 windows and two blocks a stage (the second shifted): windows, shifts and padding all take part at
+# these sizes, and the smallest input the dynamic graph holds for is 32 * 3 + 1 = 97 pixels a side.
+SMALL_WINDOW_SWIN = {"depths": [2, 2, 2, 2], "embed_dim": 48, "num_heads": [1, 2, 4, 8], "window_size": 3}
+MASK2FORMER_SIZES = ((128, 128), (120, 160), (99, 131))  # square, non-square, odd (not multiples of 32 or 3)
+
+
+@pytest.mark.slow
+def test_mask2former_exports_with_dynamic_batch_height_and_width(tmp_path):
+    """Mask2Former-offset (tiny Swin/decoder) at three sizes and batch 1 and 2, none the example's: semantic logits at
+    the input size within the tolerance (the mask predictor counts its calls within a pass, so the traced pass must
+    still give the evaluation logits); the minimum size is in the metadata and the segmenter enforces it."""
     from .test_mask2former import tiny_model
 
-    model = tiny_model()
-    with pytest.warns(UserWarning, match="dynamic batch at a fixed 64x96"):
-        path = export_onnx(model, tmp_path / "m2f.onnx", example_size=(64, 96))
-    dims = onnx.load(str(path)).graph.output[0].type.tensor_type.shape.dim
-    assert [dims[0].dim_param, *[d.dim_value for d in dims[1:]]] == ["batch", 4, 64, 96]
+    model = tiny_model(backbone_config=SMALL_WINDOW_SWIN)
+    with pytest.raises(ValueError, match="at least 97x97"):
+        export_onnx(model, tmp_path / "small.onnx", example_size=(96, 160))
+    path = export_onnx(model, tmp_path / "m2f.onnx", example_size=(128, 160))
+    proto = onnx.load(str(path))
+    dims = proto.graph.output[0].type.tensor_type.shape.dim
+    assert [dims[0].dim_param, dims[1].dim_value, dims[2].dim_param, dims[3].dim_param] == [
+        "batch",
+        4,
+        "height",
+        "width",
+    ]
+    assert {entry.key: entry.value for entry in proto.metadata_props}[offseg_onnx.MIN_SIZE_KEY] == "97"
     for batch in (1, 2):
-        assert compare_with_pytorch(model, path, [(64, 96)], batch=batch, seed=batch)[(64, 96)] < TOLERANCE
+        differences = compare_with_pytorch(model, path, MASK2FORMER_SIZES, batch=batch, seed=batch)
+        assert max(differences.values()) < TOLERANCE, differences
     assert model.model.transformer_module.decoder.mask_predictor.calls == 0  # the pass state was reset
+    with pytest.raises(ValueError, match="at least 97x97 pixels; got 96x200"):
+        OnnxSegmenter(path).logits(np.zeros((1, 3, 96, 200), dtype=np.float32))
+
+
+def test_branch_free_swin_keeps_the_values():
+    """The export-time Swin (branch-free padding) gives bitwise the eager logits at sizes that pad in every way."""
+    from offseg_hf.onnx import SemanticLogits
+    from offseg_hf.swin_export import branch_free_swin
+
+    from .test_mask2former import tiny_model
+
+    wrapper = SemanticLogits(tiny_model(backbone_config=SMALL_WINDOW_SWIN))
+    for size in ((99, 131), (64, 64)):
+        pixel_values = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            expected = wrapper(pixel_values)
+            with branch_free_swin():
+                assert torch.equal(wrapper(pixel_values), expected)
 
 
 def test_static_export_takes_its_example_size_only(tmp_path):
