@@ -84,9 +84,7 @@ def benchmark_variant(variant: str, args, workdir: Path, pixel_values: torch.Ten
     times = measure(runners, pixel_values, args.warmup, args.repeats)
     result.update({name: median(values) for name, values in times.items()})
     if args.check_sizes:
-        fixed = presets.variant_family(variant) == presets.MASK2FORMER_FAMILY  # batch-only dynamic export
-        sizes = [(args.height, args.width)] if fixed else DEFAULT_VERIFY_SIZES
-        result["diffs"] = compare_with_pytorch(model, path, sizes)
+        result["diffs"] = compare_with_pytorch(model, path, DEFAULT_VERIFY_SIZES)
         with torch.no_grad():
             fp32 = runners["ort fp32"](pixel_values).argmax(1)
             for mode in args.int8:
@@ -205,7 +203,7 @@ def main() -> None:
         rows = [
             [
                 variant,
-                *[f"{r['diffs'][size]:.1e}" if size in r["diffs"] else "fixed" for size in DEFAULT_VERIFY_SIZES],
+                *[f"{r['diffs'][size]:.1e}" for size in DEFAULT_VERIFY_SIZES],
                 *[f"{100 * r[f'agree {mode}']:.1f}%" for mode in args.int8],
             ]
             for variant, r in results.items()

@@ -613,8 +613,7 @@ def main(argv: list[str] | None = None) -> Path:
         if source.is_file() and not target.exists():
             target.write_text(source.read_text())
     if not args.no_verify:
-        fixed_size = not args.dynamic or _is_mask2former(model)
-        sizes = [tuple(args.example_size)] if fixed_size else parse_sizes(args.verify_sizes)
+        sizes = parse_sizes(args.verify_sizes) if args.dynamic else [tuple(args.example_size)]
         for (height, width), difference in compare_with_pytorch(model, path, sizes).items():
             print(f"ORT vs PyTorch at {height}x{width}: max |diff| {difference:.3g}")
     if args.quantize:
