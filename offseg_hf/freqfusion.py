@@ -119,22 +119,29 @@ def _carafe(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, scale
 
 def _carafe_by_gather(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, scale_factor: int) -> torch.Tensor:
     """CARAFE as one gather and one batched matrix product: every input pixel's k x k window of channel rows
-    (pixel-major, (B, h*w, k*k, C)) is gathered from the padded, channels-last map by index, and multiplied by that
-    pixel's (k*k, s*s) masks. The window copy is k*k times the map (at 1/8 of a 512x512 input with 233 channels:
-    95 MB), read once."""
+    (`_gathered_windows`) multiplied by that pixel's (k*k, s*s) masks. The window copy is k*k times the map (at 1/8
+    of a 512x512 input with 233 channels: 95 MB), read once."""
     batch_size, channels, height, width = features.shape
-    k, s, radius = kernel_size, scale_factor, kernel_size // 2
-    rows = F.pad(features, (radius, radius, radius, radius)).permute(0, 2, 3, 1).reshape(batch_size, -1, channels)
-    taps = torch.arange(k, device=features.device)
-    # Row of tap (a, b) for pixel (y, x) in the padded map: (y + a) * (w + 2r) + x + b, as a (h, w, k, k) grid.
-    top = (torch.arange(height, device=features.device).view(-1, 1, 1, 1) + taps.view(-1, 1)) * (width + 2 * radius)
-    left = torch.arange(width, device=features.device).view(-1, 1, 1) + taps
-    windows = rows.index_select(1, (top + left).flatten()).view(batch_size, height * width, k * k, channels)
+    k, s = kernel_size, scale_factor
+    windows = _gathered_windows(features, [divmod(tap, k) for tap in range(k * k)], 2 * (k // 2))
     phases = F.pixel_unshuffle(masks, s) if s > 1 else masks  # (B, k*k*s*s, h, w), channel = tap * s*s + phase
     phases = phases.permute(0, 2, 3, 1).reshape(batch_size, height * width, k * k, s * s)
     out = windows.transpose(-1, -2) @ phases  # (B, h*w, C, s*s)
     out = out.reshape(batch_size, height, width, channels * s * s).permute(0, 3, 1, 2)  # pixel-shuffle's channels
     return F.pixel_shuffle(out, s) if s > 1 else out
+
+
+def _gathered_windows(x: torch.Tensor, corners: list[tuple[int, int]], margin: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H*W, n, C): for every position, the channel rows at its n window offsets, gathered by
+    index from `x` zero-padded by margin / 2 a side and laid out channels-last. `corners` are the windows' (top, left)
+    corners in the padded map, as for `_shifted_window`."""
+    batch_size, channels, height, width = x.shape
+    rows = F.pad(x, (margin // 2,) * 4).permute(0, 2, 3, 1).reshape(batch_size, -1, channels)
+    corners = torch.tensor(corners, device=x.device)  # (n, 2)
+    # Row of window n for position (y, x): (y + top_n) * (W + margin) + x + left_n, as an (H, W, n) grid.
+    top = (torch.arange(height, device=x.device).view(-1, 1, 1) + corners[:, 0]) * (width + margin)
+    left = torch.arange(width, device=x.device).view(-1, 1) + corners[:, 1]
+    return rows.index_select(1, (top + left).flatten()).view(batch_size, height * width, -1, channels)
 
 
 def _grid_sample_by_gather(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
@@ -257,16 +264,11 @@ def _neighbour_dots(unit: torch.Tensor, window: int, dilation: int) -> torch.Ten
 
 
 def _neighbour_dots_by_gather(unit: torch.Tensor, window: int, dilation: int) -> torch.Tensor:
-    """`_neighbour_dots` as one gather of every position's neighbour rows (channels-last, (B, H*W, n, C)) and a
-    (n x C) @ (C x 1) product per position: the export form (ONNX Runtime runs the loop as n slices, products and
-    channel sums)."""
+    """`_neighbour_dots` as one gather of every position's neighbour rows (`_gathered_windows`) and a (n x C) @ (C x 1)
+    product per position: the export form (ONNX Runtime runs the loop as n slices, products and channel sums)."""
     batch_size, channels, height, width = unit.shape
-    radius = (window // 2) * dilation
-    rows = F.pad(unit, (radius,) * 4).permute(0, 2, 3, 1).reshape(batch_size, -1, channels)
-    corners = torch.tensor(_neighbour_offsets(window, dilation), device=unit.device)  # (n, 2): (top, left)
-    top = (torch.arange(height, device=unit.device).view(-1, 1, 1) + corners[:, 0]) * (width + 2 * radius)
-    left = torch.arange(width, device=unit.device).view(-1, 1) + corners[:, 1]  # (W, n); top is (H, 1, n)
-    neighbours = rows.index_select(1, (top + left).flatten()).view(batch_size, height * width, -1, channels)
+    margin = 2 * (window // 2) * dilation
+    neighbours = _gathered_windows(unit, _neighbour_offsets(window, dilation), margin)
     centres = unit.permute(0, 2, 3, 1).reshape(batch_size, height * width, channels, 1)
     return (neighbours @ centres).view(batch_size, height, width, -1).permute(0, 3, 1, 2)
 

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 import torch
 from torch.nn import functional as F
+from transformers.models.swin import modeling_swin as swin
 
 
 def _round_up(size, multiple: int):
@@ -42,8 +43,6 @@ def _pad_merging(self, input_feature: torch.Tensor, height, width) -> torch.Tens
 def _layer_forward(self, hidden_states: torch.Tensor, input_dimensions, always_partition: bool = False, **kwargs):
     """`SwinLayer.forward`: (shifted) window attention on the map padded to whole windows, cropped back
     unconditionally, then the MLP; both with their residuals."""
-    from transformers.models.swin.modeling_swin import window_partition, window_reverse
-
     if not always_partition:
         self.set_shift_and_window_size(input_dimensions)
     height, width = input_dimensions
@@ -53,11 +52,11 @@ def _layer_forward(self, hidden_states: torch.Tensor, input_dimensions, always_p
 
     grid = self.layernorm_before(hidden_states).view(batch_size, height, width, channels)
     grid = F.pad(grid, (0, 0, 0, padded_width - width, 0, padded_height - height))
-    windows = window_partition(self.cyclic_shift(grid), window).view(-1, window * window, channels)
+    windows = swin.window_partition(self.cyclic_shift(grid), window).view(-1, window * window, channels)
     mask = self.get_attn_mask(padded_height, padded_width, dtype=grid.dtype, device=grid.device)
     attended, attention_weights = self.attention(windows, mask, **kwargs)
     attended = self.dropout(attended).view(-1, window, window, channels)
-    grid = self.cyclic_shift(window_reverse(attended, window, padded_height, padded_width), reverse=True)
+    grid = self.cyclic_shift(swin.window_reverse(attended, window, padded_height, padded_width), reverse=True)
     attended = grid[:, :height, :width, :].reshape(batch_size, height * width, channels)
 
     hidden_states = hidden_states + self.drop_path(attended)
@@ -69,8 +68,6 @@ def _layer_forward(self, hidden_states: torch.Tensor, input_dimensions, always_p
 def branch_free_swin() -> Iterator[None]:
     """Within the block, transformers' Swin pads without branches on the sizes (module docstring); restored on
     exit."""
-    from transformers.models.swin import modeling_swin as swin
-
     replacements = [
         (swin.SwinPatchEmbeddings, "maybe_pad", _pad_pixels),
         (swin.SwinPatchMerging, "maybe_pad", _pad_merging),
