@@ -27,6 +27,9 @@ What the exporter needs, done here without touching the models (all undone after
 * FreqFusion's CARAFE and its resampler's neighbour similarities and bilinear sampling run their gather forms
   (`offseg_hf.freqfusion.gather_formulations`): ONNX Runtime runs them 2-3x faster than the tap loops and
   GridSample (same values up to float rounding);
+* SegFormer's Mix-FFN (MiT encoder) runs channels-first, its two Linear layers as 1x1 convolutions, so its 4C-wide
+  hidden map needs no transpose (`offseg_hf.segformer_export.channels_first_mix_ffn`; same values up to float
+  rounding, 12-15% faster in ONNX Runtime on SegFormer-B0-offset);
 * Mask2Former's Swin runs eager attention (the sdpa path's decomposition fails on a non-contiguous view);
 * Mask2Former: transformers' Swin pads without branches on the sizes (`offseg_hf.swin_export.branch_free_swin`),
   `torch.as_tensor` of a list of symbolic sizes (its pixel decoder's level shapes) stays symbolic, and the model
@@ -53,6 +56,7 @@ import torch
 from torch import nn
 
 from .freqfusion import gather_formulations
+from .segformer_export import channels_first_mix_ffn
 from .swin_export import branch_free_swin
 
 INPUT_NAME = "pixel_values"
@@ -169,7 +173,7 @@ def export_friendly(model: nn.Module) -> Iterator[None]:
         if switch_attention:
             model.set_attn_implementation("eager")
         model.eval()
-        with gather_formulations(), branch_free_swin():
+        with gather_formulations(), branch_free_swin(), channels_first_mix_ffn():
             yield
     finally:
         torch.linspace, torch.as_tensor = _torch_linspace, _torch_as_tensor

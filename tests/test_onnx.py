@@ -104,6 +104,34 @@ def test_convolutions_without_bias_let_runtime_fold_their_batchnorm(exported, tm
     assert [producer[node.input[0]].op_type for node in norms] == ["Add"]
 
 
+def test_channels_first_mix_ffn_keeps_the_values_and_the_exported_graph_has_no_wide_transpose(exported):
+    """SegFormer's Mix-FFN in its export form gives the eager logits (up to rounding), is undone on exit, and the
+    exported graph transposes only C-channel token maps, never the 4C-wide hidden map."""
+    from transformers.models.segformer import modeling_segformer
+
+    from offseg_hf.segformer_export import channels_first_mix_ffn
+
+    model, path = exported("segformer")
+    pixel_values = torch.randn(2, 3, 83, 129, generator=torch.Generator().manual_seed(0))
+    original = modeling_segformer.SegformerMixMLP.forward
+    with torch.no_grad():
+        expected = model(pixel_values=pixel_values).logits
+        with channels_first_mix_ffn():
+            assert modeling_segformer.SegformerMixMLP.forward is not original
+            actual = model(pixel_values=pixel_values).logits
+    assert modeling_segformer.SegformerMixMLP.forward is original
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+
+    encoder = model.config.encoder_config
+    hidden = set(encoder.hidden_sizes)
+    widths = {int(r * c) for r, c in zip(encoder.mlp_ratios, encoder.hidden_sizes, strict=True)} - hidden
+    assert widths  # widened maps whose channel count no token map has
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
+    shapes = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim] for v in graph.value_info}
+    transposed = [shapes.get(node.output[0], []) for node in graph.node if node.op_type == "Transpose"]
+    assert transposed and not [shape for shape in transposed if len(shape) == 3 and set(shape[1:]) & widths]
+
+
 # Swin with 3x3 windows and two blocks a stage (the second shifted): windows, shifts and padding all take part at
 # these sizes, and the smallest input the dynamic graph holds for is 32 * 3 + 1 = 97 pixels a side.
 SMALL_WINDOW_SWIN = {"depths": [2, 2, 2, 2], "embed_dim": 48, "num_heads": [1, 2, 4, 8], "window_size": 3}
