@@ -118,17 +118,43 @@ def _carafe(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, scale
 
 
 def _carafe_by_gather(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, scale_factor: int) -> torch.Tensor:
-    """CARAFE as one gather and one batched matrix product: every input pixel's k x k window of channel rows
-    (`_gathered_windows`) multiplied by that pixel's (k*k, s*s) masks. The window copy is k*k times the map (at 1/8
-    of a 512x512 input with 233 channels: 95 MB), read once."""
-    batch_size, channels, height, width = features.shape
-    k, s = kernel_size, scale_factor
-    windows = _gathered_windows(features, [divmod(tap, k) for tap in range(k * k)], 2 * (k // 2))
-    phases = F.pixel_unshuffle(masks, s) if s > 1 else masks  # (B, k*k*s*s, h, w), channel = tap * s*s + phase
-    phases = phases.permute(0, 2, 3, 1).reshape(batch_size, height * width, k * k, s * s)
-    out = windows.transpose(-1, -2) @ phases  # (B, h*w, C, s*s)
-    out = out.reshape(batch_size, height, width, channels * s * s).permute(0, 3, 1, 2)  # pixel-shuffle's channels
-    return F.pixel_shuffle(out, s) if s > 1 else out
+    """CARAFE as one gather and one batched matrix product (`_carafe_rows`), in and out of the NCHW layout."""
+    height, width = features.shape[-2:]
+    kernels = _taps_last(masks, height, width, scale_factor)
+    rows = _carafe_rows(features, kernels, kernel_size)
+    return _rows_to_map(rows, height, width, scale_factor).permute(0, 3, 1, 2)
+
+
+def _taps_last(masks: torch.Tensor, height, width, scale_factor: int) -> torch.Tensor:
+    """(B, n, s*h, s*w) per-output-pixel kernels (or their logits) -> (B, h*w, s*s, n): per input pixel of the
+    (h, w) grid and output phase (i, j) (output pixel (s*y + i, s*x + j), phase index i * s + j), its n taps last,
+    where a softmax over the taps is a last-axis softmax."""
+    batch_size, taps = masks.shape[:2]
+    s = scale_factor
+    if s == 1:
+        return masks.permute(0, 2, 3, 1).reshape(batch_size, height * width, 1, taps)
+    phases = masks.view(batch_size, taps, height, s, width, s).permute(0, 2, 4, 3, 5, 1)
+    return phases.reshape(batch_size, height * width, s * s, taps)
+
+
+def _carafe_rows(features: torch.Tensor, kernels: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """CARAFE with its kernels in the `_taps_last` layout: features (B, C, h, w) and normalised kernels
+    (B, h*w, p, k*k) for p output phases per input pixel -> (B, h*w, p, C). Every input pixel's k x k window of
+    channel rows is gathered (`_gathered_windows`; at 1/8 of a 512x512 input with 233 channels a 95 MB copy, read
+    once) and multiplied by that pixel's (p, k*k) kernels."""
+    k = kernel_size
+    windows = _gathered_windows(features, [divmod(tap, k) for tap in range(k * k)], 2 * (k // 2))  # (B, hw, k*k, C)
+    return kernels @ windows
+
+
+def _rows_to_map(rows: torch.Tensor, height, width, scale_factor: int) -> torch.Tensor:
+    """(B, h*w, s*s, C) values per input pixel and output phase -> the channels-last (B, s*h, s*w, C) map (a copy of
+    whole C-channel rows)."""
+    batch_size, channels, s = rows.shape[0], rows.shape[-1], scale_factor
+    if s == 1:
+        return rows.view(batch_size, height, width, channels)
+    rows = rows.view(batch_size, height, width, s, s, channels).transpose(2, 3)
+    return rows.reshape(batch_size, s * height, s * width, channels)
 
 
 def _gathered_windows(x: torch.Tensor, corners: list[tuple[int, int]], margin: int) -> torch.Tensor:
@@ -144,26 +170,33 @@ def _gathered_windows(x: torch.Tensor, corners: list[tuple[int, int]], margin: i
     return rows.index_select(1, (top + left).flatten()).view(batch_size, height * width, -1, channels)
 
 
-def _grid_sample_by_gather(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """`F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)` as a gather of the four
-    neighbours' channel rows (channels-last) and a (1 x 4) @ (4 x C) product per output pixel; the coordinates are
-    unnormalised and clipped with grid_sample's own formulas."""
-    batch_size, channels, height, width = x.shape
+def _grid_sample_by_gather(rows: torch.Tensor, grid: torch.Tensor, groups: int) -> torch.Tensor:
+    """Grouped `F.grid_sample(..., mode="bilinear", padding_mode="border", align_corners=False)` on a channels-last
+    map: rows (B, H, W, C) whose C channels form `groups` consecutive groups, grid (B * groups, oh, ow, 2) (group g
+    of image b at b * groups + g, as for the (B * groups, C / groups, H, W) planes) -> channels-last (B, oh, ow, C).
+
+    The four neighbours' channel rows of every output pixel and group are gathered and combined by a
+    (1 x 4) @ (4 x C / groups) product; the coordinates are unnormalised and clipped with grid_sample's own
+    formulas."""
+    batch_size, height, width, channels = rows.shape
     out_height, out_width = grid.shape[1:3]
+    grid = grid.view(batch_size, groups, out_height, out_width, 2).permute(0, 2, 3, 1, 4)  # (B, oh, ow, G, xy)
     ix = (((grid[..., 0] + 1) * width - 1) / 2).clamp(0, width - 1)
     iy = (((grid[..., 1] + 1) * height - 1) / 2).clamp(0, height - 1)
     x0, y0 = ix.floor(), iy.floor()
     tx, ty = ix - x0, iy - y0
     x0, y0 = x0.long(), y0.long()
     x1, y1 = (x0 + 1).clamp(max=width - 1), (y0 + 1).clamp(max=height - 1)  # weight 0 where clamped
-    base = torch.arange(batch_size, device=x.device).view(-1, 1, 1) * (height * width)
-    top, bottom = base + y0 * width, base + y1 * width
-    index = torch.stack([top + x0, top + x1, bottom + x0, bottom + x1], dim=-1)  # (N, oh, ow, 4)
-    weights = torch.stack([(1 - tx) * (1 - ty), tx * (1 - ty), (1 - tx) * ty, tx * ty], dim=-1)
-    rows = x.permute(0, 2, 3, 1).reshape(-1, channels)
-    corners = rows.index_select(0, index.flatten()).view(batch_size, out_height * out_width, 4, channels)
-    out = weights.view(batch_size, out_height * out_width, 1, 4) @ corners
-    return out.view(batch_size, out_height, out_width, channels).permute(0, 3, 1, 2)
+    # Row of (image b, pixel (y, x), group g) in rows viewed as (B * H * W * G, C / G): ((b * H + y) * W + x) * G + g.
+    image = torch.arange(batch_size, device=rows.device).view(-1, 1, 1, 1) * height
+    group = torch.arange(groups, device=rows.device)
+    top, bottom = (image + y0) * width, (image + y1) * width
+    index = torch.stack([top + x0, top + x1, bottom + x0, bottom + x1], dim=-1) * groups + group[:, None]
+    weights = torch.stack([(1 - tx) * (1 - ty), tx * (1 - ty), (1 - tx) * ty, tx * ty], dim=-1)  # (B, oh, ow, G, 4)
+    corners = rows.reshape(-1, channels // groups).index_select(0, index.flatten())
+    corners = corners.view(batch_size, out_height * out_width * groups, 4, channels // groups)
+    out = weights.view(batch_size, -1, 1, 4) @ corners
+    return out.view(batch_size, out_height, out_width, channels)
 
 
 class _CarafeFunction(torch.autograd.Function):
@@ -349,8 +382,11 @@ class SimilarityGuidedResampler(nn.Module):
         positions = torch.stack([x, y]).reshape(2, 1, -1).expand(2, self.groups, -1)
         return positions.reshape(1, -1, 1, 1)
 
-    def forward(self, hr_guide: torch.Tensor, lr_guide: torch.Tensor, upsampled: torch.Tensor) -> torch.Tensor:
-        """hr_guide (B, c, sH, sW), lr_guide (B, c, H, W), upsampled (B, C, sH, sW) -> (B, C, sH, sW)."""
+    def forward(
+        self, hr_guide: torch.Tensor, lr_guide: torch.Tensor, upsampled: torch.Tensor, channels_last: bool = False
+    ) -> torch.Tensor:
+        """hr_guide (B, c, sH, sW), lr_guide (B, c, H, W), upsampled (B, C, sH, sW) (or (B, sH, sW, C) with
+        `channels_last`) -> (B, C, sH, sW)."""
         hr_guide, lr_guide = self.norm_hr(hr_guide), self.norm_lr(lr_guide)
         hr_similarity = neighbour_cosine_similarity(hr_guide)
         lr_similarity = neighbour_cosine_similarity(lr_guide)
@@ -358,10 +394,11 @@ class SimilarityGuidedResampler(nn.Module):
         direction = self.offset(lr_similarity) + F.pixel_unshuffle(self.hr_offset(hr_similarity), s)
         magnitude = self.direct_scale(lr_guide) + F.pixel_unshuffle(self.hr_direct_scale(hr_guide), s)
         offsets = direction * magnitude.sigmoid() + self.initial_positions(direction.device, direction.dtype)
-        return self.sample(upsampled, offsets)
+        return self.sample(upsampled, offsets, channels_last)
 
-    def sample(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """Bilinear sampling of x (B, C, sH, sW) at the low-res pixel centres plus `offsets` (B, 2*G*s*s, H, W)."""
+    def sample(self, x: torch.Tensor, offsets: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+        """Bilinear sampling of x (B, C, sH, sW), or (B, sH, sW, C) with `channels_last`, at the low-res pixel centres
+        plus `offsets` (B, 2*G*s*s, H, W) -> (B, C, sH, sW)."""
         batch_size, _, height, width = offsets.shape
         s, groups = self.scale, self.groups
         offsets = offsets.view(batch_size, 2, -1, height, width)  # (B, xy, G*s*s, H, W)
@@ -374,12 +411,14 @@ class SimilarityGuidedResampler(nn.Module):
         grid = torch.stack([grid_x, grid_y], dim=1)  # (B, xy, G*s*s, H, W)
         grid = F.pixel_shuffle(grid.reshape(batch_size, -1, height, width), s)  # (B, 2*G, sH, sW)
         grid = grid.view(batch_size, 2, groups, s * height, s * width).permute(0, 2, 3, 4, 1).flatten(0, 1)
-        grouped = x.reshape(batch_size * groups, -1, s * height, s * width)
         if _gather_formulations_on:
-            sampled = _grid_sample_by_gather(grouped, grid)
-        else:
-            sampled = F.grid_sample(grouped, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        return sampled.reshape(batch_size, -1, s * height, s * width)  # the gather form is channels-last
+            rows = x if channels_last else x.permute(0, 2, 3, 1)
+            return _grid_sample_by_gather(rows, grid, groups).permute(0, 3, 1, 2)
+        if channels_last:
+            x = x.permute(0, 3, 1, 2)
+        grouped = x.reshape(batch_size * groups, -1, s * height, s * width)
+        sampled = F.grid_sample(grouped, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return sampled.view(batch_size, -1, s * height, s * width)
 
 
 class FreqFusion(nn.Module):
@@ -419,6 +458,14 @@ class FreqFusion(nn.Module):
         # Padded (by zero rows/columns at even sizes) without a branch on the sizes, so one traced graph serves all.
         hr_feat = F.pad(hr_feat, (0, 2 * lr_w - width, 0, 2 * lr_h - height), mode="replicate")
 
+        fuse = self._fuse_by_gather if _gather_formulations_on else self._fuse
+        hr_out, lr_out = fuse(hr_feat, lr_feat)
+        # narrow, not a slice: a slice to the full length is elided when traced, which would tie the graph to sizes
+        # where no padding happens.
+        return _crop(hr_out, height, width), _crop(lr_out, height, width)
+
+    def _fuse(self, hr_feat: torch.Tensor, lr_feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hr_feat (B, Ch, 2h, 2w), lr_feat (B, Cl, h, w) -> (hr_out, lr_out), both (B, C, 2h, 2w)."""
         hr_guide = self.hr_compressor(hr_feat)  # (B, c, 2h, 2w)
         lr_guide = self.lr_compressor(lr_feat)  # (B, c, h, w)
 
@@ -441,10 +488,37 @@ class FreqFusion(nn.Module):
         highpass_logits = highpass_logits + highpass_upsampled
         # Adaptive high-pass residual: hr + (hr - lowpass(hr)).
         hr_out = 2 * hr_feat - carafe(hr_feat, highpass_logits.softmax(dim=1), self.highpass_kernel, 1)
-        lr_out = self.resampler(hr_guide, lr_guide, upsampled)
-        # narrow, not a slice: a slice to the full length is elided when traced, which would tie the graph to sizes
-        # where no padding happens.
-        return _crop(hr_out, height, width), _crop(lr_out, height, width)
+        return hr_out, self.resampler(hr_guide, lr_guide, upsampled)
+
+    def _fuse_by_gather(self, hr_feat: torch.Tensor, lr_feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_fuse` with every CARAFE as `_carafe_rows` and the kernels kept in its layout: the export form.
+
+        The kernel logits are laid out per input pixel and output phase with the taps last (`_taps_last`) as soon as
+        a convolution has made them, and summed, normalised (a last-axis softmax) and used there; the upsampled map
+        stays channels-last into the resampler, whose gather reads channel rows. ONNX Runtime otherwise transposes
+        for every channel softmax, for the pixel shuffles and for the resampler's gather (19 of 84 ms of OffSeg-T's
+        last fusion at 512x512). Same values as `_fuse` up to float rounding."""
+        batch_size = hr_feat.shape[0]
+        height, width = lr_feat.shape[-2:]
+        k_low, k_high = self.lowpass_kernel, self.highpass_kernel
+        hr_guide = self.hr_compressor(hr_feat)
+        lr_guide = self.lr_compressor(lr_feat)
+
+        def to_map(rows: torch.Tensor) -> torch.Tensor:  # (B, 4hw, 1, C) at the high resolution -> (B, C, 2h, 2w)
+            return _rows_to_map(rows, 2 * height, 2 * width, 1).permute(0, 3, 1, 2)
+
+        highpass = _taps_last(self.highpass_encoder(hr_guide), 2 * height, 2 * width, 1)  # logits (B, 4hw, 1, 9)
+        hr_guide = 2 * hr_guide - to_map(_carafe_rows(hr_guide, highpass.softmax(dim=-1), k_high))
+
+        lowpass = _taps_last(self.lowpass_encoder(hr_guide), height, width, 2)  # logits (B, hw, 4, 25)
+        lowpass = lowpass + _carafe_rows(self.lowpass_encoder(lr_guide), lowpass.softmax(dim=-1), k_low)
+        lowpass = lowpass.softmax(dim=-1)
+        upsampled = _rows_to_map(_carafe_rows(lr_feat, lowpass, k_low), height, width, 2)  # (B, 2h, 2w, Cl)
+        highpass_upsampled = _carafe_rows(self.highpass_encoder(lr_guide), lowpass, k_low)  # (B, hw, 4, 9)
+        highpass_upsampled = _rows_to_map(highpass_upsampled, height, width, 2).reshape(batch_size, -1, 1, k_high**2)
+        highpass = (highpass + highpass_upsampled).softmax(dim=-1)
+        hr_out = 2 * hr_feat - to_map(_carafe_rows(hr_feat, highpass, k_high))
+        return hr_out, self.resampler(hr_guide, lr_guide, upsampled, channels_last=True)
 
 
 def _crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -106,15 +106,18 @@ def test_carafe_gather_form_matches_the_tap_loop(kernel_size, scale, channels_la
 @pytest.mark.parametrize("out_size", [(9, 11), (4, 3)])
 def test_grid_sample_gather_form_matches_grid_sample(out_size):
     """Bilinear, border padding, align_corners=False, with sample points inside, on the borders exactly and far
-    outside the map (clipped), up- and down-sampling."""
+    outside the map (clipped), up- and down-sampling; 2 images of 3 channel groups, each group sampled at its own
+    points, read from the channels-last map."""
     torch.manual_seed(0)
-    x = torch.randn(3, 5, 6, 8, dtype=torch.float64)
-    grid = torch.rand(3, *out_size, 2, dtype=torch.float64) * 3 - 1.5
+    planes = torch.randn(6, 5, 6, 8, dtype=torch.float64)  # (B * groups, C / groups, H, W)
+    grid = torch.rand(6, *out_size, 2, dtype=torch.float64) * 3 - 1.5
     grid[0, 0, 0] = torch.tensor([1.0, 1.0])
     grid[0, 0, 1] = torch.tensor([-1.0, -1.0])
-    grid[1, 0, 0] = torch.tensor([7 / 8, 5 / 6])  # exactly the last pixel centre: the clamped neighbour has weight 0
-    expected = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    torch.testing.assert_close(_grid_sample_by_gather(x, grid), expected, rtol=0, atol=1e-13)
+    grid[4, 0, 0] = torch.tensor([7 / 8, 5 / 6])  # exactly the last pixel centre: the clamped neighbour has weight 0
+    expected = F.grid_sample(planes, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    rows = planes.reshape(2, 15, 6, 8).permute(0, 2, 3, 1)  # (B, H, W, C), group g = channels 5g .. 5g + 4
+    sampled = _grid_sample_by_gather(rows, grid, groups=3)  # (B, oh, ow, C)
+    torch.testing.assert_close(sampled.permute(0, 3, 1, 2).reshape(6, 5, *out_size), expected, rtol=0, atol=1e-13)
 
 
 @pytest.mark.parametrize("dilation", [1, 2])
@@ -231,6 +234,12 @@ def test_resampler_samples_like_grid_sample_on_nchw_planes():
         x.reshape(8, 8, 10, 14), grid, mode="bilinear", padding_mode="border", align_corners=False
     ).view(2, 32, 10, 14)
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-12)
+    channels_last = x.detach().permute(0, 2, 3, 1)  # (B, H, W, C), as the export form passes the upsampled map
+    torch.testing.assert_close(resampler.sample(channels_last, offsets, channels_last=True), ours, rtol=0, atol=0)
+    with gather_formulations():
+        torch.testing.assert_close(
+            resampler.sample(channels_last, offsets, channels_last=True), ours, rtol=0, atol=1e-12
+        )
     weights = torch.randn_like(ours)
     for a, b in zip(
         torch.autograd.grad((ours * weights).sum(), [x, offsets]),

@@ -84,6 +84,18 @@ def test_graph_names_and_dynamic_dimensions(exported, family):
     assert not list(path.parent.glob("*.data"))  # one self-contained file
 
 
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
+def test_every_softmax_normalises_the_last_axis(exported, family):
+    """ONNX Runtime runs a Softmax over another axis by transposing in and out: the export forms (offset learning's
+    class softmax, FreqFusion's kernel softmaxes) lay their scores out so that none is left."""
+    proto = onnx.load(str(exported(family)[1]))
+    softmaxes = [node for node in proto.graph.node if node.op_type == "Softmax"]
+    assert softmaxes
+    assert [onnx.helper.get_attribute_value(a) for node in softmaxes for a in node.attribute if a.name == "axis"] == [
+        -1
+    ] * len(softmaxes)
+
+
 def test_convolutions_without_bias_let_runtime_fold_their_batchnorm(exported, tmp_path):
     """SegFormer-offset's stage projections are bias-free Conv + BatchNorm: the file has no computed (Expand) bias
     on any Conv, and ONNX Runtime's optimised graph keeps only the BatchNorm that follows a sum, not a Conv."""
