@@ -383,10 +383,15 @@ class SimilarityGuidedResampler(nn.Module):
         return positions.reshape(1, -1, 1, 1)
 
     def forward(
-        self, hr_guide: torch.Tensor, lr_guide: torch.Tensor, upsampled: torch.Tensor, channels_last: bool = False
+        self,
+        hr_guide: torch.Tensor,
+        lr_guide: torch.Tensor,
+        upsampled: torch.Tensor,
+        channels_last: bool = False,
+        size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """hr_guide (B, c, sH, sW), lr_guide (B, c, H, W), upsampled (B, C, sH, sW) (or (B, sH, sW, C) with
-        `channels_last`) -> (B, C, sH, sW)."""
+        `channels_last`) -> (B, C, sH, sW), or its top-left `size` window (sampled there only)."""
         hr_guide, lr_guide = self.norm_hr(hr_guide), self.norm_lr(lr_guide)
         hr_similarity = neighbour_cosine_similarity(hr_guide)
         lr_similarity = neighbour_cosine_similarity(lr_guide)
@@ -394,11 +399,17 @@ class SimilarityGuidedResampler(nn.Module):
         direction = self.offset(lr_similarity) + F.pixel_unshuffle(self.hr_offset(hr_similarity), s)
         magnitude = self.direct_scale(lr_guide) + F.pixel_unshuffle(self.hr_direct_scale(hr_guide), s)
         offsets = direction * magnitude.sigmoid() + self.initial_positions(direction.device, direction.dtype)
-        return self.sample(upsampled, offsets, channels_last)
+        return self.sample(upsampled, offsets, channels_last, size)
 
-    def sample(self, x: torch.Tensor, offsets: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    def sample(
+        self,
+        x: torch.Tensor,
+        offsets: torch.Tensor,
+        channels_last: bool = False,
+        size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         """Bilinear sampling of x (B, C, sH, sW), or (B, sH, sW, C) with `channels_last`, at the low-res pixel centres
-        plus `offsets` (B, 2*G*s*s, H, W) -> (B, C, sH, sW)."""
+        plus `offsets` (B, 2*G*s*s, H, W) -> (B, C, sH, sW), or only its top-left `size` (h, w) window."""
         batch_size, _, height, width = offsets.shape
         s, groups = self.scale, self.groups
         offsets = offsets.view(batch_size, 2, -1, height, width)  # (B, xy, G*s*s, H, W)
@@ -411,6 +422,8 @@ class SimilarityGuidedResampler(nn.Module):
         grid = torch.stack([grid_x, grid_y], dim=1)  # (B, xy, G*s*s, H, W)
         grid = F.pixel_shuffle(grid.reshape(batch_size, -1, height, width), s)  # (B, 2*G, sH, sW)
         grid = grid.view(batch_size, 2, groups, s * height, s * width).permute(0, 2, 3, 4, 1).flatten(0, 1)
+        if size is not None:
+            grid = _crop(grid.permute(0, 3, 1, 2), *size).permute(0, 2, 3, 1)  # (B*G, h, w, 2)
         if _gather_formulations_on:
             rows = x if channels_last else x.permute(0, 2, 3, 1)
             return _grid_sample_by_gather(rows, grid, groups).permute(0, 3, 1, 2)
@@ -418,7 +431,7 @@ class SimilarityGuidedResampler(nn.Module):
             x = x.permute(0, 3, 1, 2)
         grouped = x.reshape(batch_size * groups, -1, s * height, s * width)
         sampled = F.grid_sample(grouped, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        return sampled.view(batch_size, -1, s * height, s * width)
+        return sampled.view(batch_size, -1, *grid.shape[1:3])
 
 
 class FreqFusion(nn.Module):
@@ -458,10 +471,9 @@ class FreqFusion(nn.Module):
         # Padded (by zero rows/columns at even sizes) without a branch on the sizes, so one traced graph serves all.
         hr_feat = F.pad(hr_feat, (0, 2 * lr_w - width, 0, 2 * lr_h - height), mode="replicate")
 
-        fuse = self._fuse_by_gather if _gather_formulations_on else self._fuse
-        hr_out, lr_out = fuse(hr_feat, lr_feat)
-        # narrow, not a slice: a slice to the full length is elided when traced, which would tie the graph to sizes
-        # where no padding happens.
+        if _gather_formulations_on:
+            return self._fuse_by_gather(hr_feat, lr_feat, (height, width))
+        hr_out, lr_out = self._fuse(hr_feat, lr_feat)
         return _crop(hr_out, height, width), _crop(lr_out, height, width)
 
     def _fuse(self, hr_feat: torch.Tensor, lr_feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -490,8 +502,12 @@ class FreqFusion(nn.Module):
         hr_out = 2 * hr_feat - carafe(hr_feat, highpass_logits.softmax(dim=1), self.highpass_kernel, 1)
         return hr_out, self.resampler(hr_guide, lr_guide, upsampled)
 
-    def _fuse_by_gather(self, hr_feat: torch.Tensor, lr_feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`_fuse` with every CARAFE as `_carafe_rows` and the kernels kept in its layout: the export form.
+    def _fuse_by_gather(
+        self, hr_feat: torch.Tensor, lr_feat: torch.Tensor, size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_fuse` with every CARAFE as `_carafe_rows` and the kernels kept in its layout, and both outputs cropped to
+        `size`: the export form. The resampler samples the cropped window only, and the high-res output is cropped
+        by one negative padding: ONNX Runtime copies the map for every slice, even a full-length one.
 
         The kernel logits are laid out per input pixel and output phase with the taps last (`_taps_last`) as soon as
         a convolution has made them, and summed, normalised (a last-axis softmax) and used there; the upsampled map
@@ -518,7 +534,8 @@ class FreqFusion(nn.Module):
         highpass_upsampled = _rows_to_map(highpass_upsampled, height, width, 2).reshape(batch_size, -1, 1, k_high**2)
         highpass = (highpass + highpass_upsampled).softmax(dim=-1)
         hr_out = 2 * hr_feat - to_map(_carafe_rows(hr_feat, highpass, k_high))
-        return hr_out, self.resampler(hr_guide, lr_guide, upsampled, channels_last=True)
+        hr_out = F.pad(hr_out, (0, size[1] - 2 * width, 0, size[0] - 2 * height))  # crop: pads of 0 or -1
+        return hr_out, self.resampler(hr_guide, lr_guide, upsampled, channels_last=True, size=size)
 
 
 def _crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
