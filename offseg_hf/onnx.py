@@ -26,7 +26,10 @@ What the exporter needs, done here without touching the models (all undone after
   points with it) is traced as arange arithmetic; the decomposition would otherwise bake the example's step count in;
 * FreqFusion's CARAFE and its resampler's neighbour similarities and bilinear sampling run their gather forms
   (`offseg_hf.freqfusion.gather_formulations`): ONNX Runtime runs them 2-3x faster than the tap loops and
-  GridSample (same values up to float rounding);
+  GridSample (same values up to float rounding); the fusion keeps its kernels in the gathers' layout throughout
+  (`FreqFusion._fuse_by_gather`: last-axis softmaxes, no pixel shuffles, no full-map crops);
+* offset learning, under `torch.export`, normalises its class scores along the last axis and does not pad the class
+  rows (`offseg_hf.offset_learning`): ORT transposes around a non-last-axis Softmax, and the padding only helps MKL;
 * SegFormer's Mix-FFN (MiT encoder) runs channels-first, its two Linear layers as 1x1 convolutions, so its 4C-wide
   hidden map needs no transpose (`offseg_hf.segformer_export.channels_first_mix_ffn`; same values up to float
   rounding, 12-15% faster in ONNX Runtime on SegFormer-B0-offset);
