@@ -423,7 +423,7 @@ class SimilarityGuidedResampler(nn.Module):
         grid = F.pixel_shuffle(grid.reshape(batch_size, -1, height, width), s)  # (B, 2*G, sH, sW)
         grid = grid.view(batch_size, 2, groups, s * height, s * width).permute(0, 2, 3, 4, 1).flatten(0, 1)
         if size is not None:
-            grid = _crop(grid.permute(0, 3, 1, 2), *size).permute(0, 2, 3, 1)  # (B*G, h, w, 2)
+            grid = grid.narrow(1, 0, size[0]).narrow(2, 0, size[1])  # (B*G, h, w, 2)
         if _gather_formulations_on:
             rows = x if channels_last else x.permute(0, 2, 3, 1)
             return _grid_sample_by_gather(rows, grid, groups).permute(0, 3, 1, 2)

@@ -62,9 +62,9 @@ def pad_class_rows(rows: torch.Tensor) -> torch.Tensor:
     padding and the slices after it cost it more than they save (OffSeg-T's classifier, 512x512, 2 threads: 29 ms
     padded, 24 ms not).
     """
-    padding = -rows.shape[-2] % CLASS_ROW_MULTIPLE
     if torch.compiler.is_exporting():
         return rows
+    padding = -rows.shape[-2] % CLASS_ROW_MULTIPLE
     return F.pad(rows, (0, 0, 0, padding)) if padding else rows
 
 

@@ -16,8 +16,8 @@ this form is not faster there.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from unittest import mock
 
 import torch
 from torch.nn import functional as F
@@ -34,13 +34,7 @@ def _channels_first_mix_ffn(self, hidden_states: torch.Tensor, height, width) ->
     return self.dropout(x).flatten(2).transpose(1, 2)
 
 
-@contextlib.contextmanager
-def channels_first_mix_ffn() -> Iterator[None]:
-    """Within the block, every `SegformerMixMLP` runs `_channels_first_mix_ffn`; restored on exit. Not thread-safe (a
+def channels_first_mix_ffn() -> AbstractContextManager:
+    """A context in which every `SegformerMixMLP` runs `_channels_first_mix_ffn`; restored on exit. Not thread-safe (a
     class attribute, as export is)."""
-    original = segformer.SegformerMixMLP.forward
-    segformer.SegformerMixMLP.forward = _channels_first_mix_ffn
-    try:
-        yield
-    finally:
-        segformer.SegformerMixMLP.forward = original
+    return mock.patch.object(segformer.SegformerMixMLP, "forward", _channels_first_mix_ffn)

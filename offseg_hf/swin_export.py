@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from unittest import mock
 
 import torch
 from torch.nn import functional as F
@@ -68,19 +69,12 @@ def _layer_forward(self, hidden_states: torch.Tensor, input_dimensions, always_p
 def branch_free_swin() -> Iterator[None]:
     """Within the block, transformers' Swin pads without branches on the sizes (module docstring); restored on
     exit."""
-    replacements = [
-        (swin.SwinPatchEmbeddings, "maybe_pad", _pad_pixels),
-        (swin.SwinPatchMerging, "maybe_pad", _pad_merging),
-        (swin.SwinLayer, "forward", _layer_forward),
-    ]
-    originals = [(owner, name, owner.__dict__[name]) for owner, name, _ in replacements]
-    try:
-        for owner, name, replacement in replacements:
-            setattr(owner, name, replacement)
+    with (
+        mock.patch.object(swin.SwinPatchEmbeddings, "maybe_pad", _pad_pixels),
+        mock.patch.object(swin.SwinPatchMerging, "maybe_pad", _pad_merging),
+        mock.patch.object(swin.SwinLayer, "forward", _layer_forward),
+    ):
         yield
-    finally:
-        for owner, name, original in originals:
-            setattr(owner, name, original)
 
 
 __all__ = ["branch_free_swin"]
