@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import difflib
 from typing import Any, ClassVar
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from .backbone_mscan import MSCANConfig
+from .configuration_mask2former import MASK2FORMER_VARIANTS, OffSegMask2FormerConfig
 from .decode_head_lightham import check_eval_bases
 
 # MiT encoder sizes of SegFormer B0..B5 (Xie et al. 2021, Table 6), shared by every size:
@@ -270,18 +272,21 @@ class OffSegConfig(PreTrainedConfig):
 
     @staticmethod
     def variant_names() -> list[str]:
-        """The named presets accepted by `from_variant`."""
-        return sorted(VARIANTS)
+        """Every preset `from_variant` builds: this class's (SegFormer-offset, OffSeg, SegNeXt), then Mask2Former's."""
+        return [*sorted(VARIANTS), *sorted(MASK2FORMER_VARIANTS)]
 
     @classmethod
-    def from_variant(cls, name: str, **overrides) -> OffSegConfig:
-        """Build the config of a named variant, e.g. `"segformer-b0-offset"`.
+    def from_variant(cls, name: str, **overrides) -> OffSegConfig | OffSegMask2FormerConfig:
+        """Build the config of a named preset, e.g. `"segformer-b0-offset"`; the one door for every preset, so
+        Mask2Former's come back as `OffSegMask2FormerConfig`.
 
         Keyword overrides replace preset values (`num_labels`, `id2label`, `classifier`, ...). An
         `encoder_config` dict is merged into the preset's encoder values rather than replacing them.
         """
+        if name in MASK2FORMER_VARIANTS:
+            return OffSegMask2FormerConfig.from_variant(name, **overrides)
         if name not in VARIANTS:
-            raise ValueError(f"Unknown OffSeg variant {name!r}. Known variants: {', '.join(cls.variant_names())}.")
+            raise ValueError(unknown_variant_message(name))
         values = copy.deepcopy(VARIANTS[name])
         encoder_overrides = overrides.pop("encoder_config", None) or {}
         values["encoder_config"].update(encoder_overrides)
@@ -293,4 +298,12 @@ class OffSegConfig(PreTrainedConfig):
         return cls(**values)
 
 
-__all__ = ["AUTO_MAP", "OffSegConfig", "VARIANTS", "PAPER_FIGURES"]
+def unknown_variant_message(name: str) -> str:
+    """One line for a preset name that does not exist, with the closest names first."""
+    known = OffSegConfig.variant_names()
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    return f"Unknown variant {name!r}.{hint} Known variants: {', '.join(known)}."
+
+
+__all__ = ["AUTO_MAP", "OffSegConfig", "VARIANTS", "PAPER_FIGURES", "unknown_variant_message"]

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from .configuration_mask2former import MASK2FORMER_PAPER_FIGURES, MASK2FORMER_VARIANTS, OffSegMask2FormerConfig
-from .configuration_offseg import PAPER_FIGURES, VARIANTS, OffSegConfig
+from .configuration_offseg import PAPER_FIGURES, VARIANTS, OffSegConfig, unknown_variant_message
 from .modeling_mask2former import OffSegMask2FormerForSemanticSegmentation
 from .modeling_offseg import ENCODERS, OffSegForSemanticSegmentation
 
@@ -22,8 +22,8 @@ MASK2FORMER_FAMILY = "mask2former"
 
 
 def all_variant_names() -> list[str]:
-    """Every preset: the `OffSegConfig` ones, then Mask2Former's (read now, so presets added later count)."""
-    return [*sorted(VARIANTS), *sorted(MASK2FORMER_VARIANTS)]
+    """Every preset (`OffSegConfig.variant_names()`): the `OffSegConfig` ones, then Mask2Former's."""
+    return OffSegConfig.variant_names()
 
 
 def paper_figures(name: str) -> dict[str, float]:
@@ -36,7 +36,7 @@ ALL_VARIANTS: tuple[str, ...] = tuple(all_variant_names())
 
 def _check(name: str) -> None:
     if name not in VARIANTS and name not in MASK2FORMER_VARIANTS:
-        raise ValueError(f"Unknown variant {name!r}. Known variants: {', '.join(all_variant_names())}.")
+        raise ValueError(unknown_variant_message(name))
 
 
 def variant_family(name: str) -> str:
@@ -55,9 +55,6 @@ def has_offset_learning(name: str) -> bool:
 
 def config_for_variant(name: str, **overrides) -> PreTrainedConfig:
     """The config of a preset (`from_variant` of its config class), with overrides."""
-    _check(name)
-    if name in MASK2FORMER_VARIANTS:
-        return OffSegMask2FormerConfig.from_variant(name, **overrides)
     return OffSegConfig.from_variant(name, **overrides)
 
 

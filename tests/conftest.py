@@ -30,6 +30,14 @@ TINY_MASK2FORMER = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _run_in_a_scratch_folder(tmp_path_factory, monkeypatch):
+    """Each test runs in a fresh empty working directory: scripts' relative defaults (`outputs/...`) land there, so
+    the suite neither reads nor writes the clone's own folders and passes before or after the README's training
+    command has run."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 def tiny_config(**overrides) -> OffSegConfig:
     values = {"num_labels": 6, "decoder_hidden_size": 32, "encoder_config": dict(TINY_ENCODER)}
     values.update(overrides)

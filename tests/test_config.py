@@ -13,6 +13,7 @@ from offseg_hf import (
     OffSegMask2FormerForSemanticSegmentation,
 )
 from offseg_hf.configuration_mask2former import MASK2FORMER_AUTO_MAP
+from offseg_hf.presets import all_variant_names, config_for_variant
 
 # The paper's parameter counts at 150 classes (M): Table 4 (SegFormer with offset learning), Table 2 (OffSeg),
 # Table 3 (SegNeXt with offset learning and the per-pixel SegNeXt).
@@ -64,13 +65,25 @@ def test_mask2former_offset_learning_adds_two_projections_only():
     assert round(added * 1e6) == 2 * 256 * 256
 
 
-def test_variant_names_and_unknown_variant_lists_them():
+def test_variant_names_list_every_preset_and_from_variant_builds_each():
     names = OffSegConfig.variant_names()
-    assert set(names) == set(PAPER_PARAMS_M)
+    assert names == all_variant_names() and len(names) == 17
+    assert set(names) == set(PAPER_PARAMS_M) | set(MASK2FORMER_PAPER_PARAMS_M)
+    assert isinstance(OffSegConfig.from_variant("mask2former-swin-t-offset", num_labels=7), OffSegMask2FormerConfig)
+    assert OffSegConfig.from_variant("mask2former-swin-t-offset", num_labels=7).num_labels == 7
     with pytest.raises(ValueError) as info:
         OffSegConfig.from_variant("segformer-b9-offset")
     for name in names:
         assert name in str(info.value)
+
+
+def test_an_unknown_variant_suggests_the_closest_names():
+    with pytest.raises(ValueError, match=r"Unknown variant 'offseg-s'\. Did you mean offseg-\w( or offseg-\w)*\?"):
+        OffSegConfig.from_variant("offseg-s")
+    with pytest.raises(
+        ValueError, match="Unknown variant 'mask2former-swin-s-offset'. Did you mean mask2former-swin-t"
+    ):
+        config_for_variant("mask2former-swin-s-offset")
 
 
 def test_presets_hold_the_official_values():
