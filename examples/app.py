@@ -35,10 +35,16 @@ from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
 try:  # registers OffSeg with the Auto classes; without it, models load through their own (remote) code
     import offseg_hf  # noqa: F401
+    from offseg_hf.local_paths import missing_folder_message
 
     HAVE_OFFSEG = True
 except ImportError:
     HAVE_OFFSEG = False
+
+    def missing_folder_message(name: str, what: str = "model") -> None:
+        """Without the package (a Space) the models are Hub repos; a load failure still gives one line."""
+        return None
+
 
 HERE = Path(__file__).resolve().parent
 CONFIG_FILE = "app_config.json"  # next to app.py on a Space: {"models": [...], "allow_download": true}
@@ -118,6 +124,10 @@ class Segmenter:
         return label_map, None if attention is None else attention[0].float().cpu().numpy()
 
 
+def first_line(text: str) -> str:
+    return (str(text).strip().splitlines() or [""])[0]
+
+
 class ModelCache:
     """Models loaded so far, by name, so switching back and forth does not reload."""
 
@@ -133,7 +143,8 @@ class ModelCache:
                 self.models[name_or_path] = Segmenter(name_or_path, self.allow_download, self.device)
             except Exception as error:  # a missing folder, an unknown repo, no network: say which and why
                 hint = "" if self.allow_download else " (downloads are off: start the app with --allow_download)"
-                raise gr.Error(f"Could not load {name_or_path!r}{hint}: {error}") from error
+                reason = missing_folder_message(name_or_path) or first_line(error)
+                raise gr.Error(f"Could not load {name_or_path!r}{hint}: {reason}") from error
         return self.models[name_or_path]
 
 
@@ -260,8 +271,10 @@ def show_attention(class_name: str | None, state: dict | None):
     return attention_picture(state["image"], state["attention"][label2id[class_name]])
 
 
-def build_demo(models: list[str], allow_download: bool = False, device: str | None = None) -> gr.Blocks:
-    cache = ModelCache(allow_download, device)
+def build_demo(
+    models: list[str], allow_download: bool = False, device: str | None = None, cache: ModelCache | None = None
+) -> gr.Blocks:
+    cache = cache or ModelCache(allow_download, device)
 
     def segment(image, model_name):
         if image is None:
@@ -323,11 +336,23 @@ def build_demo(models: list[str], allow_download: bool = False, device: str | No
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     config = read_app_config()
     models = args.model_name_or_path or config.get("models") or [DEFAULT_MODEL]
     allow_download = args.allow_download if args.allow_download is not None else config.get("allow_download", False)
-    demo = build_demo(models, allow_download=allow_download, device=args.device)
+    for name in models:
+        message = missing_folder_message(name, "--model_name_or_path")
+        if message:
+            parser.error(message)
+    # The default model is loaded before the page is served, so a model that cannot load stops the app here with
+    # one line instead of at a visitor's first click.
+    cache = ModelCache(allow_download, args.device)
+    try:
+        cache.get(models[0])
+    except gr.Error as error:
+        parser.exit(1, f"{parser.prog}: error: {first_line(error.message)}\n")
+    demo = build_demo(models, allow_download=allow_download, device=args.device, cache=cache)
     demo.queue().launch(server_name=args.server_name, server_port=args.port, share=args.share, css=CSS)
 
 

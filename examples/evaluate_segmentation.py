@@ -35,6 +35,7 @@ import offseg_hf  # noqa: F401  (registers OffSeg with the Auto classes)
 from offseg_hf.data import IGNORE_INDEX, SegmentationDataset, labels_need_reducing, load_segmentation_splits
 from offseg_hf.hub import eval_results, weights_fingerprint
 from offseg_hf.inference import evaluate_dataset
+from offseg_hf.local_paths import missing_folder_message
 from offseg_hf.training import (
     DEFAULT_RECIPE,
     RECIPE_FIELDS,
@@ -68,7 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hub_token", default=None, help="Hub token for a private model (else the logged-in one).")
 
     data = parser.add_argument_group("data (exactly one source; the flags are train.py's)")
-    data.add_argument("--dataset_name", default=None, help="Hub data set id with image + mask columns (network).")
+    data.add_argument(
+        "--dataset_name",
+        default=None,
+        help="What datasets.load_dataset takes, with image + mask columns: a Hub id (one in the cache loads "
+        "offline), a local folder in the Hub's layout (data/validation-*.parquet ..., its id2label.json if any) or a "
+        "save_to_disk folder.",
+    )
     data.add_argument("--dataset_config_name", default=None, help="Its configuration name.")
     data.add_argument("--image_column_name", default="image", help="Image column of the Hub data set.")
     data.add_argument("--label_column_name", default="annotation", help="Mask column of the Hub data set.")
@@ -150,6 +157,8 @@ def check_data_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     for name in ("validation_dir", "ade20k_root", "pascal_context_root"):
         if getattr(args, name) is not None and not Path(getattr(args, name)).is_dir():
             parser.error(f"--{name} {getattr(args, name)} is not a folder.")
+    if args.dataset_name and (message := missing_folder_message(args.dataset_name, "--dataset_name")):
+        parser.error(message)
     demo_flags = [name for name in ("demo_image_size", "demo_num_validation") if getattr(args, name) is not None]
     if demo_flags and not args.demo:
         parser.error(f"--{demo_flags[0]} describes the demo set; this run reads --{sources[0]}.")
@@ -169,6 +178,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--validation_split must be in (0, 1), got {args.validation_split}.")
     if args.recipe is None:
         args.recipe = default_recipe(args.demo, args.data_source)
+    if message := missing_folder_message(args.model_name_or_path, "--model_name_or_path"):
+        parser.error(message)
     try:
         family = saved_model_family(args.model_name_or_path, token=args.hub_token)
         args.settings = resolve_settings({name: getattr(args, name) for name in PROTOCOL_FIELDS}, args.recipe, family)
@@ -224,7 +235,9 @@ def print_table(result: dict, id2label: dict[int, str]) -> None:
 
 def dataset_names(args) -> tuple[str, str]:
     """(Hub id or stand-in, name shown) of the evaluated data, for a model card."""
-    if args.dataset_name:
+    if args.dataset_name and Path(os.path.expanduser(args.dataset_name)).is_dir():
+        dataset_name = pretty = Path(os.path.expanduser(args.dataset_name)).resolve().name  # no path into a card
+    elif args.dataset_name:
         dataset_name = pretty = args.dataset_name
     elif args.ade20k_root:
         dataset_name, pretty = "scene_parse_150", "ADE20K"  # the Hub's copy of ADEChallengeData2016

@@ -41,8 +41,15 @@ from transformers import AutoModelForSemanticSegmentation
 
 import offseg_hf  # noqa: F401  (registers OffSeg with the Auto classes)
 from offseg_hf import OffSegImageProcessor
-from offseg_hf.data import IGNORE_INDEX, SegmentationDataset, labels_need_reducing, load_segmentation_splits
+from offseg_hf.data import (
+    IGNORE_INDEX,
+    SegmentationDataError,
+    SegmentationDataset,
+    labels_need_reducing,
+    load_segmentation_splits,
+)
 from offseg_hf.hub import weights_fingerprint
+from offseg_hf.local_paths import missing_folder_message
 from offseg_hf.modeling_offseg import ENCODERS
 from offseg_hf.presets import encoder_sources, from_pretrained_encoder, model_for_variant
 from offseg_hf.training import (
@@ -129,7 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Recipe values live in one place, offseg_hf.training.RECIPES; a flag overrides its value.",
     )
     data = parser.add_argument_group("data (one source; none = the synthetic demo set)")
-    data.add_argument("--dataset_name", help="Hub data set id with image + mask columns, e.g. scene_parse_150.")
+    data.add_argument(
+        "--dataset_name",
+        help="What datasets.load_dataset takes, with image + mask columns: a Hub id (e.g. scene_parse_150; one in the "
+        "cache loads offline), a local folder in the Hub's layout (data/train-*.parquet ..., its id2label.json if any) "
+        "or a save_to_disk folder.",
+    )
     data.add_argument("--dataset_config_name", help="Configuration name of the Hub data set.")
     data.add_argument("--image_column_name", default="image", help="Image column of the Hub data set.")
     data.add_argument("--label_column_name", default="annotation", help="Mask column of the Hub data set.")
@@ -216,6 +228,8 @@ def _check_data(parser, args) -> None:
         parser.error("--validation_dir needs --train_dir.")
     if not 0 < args.validation_split < 1:
         parser.error(f"--validation_split must be in (0, 1), got {args.validation_split}.")
+    if args.dataset_name and (message := missing_folder_message(args.dataset_name, "--dataset_name")):
+        parser.error(message)
     args.demo = not sources
     args.data_source = sources[0] if sources else "demo"
     demo_flags = [f"--{name}" for name in ("demo_image_size", "demo_num_train", "demo_num_validation")]
@@ -229,6 +243,8 @@ def _check_model(parser, args) -> None:
         parser.error(f"{', '.join(fresh_model_flags)} build a fresh model; --model_name_or_path loads a saved one.")
     if args.ignore_mismatched_sizes and not args.model_name_or_path:
         parser.error("--ignore_mismatched_sizes applies to --model_name_or_path.")
+    if args.model_name_or_path and (message := missing_folder_message(args.model_name_or_path, "--model_name_or_path")):
+        parser.error(message)
     variant = args.settings["variant"]
     encoder_name, sources, accepts = encoder_sources(variant)
     if args.pretrained_encoder and not accepts(args.pretrained_encoder):
@@ -573,6 +589,6 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (NonFiniteLossError, CheckpointMismatchError) as error:
+    except (NonFiniteLossError, CheckpointMismatchError, SegmentationDataError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)

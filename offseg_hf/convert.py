@@ -44,6 +44,7 @@ import argparse
 import functools
 import json
 import os
+import pickle
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -873,6 +874,9 @@ def main(argv: list[str] | None = None) -> None:
         "configuration, e.g. '{\"decoder_layers\": 7}' (a `backbone_config` object is merged into the preset's).",
     )
     args = parser.parse_args(argv)
+    for flag, path in (("--checkpoint", args.checkpoint), ("--id2label", args.id2label)):
+        if path is not None and not os.path.isfile(path):
+            parser.error(f"{flag} {path}: no such file.")
     overrides = {}
     if args.config_overrides:
         try:
@@ -884,7 +888,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.id2label:
         with open(args.id2label) as handle:
             overrides["id2label"] = {int(k): v for k, v in json.load(handle).items()}
-    model = load_official_checkpoint(args.checkpoint, args.variant, **overrides)
+    try:
+        model = load_official_checkpoint(args.checkpoint, args.variant, **overrides)
+    except (ValueError, pickle.UnpicklingError) as error:  # a file that is no checkpoint, or not of this variant
+        parser.exit(1, f"{parser.prog}: error: {error}\n")
     model.save_pretrained(args.output_dir)
     OffSegImageProcessor().save_pretrained(args.output_dir)
     print(f"Converted {args.checkpoint} ({args.variant}, {model.config.num_labels} classes) to {args.output_dir}")

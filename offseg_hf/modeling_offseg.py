@@ -21,6 +21,7 @@ from .decode_head_segformer import SegformerPixelDecoder
 from .fusion import FuseForInferenceMixin
 from .image_processing_offseg import OffSegImageProcessor  # noqa: F401  (copied into saved folders: see AUTO_MAP)
 from .layers import INIT_RULE
+from .local_paths import check_local_folder
 from .losses import upsampled_cross_entropy
 from .offset_learning import OffsetLearning, PerPixelClassifier
 
@@ -80,6 +81,7 @@ class OffSegPreTrainedModel(FuseForInferenceMixin, PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        check_local_folder(str(pretrained_model_name_or_path))  # a mistyped folder: say so, with no Hub round trip
         if not kwargs.get("ignore_mismatched_sizes", False):
             _check_num_labels(pretrained_model_name_or_path, kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)

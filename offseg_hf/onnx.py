@@ -58,7 +58,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .configuration_offseg import OffSegConfig, unknown_variant_message
 from .freqfusion import gather_formulations
+from .local_paths import missing_folder_message
 from .segformer_export import channels_first_mix_ffn
 from .swin_export import branch_free_swin
 
@@ -602,6 +604,10 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     if args.variant and not args.random_init:
         parser.error("--variant exports a randomly initialised preset: add --random_init (or use a folder).")
+    if args.variant and args.variant not in OffSegConfig.variant_names():
+        parser.error(f"--variant: {unknown_variant_message(args.variant)}")
+    if args.model_name_or_path and (message := missing_folder_message(args.model_name_or_path, "--model_name_or_path")):
+        parser.error(message)
     model = load_model(args.model_name_or_path, args.variant, args.num_labels)
     name = args.model_name_or_path or args.variant
     start = time.perf_counter()
@@ -615,10 +621,12 @@ def main(argv: list[str] | None = None) -> Path:
     )
     print(f"exported {name} to {path} in {time.perf_counter() - start:.1f} s (opset {args.opset})")
     if args.model_name_or_path and Path(args.model_name_or_path).is_dir():
+        # OnnxSegmenter reads the image processor beside the file; it is the model's own, so it replaces one there.
         source = Path(args.model_name_or_path) / "preprocessor_config.json"
         target = path.parent / "preprocessor_config.json"
-        if source.is_file() and not target.exists():
+        if source.is_file():
             target.write_text(source.read_text())
+            print(f"copied {source} to {target} (the image processor OnnxSegmenter reads beside the file)")
     if not args.no_verify:
         sizes = parse_sizes(args.verify_sizes) if args.dynamic else [tuple(args.example_size)]
         for (height, width), difference in compare_with_pytorch(model, path, sizes).items():

@@ -373,9 +373,16 @@ def read_checkpoint(path: str) -> Any:
     """
     with open(path, "rb") as handle:  # both readers read this one open file, not the path twice
         try:
-            return torch.load(handle, map_location="cpu", weights_only=True, mmap=False)
-        except pickle.UnpicklingError:
-            handle.seek(0)
-            return torch.load(
-                handle, map_location="cpu", weights_only=False, mmap=False, pickle_module=sys.modules[__name__]
-            )
+            try:
+                return torch.load(handle, map_location="cpu", weights_only=True, mmap=False)
+            except pickle.UnpicklingError:
+                handle.seek(0)
+                return torch.load(
+                    handle, map_location="cpu", weights_only=False, mmap=False, pickle_module=sys.modules[__name__]
+                )
+        except (KeyError, IndexError, EOFError, UnicodeDecodeError) as error:
+            # What a file that is no torch file at all (text, a truncated download) makes the unpicklers raise.
+            raise pickle.UnpicklingError(
+                f"{path} is not a PyTorch checkpoint ({type(error).__name__} while unpickling: not a torch.save file, "
+                "or a truncated one)."
+            ) from error

@@ -204,6 +204,7 @@ SPACE_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_app_runs_without_offseg_hf_through_the_model_folders_code(model_folder, tmp_path):
     # A Space's layout: app.py next to app_config.json and example_images/ (what push_to_hub.py --space_dir writes).
     space = tmp_path / "space"

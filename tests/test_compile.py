@@ -37,6 +37,7 @@ def compile_and_check(model: torch.nn.Module, atol: float = 1e-5, rtol: float = 
         torch.testing.assert_close(again, model(second).logits, atol=atol, rtol=rtol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_compile_matches_eager_without_recompiling(family):
     # SegNeXt: FakeTensor's group_norm returns NCHW strides for a channels-last input while the CPU kernel keeps

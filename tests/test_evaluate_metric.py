@@ -118,6 +118,7 @@ WITHOUT_PACKAGE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_loads_offline_from_its_folder_without_offseg_hf(tmp_path):
     predictions, references, num_labels, _ = HAND_CASES["ignore_and_absent"]
     arguments = [str(FOLDER), str(tmp_path / "cache"), json.dumps(predictions), json.dumps(references)]

@@ -34,6 +34,7 @@ class _Fusion(torch.nn.Module):
         return hr_out + lr_out.sum(dim=1, keepdim=True)
 
 
+@pytest.mark.slow
 def test_freqfusion_exports_with_dynamic_sizes_and_matches_eager():
     torch.manual_seed(0)
     model = _Fusion().eval()

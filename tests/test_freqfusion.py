@@ -45,6 +45,7 @@ def test_carafe_matches_naive_reference(kernel_size, scale):
     torch.testing.assert_close(carafe(features, masks, kernel_size, scale), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel_size", [3, 5])
 @pytest.mark.parametrize("scale", [1, 2])
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -159,6 +159,7 @@ def test_folder_carries_the_handler_and_its_requirements(tmp_path):
     assert "scipy>=1.10" in endpoint_requirements("mask2former-swin-t-offset")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["pil", "bytes", "base64", "data_url"])
 def test_handler_returns_one_mask_per_predicted_class(handler_report, kind):
     report, expected, id2label = handler_report

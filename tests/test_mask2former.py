@@ -388,6 +388,7 @@ def test_auto_class_and_pipeline_load_the_saved_folder(saved_folder):
     assert sorted(s["label"] for s in segments) == sorted(LABELS[int(i)] for i in segmentation.unique())
 
 
+@pytest.mark.slow
 def test_remote_code_pipeline_without_the_package(saved_folder, tmp_path):
     model, folder = saved_folder
     pixel_values = images(70, 90)

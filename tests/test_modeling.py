@@ -104,6 +104,7 @@ def test_out_of_range_labels_are_a_value_error(any_model, bad):
         any_model(torch.randn(1, 3, 32, 32), labels=labels)
 
 
+@pytest.mark.slow
 def test_save_and_load_give_identical_logits(any_model, tmp_path):
     save_folder(any_model, tmp_path)
     images = torch.randn(2, 3, 64, 64)
@@ -173,6 +174,7 @@ REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_remote_code_loads_without_the_package(any_model, tmp_path):
     folder = save_folder(any_model, tmp_path / "model")
     images = torch.randn(2, 3, 64, 64)
@@ -186,6 +188,7 @@ def test_remote_code_loads_without_the_package(any_model, tmp_path):
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
 def test_pipeline_masks_match_image_size(any_model, tmp_path, mode):
     save_folder(any_model, tmp_path)

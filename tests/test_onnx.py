@@ -56,6 +56,7 @@ def exported(tmp_path_factory):
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_ort_logits_match_pytorch_at_three_sizes(exported, family):
     model, path = exported(family)
@@ -249,6 +250,7 @@ def cli_export(saved_folder, tmp_path_factory):
     return printed.getvalue(), output
 
 
+@pytest.mark.slow
 def test_segmenter_label_map_and_segments_equal_the_pipeline(saved_folder, cli_export):
     segmenter = OnnxSegmenter(cli_export[1], image_processor=saved_folder)
     segment = pipeline("image-segmentation", model=str(saved_folder))
