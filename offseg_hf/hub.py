@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import SegformerModel
 
+from .demo_data import DEMO_CLASSES
 from .presets import MASK2FORMER_FAMILY, has_offset_learning, paper_figures, variant_family
 
 DESCRIPTIONS = {
@@ -232,6 +233,19 @@ def render_template(template: str, values: dict[str, object]) -> str:
     return re.sub(r"\{(\w+)\}", lambda m: str(values[m.group(1)]) if m.group(1) in values else m.group(0), template)
 
 
+# What a card names as the training data when examples/push_to_hub.py is told none: the synthetic demo set for a
+# model with its classes (what train.py's default run trains), else ADE20K, the data set of the official weights.
+# "offseg-demo" is evaluate_segmentation.py's name for the demo set, which offseg_hf.demo_data draws: no Hub data set.
+DEMO_DATA_SET = ("offseg-demo", "offseg-hf's synthetic demo scenes")
+ADE20K_DATA_SET = ("scene_parse_150", "ADE20K")
+
+
+def default_data_set(id2label: dict) -> tuple[str, str]:
+    """(Hub id or name, name on the card) of the data set a model with these classes was most likely trained on."""
+    names = [id2label[key] for key in sorted(id2label, key=int)]
+    return DEMO_DATA_SET if tuple(names) == DEMO_CLASSES else ADE20K_DATA_SET
+
+
 def eval_results(result: dict, dataset_name: str, dataset_pretty_name: str) -> list[EvalResult]:
     """model-index entries for a result of `examples/evaluate_segmentation.py` (fractions -> percent) on the Hub
     data set `dataset_name`, shown as `dataset_pretty_name`."""
@@ -400,8 +414,9 @@ def render_card(
         },
     )
     card = ModelCard(text)
+    if dataset_name == DEMO_DATA_SET[0]:  # no Hub data set for the metadata to link
+        card.data.datasets = None
     if result is not None:
         card.data.model_name = repo_id.split("/")[-1]
         card.data.eval_results = eval_results(result, dataset_name, dataset_pretty_name)
-        card = ModelCard(str(card))  # re-render so the YAML block holds model-index
-    return card
+    return ModelCard(str(card))  # re-render so the YAML block holds the metadata set here

@@ -5,18 +5,22 @@ import json
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard
 from PIL import Image
 
-from offseg_hf import VARIANTS, OffSegConfig, OffSegForSemanticSegmentation
+from offseg_hf import VARIANTS, OffSegConfig, OffSegForSemanticSegmentation, OffSegImageProcessor
+from offseg_hf.demo_data import generate_scene
 from offseg_hf.hub import weights_fingerprint
-from offseg_hf.presets import all_variant_names
+from offseg_hf.presets import all_variant_names, model_for_variant
 
-from .conftest import TINY_ENCODER, run_python_elsewhere
+from .conftest import TINY_ENCODER, run_python_elsewhere, tiny_config
+from .test_train_script import TINY_DEMO, TINY_MODEL, TINY_RECIPE, TRAIN_SCRIPT, _reset_accelerate
 
 SCRIPT = Path(__file__).parents[1] / "examples" / "push_to_hub.py"
+README = Path(__file__).parents[1] / "README.md"
 
 CHECK_SCRIPT = textwrap.dedent(
     """
@@ -130,7 +134,8 @@ def test_results_measured_on_other_weights_are_refused(tmp_path, capsys):
     "args, message",
     [
         (["--random_init", "--variants", "segformer-b9"], "unknown variant 'segformer-b9'; known: offseg-b, "),
-        (["--weights_dir", "nowhere"], "no saved model for 'offseg-b': nowhere/offseg-b is not a folder."),
+        (["--weights_dir", "nowhere"], "--weights_dir nowhere is not a folder."),
+        (["--model_dir", "nowhere"], "--model_dir nowhere is not a folder."),
         (["--random_init", "--config_overrides", "{"], "--config_overrides is not JSON"),
         (
             ["--random_init", "--config_overrides", '{"mit": {}}'],
@@ -154,8 +159,141 @@ def test_help_names_every_flag_and_the_size_of_random_init(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for flag in ("--output_dir", "--dataset_name", "--dataset_pretty_name", "--push_to_hub", "--hub_namespace"):
         assert flag in text
-    assert "--hub_token" in text and "--seed" in text and "about 1.9 GB for all" in text
+    for flag in ("--hub_token", "--seed", "--model_dir", "--weights_dir", "--random_init", "--variants"):
+        assert flag in text
     assert all(action.help for action in load_script().build_parser()._actions)
+    # The size --random_init writes at full size: the presets' state dicts (what model.safetensors holds), built
+    # on the meta device; --help and the README state the same figure.
+    with torch.device("meta"):
+        models = [model_for_variant(variant) for variant in all_variant_names()]
+    gigabytes = sum(t.numel() * t.element_size() for m in models for t in m.state_dict().values()) / 1e9
+    claim = f"about {gigabytes:.1f} GB for all {len(models)} variants"
+    assert claim in text
+    publish = README.read_text().split("**Publish**")[1].split("## ")[0]
+    assert claim in " ".join(publish.split())
+
+
+def saved_model(folder: Path, size: dict | None = None, **config) -> Path:
+    """A saved tiny SegFormer-B0-offset with its processor, as train.py or offseg_hf.convert leaves one."""
+    torch.manual_seed(0)
+    OffSegForSemanticSegmentation(tiny_config(**config)).save_pretrained(folder)
+    OffSegImageProcessor(size=size or {"height": 64, "width": 96}).save_pretrained(folder)
+    return folder
+
+
+def test_a_trained_folder_is_published_as_trained(tmp_path):
+    # Train (examples/train.py, the demo set, 2 steps) -> publish the output folder -> the published folder
+    # segments a photo exactly as the trained one: same weights, same processor (trained at 48x64, not 512x512).
+    spec = importlib.util.spec_from_file_location("offseg_train_for_hub", TRAIN_SCRIPT)
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    trained = tmp_path / "outputs" / "demo-segformer-b0-offset"  # train.py's default name: outputs/<recipe>-<variant>
+    _reset_accelerate()
+    try:
+        crop = ["--crop_size", "48", "64", "--max_train_steps", "2"]
+        train.main([*TINY_DEMO, *TINY_RECIPE, *TINY_MODEL, *crop, "--output_dir", str(trained)])
+    finally:
+        _reset_accelerate()
+    (folder,) = load_script().main(["--output_dir", str(tmp_path / "hub"), "--model_dir", str(trained)])
+    assert folder == tmp_path / "hub" / "demo-segformer-b0-offset"  # the repo is named after the folder
+
+    for name in ("preprocessor_config.json", "config.json"):
+        assert (folder / name).read_bytes() == (trained / name).read_bytes(), name
+    assert json.loads((folder / "preprocessor_config.json").read_text())["size"] == {"height": 48, "width": 64}
+    from transformers import pipeline
+
+    photo = Image.fromarray(generate_scene(np.random.default_rng(7), 83, 117)[0])  # RGB, not square
+    expected = pipeline("image-segmentation", model=str(trained))(photo)
+    published = pipeline("image-segmentation", model=str(folder))
+    segments = published(photo)
+    assert [s["label"] for s in segments] == [s["label"] for s in expected]
+    for got, want in zip(segments, expected, strict=True):
+        assert got["mask"].size == (117, 83) and np.array_equal(np.asarray(got["mask"]), np.asarray(want["mask"]))
+    # The masks can agree by chance after 2 steps; the logits cannot, unless the processor is the trained one.
+    inputs = published.image_processor(photo, return_tensors="pt")
+    assert tuple(inputs["pixel_values"].shape[-2:]) == (48, 64)
+    with torch.no_grad():
+        logits = published.model(**inputs).logits
+        reference = OffSegForSemanticSegmentation.from_pretrained(trained).eval()
+        assert torch.equal(
+            logits, reference(**OffSegImageProcessor.from_pretrained(trained)(photo, return_tensors="pt")).logits
+        )
+
+    # The card: the training data and train.py's own evaluation of these weights.
+    result = json.loads((trained / "eval_results.json").read_text())
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.datasets is None  # the demo set is drawn locally, no Hub data set to link
+    assert [(r.dataset_type, r.metric_name, r.metric_value) for r in card.data.eval_results][0] == (
+        "offseg-demo",
+        "mIoU",
+        round(100 * result["mean_iou"], 2),
+    )
+    assert "trained by offseg-hf's `examples/train.py` (recipe `demo`, 2 steps)" in card.text
+    assert "| 5 (offseg-hf's synthetic demo scenes) |" in card.text
+
+
+def test_weights_dir_publishes_the_variants_it_holds(tmp_path, capsys):
+    converted = tmp_path / "converted"
+    saved_model(converted / "segformer-b0-offset")
+    script = load_script()
+    args = ["--output_dir", str(tmp_path / "hub"), "--weights_dir", str(converted)]
+    (folder,) = script.main(args)  # not every preset is there: the ones that are
+    assert folder.name == "segformer-b0-offset"
+    processor = converted / "segformer-b0-offset" / "preprocessor_config.json"
+    assert (folder / "preprocessor_config.json").read_bytes() == processor.read_bytes()
+    assert ModelCard.load(folder / "README.md").data.datasets == ["scene_parse_150"]  # 6 classes, not the demo's
+    # Named variants must all be there; a results file of another recipe's data needs the data named.
+    with pytest.raises(SystemExit):
+        script.main([*args, "--variants", "segformer-b0-offset", "offseg-t", "segnext-t"])
+    assert capsys.readouterr().err.strip().endswith(f"--weights_dir {converted} has no folder for offseg-t, segnext-t.")
+    model = OffSegForSemanticSegmentation.from_pretrained(converted / "segformer-b0-offset")
+    results = {"mean_iou": 0.5, "mean_accuracy": 0.6, "overall_accuracy": 0.9, "recipe": "cityscapes-160k"}
+    write_results(
+        tmp_path / "results", "segformer-b0-offset", {**results, "weights_sha256": weights_fingerprint(model)}
+    )
+    with pytest.raises(SystemExit):
+        script.main([*args, "--results_dir", str(tmp_path / "results")])
+    assert "recipe 'cityscapes-160k', not on ADE20K: name the data set" in capsys.readouterr().err
+    named = ["--dataset_name", "cityscapes", "--dataset_pretty_name", "Cityscapes"]
+    (folder,) = script.main([*args, "--results_dir", str(tmp_path / "results"), *named])
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.datasets == ["cityscapes"] and card.data.eval_results[0].dataset_name == "Cityscapes"
+
+
+def test_model_dir_mistakes_end_with_one_line(tmp_path, capsys):
+    saved_model(tmp_path / "run")
+    trained = saved_model(tmp_path / "demo-segformer-b0-offset")
+    (tmp_path / "empty-offseg-t").mkdir()
+    (tmp_path / "no-processor" / "offseg-t").mkdir(parents=True)
+    (tmp_path / "no-processor" / "offseg-t" / "config.json").write_text("{}")
+    cases = [
+        ([str(tmp_path / "empty-offseg-t")], f"{tmp_path / 'empty-offseg-t'} has no config.json: not a saved model"),
+        ([str(tmp_path / "run")], "its name ends with no variant's; name it with --variants."),
+        ([str(tmp_path / "run"), "--variants", "offseg-t"], "holds no offseg-t: its decode_head is 'segformer'"),
+        ([str(tmp_path / "run"), "--variants", "offseg-t", "offseg-b"], "1 folders, 2 variants"),
+        ([str(trained), str(trained)], "two folders named 'demo-segformer-b0-offset' would be one repo"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as raised:
+            load_script().main(["--output_dir", str(tmp_path / "hub"), "--model_dir", *argv])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert raised.value.code == 2 and ": error: " in lines[-1] and message in lines[-1], (argv, lines[-1])
+    with pytest.raises(SystemExit):
+        load_script().main(["--output_dir", str(tmp_path / "hub"), "--weights_dir", str(tmp_path / "no-processor")])
+    assert "offseg-t has no preprocessor_config.json" in capsys.readouterr().err
+    assert not (tmp_path / "hub").exists()
+    # A folder under another name publishes under that name, with the variant given.
+    (folder,) = load_script().main(
+        [
+            "--output_dir",
+            str(tmp_path / "hub"),
+            "--model_dir",
+            str(tmp_path / "run"),
+            "--variants",
+            "segformer-b0-offset",
+        ]
+    )
+    assert folder.name == "run" and "offseg-hf/run" in (folder / "README.md").read_text()
 
 
 def test_push_to_hub_uploads_each_folder_to_the_namespace(tmp_path, monkeypatch):
