@@ -27,6 +27,12 @@ parent), with `JPEGImages/<id>.jpg`, `SegmentationClassContext/<id>.png` and the
 are read. Its id 0 is background: the 59 classes are ids 1..59 and need `reduce_labels` too (mmseg's
 `reduce_zero_label`).
 
+A data set by name (`dataset_name`) is what `datasets.load_dataset` takes: a Hub id (one already in the cache loads
+with `HF_HUB_OFFLINE=1`), or a local folder in the Hub's layout (`data/train-*.parquet`, `data/validation-*.parquet`,
+...; e.g. a downloaded Hub repo), or a folder written by `save_to_disk` (read with `datasets.load_from_disk`). The
+classes come from the ADE20K list for `scene_parse_150`, else from an `id2label.json` at the root of the repo or
+folder (the Hub's convention), else they are inferred from the masks as for folders.
+
 Annotations are returned as stored; `labels_need_reducing(...)` says whether to reduce them, and `id2label`
 always describes the label space after that reduction (ADE20K: 150 classes, Pascal Context: 59).
 """
@@ -45,6 +51,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .local_paths import check_local_folder
 from .transforms import IGNORE_INDEX  # the one definition; re-exported for the scripts
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -86,7 +93,21 @@ logger = logging.getLogger(__name__)
 
 class SegmentationDataError(ValueError):
     """A sample that cannot be used: unreadable image, mask of another size, ids out of range. The message names
-    the sample (split, index and, where known, the file)."""
+    the sample (split, index and, where known, the file), in one line.
+
+    Raised in a DataLoader worker, torch raises it again in the main process as `SegmentationDataError("Caught
+    SegmentationDataError in DataLoader worker process 0.\nOriginal Traceback ...")`: the message is then made the
+    worker's one line again, so that a script can print it as the whole error; the worker's traceback is kept in
+    `worker_traceback`.
+    """
+
+    def __init__(self, message: str = "", *args):
+        last_line = f"{type(self).__module__}.{type(self).__qualname__}: "
+        lines = message.rstrip().splitlines()
+        self.worker_traceback = None
+        if message.startswith(f"Caught {type(self).__name__} ") and lines[-1].startswith(last_line):
+            self.worker_traceback, message = message, lines[-1][len(last_line) :]
+        super().__init__(message, *args)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -145,8 +166,9 @@ def load_segmentation_splits(
     """Load one source as `(DatasetDict with "train"/"validation", id2label)`; exactly one source must be given.
 
     Args:
-        dataset_name: a Hub data set with image + mask columns (`scene_parse_150` schema); network access.
-            Without a validation split, `validation_split` of "train" is held out (seeded).
+        dataset_name: a data set with image + mask columns (`scene_parse_150` schema): a Hub id, a local folder
+            in the Hub's layout or a `save_to_disk` folder (see this module's docstring). Without a validation
+            split, `validation_split` of "train" is held out (seeded).
         train_dir / validation_dir: folders in the layout of this module's docstring. Without `validation_dir`,
             `validation_split` of the training folder is held out.
         ade20k_root: the official ADEChallengeData2016 folder or its parent.
@@ -190,7 +212,7 @@ def load_segmentation_splits(
     if train_dir is not None:
         return _load_folders(Path(train_dir), validation_dir, num_labels, do_reduce_labels, validation_split, seed)
     columns = (image_column, label_column)
-    return _load_hub(
+    return _load_named(
         dataset_name, dataset_config_name, columns, num_labels, do_reduce_labels, validation_split, seed, cache_dir
     )
 
@@ -307,10 +329,13 @@ def _read_id2label(*candidates: Path) -> dict[int, str] | None:
 
 
 def _max_label(dataset) -> int:
-    """Largest id (ignoring 255) over a Dataset's masks: the fallback for the number of classes."""
+    """Largest id (ignoring 255) over a Dataset's masks: the fallback for the number of classes. Only the masks are
+    decoded, through `SegmentationDataset` so that an unreadable one is named."""
+    samples = SegmentationDataset(dataset, transform=None, num_labels=256, split="train")
     largest = 0
-    for index in range(len(dataset)):
-        counts = np.bincount(np.asarray(dataset[index]["annotation"]).ravel(), minlength=256)
+    for index in range(len(samples)):
+        mask = samples._open(samples.raw[index]["annotation"], index, "mask")
+        counts = np.bincount(np.asarray(mask).ravel(), minlength=256)
         counts[IGNORE_INDEX] = 0
         present = np.nonzero(counts)[0]
         if present.size:
@@ -372,20 +397,48 @@ def _load_pascal_context(root: Path):
     return _split_datasets(pairs), dict(enumerate(PASCAL_CONTEXT_59_CLASSES))
 
 
-def _load_hub(dataset_name, config_name, columns, num_labels, do_reduce_labels, validation_split, seed, cache_dir):
+def _local_folder(dataset_name: str) -> Path | None:
+    """The local folder `dataset_name` names, or None for a Hub id. As in `datasets.load_dataset`, an existing folder
+    wins over a Hub id spelled the same. A name only a path can have (`./x`, `/x`, `a/b/c`, ...) that names no folder
+    fails here: the Hub would only answer, later and less clearly, that it is not a repo id."""
+    check_local_folder(dataset_name, "dataset_name")
+    path = Path(os.path.expanduser(dataset_name))
+    return path if path.is_dir() else None
+
+
+def _saved_to_disk(folder: Path) -> bool:
+    """Whether `save_to_disk` wrote the folder: `load_from_disk` reads it, `load_dataset` would not."""
+    from datasets import config
+
+    markers = (config.DATASETDICT_JSON_FILENAME, config.DATASET_STATE_JSON_FILENAME)
+    return any((folder / name).is_file() for name in markers)
+
+
+def _load_named(dataset_name, config_name, columns, num_labels, do_reduce_labels, validation_split, seed, cache_dir):
+    """A data set by name: a Hub id, a local folder in the Hub's layout or a `save_to_disk` folder."""
     import datasets
 
     image_column, label_column = columns
-
-    loaded = datasets.load_dataset(dataset_name, config_name, cache_dir=cache_dir)
+    folder = _local_folder(dataset_name)
+    if folder is not None and _saved_to_disk(folder):
+        if config_name is not None:
+            raise ValueError(f"{dataset_name} is a save_to_disk folder: it has no configuration {config_name!r}.")
+        loaded = datasets.load_from_disk(str(folder))
+        if isinstance(loaded, datasets.Dataset):  # one split saved on its own
+            loaded = datasets.DatasetDict({"train": loaded})
+    else:
+        loaded = datasets.load_dataset(str(folder or dataset_name), config_name, cache_dir=cache_dir)
     if "train" not in loaded:
         raise ValueError(f"{dataset_name} has no 'train' split (splits: {list(loaded)}).")
     for split in loaded.values():
         for column in (image_column, label_column):
             if column not in split.column_names:
+                folder_hint = ""
+                if folder is not None and (folder / "images").is_dir():
+                    folder_hint = "; a folder of images/ and masks/ is read with train_dir (--train_dir)"
                 raise ValueError(
                     f"{dataset_name} has no column {column!r} (columns: {split.column_names}); pass "
-                    "image_column / label_column (--image_column_name / --label_column_name)."
+                    f"image_column / label_column (--image_column_name / --label_column_name){folder_hint}."
                 )
     validation_name = next((name for name in ("validation", "val", "test") if name in loaded), None)
 
@@ -401,21 +454,45 @@ def _load_hub(dataset_name, config_name, columns, num_labels, do_reduce_labels, 
             {"train": conform(loaded["train"]), "validation": conform(loaded[validation_name])}
         )
 
-    ade20k = labels_need_reducing(dataset_name=dataset_name)
-    id2label = dict(enumerate(ADE20K_CLASSES)) if ade20k else _hub_id2label(dataset_name)
+    if labels_need_reducing(dataset_name=dataset_name):
+        id2label = dict(enumerate(ADE20K_CLASSES))
+    elif folder is not None:
+        id2label = _read_id2label(folder / "id2label.json")  # where a Hub repo keeps it, so a download has it too
+    else:
+        id2label = _hub_id2label(dataset_name)
     if id2label is None:
-        id2label = _inferred_id2label(splits, num_labels, do_reduce_labels, dataset_name)
+        id2label = _inferred_id2label(splits, num_labels, do_reduce_labels, f"{dataset_name} (no id2label.json)")
     return splits, id2label
 
 
 def _hub_id2label(dataset_name: str) -> dict[int, str] | None:
-    """An id2label.json in the data set's Hub repository, the convention of the Hub's segmentation data sets."""
+    """An id2label.json in the data set's Hub repository, the convention of the Hub's segmentation data sets. None
+    when the repo has none, or when it cannot be fetched: offline (`HF_HUB_OFFLINE=1`, no network) a data set
+    already in the cache still loads, so its classes are then inferred, with a warning, rather than the run failing."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     try:
         path = hf_hub_download(repo_id=dataset_name, filename="id2label.json", repo_type="dataset")
+    except LocalEntryNotFoundError:  # before EntryNotFoundError, its base: the file may well exist on the Hub
+        logger.warning(
+            "%s: id2label.json is not in the local cache and the Hub cannot be reached (offline); the classes are "
+            "inferred from the masks.",
+            dataset_name,
+        )
+        return None
     except (EntryNotFoundError, RepositoryNotFoundError):
+        return None
+    except HfHubHTTPError as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        logger.warning(
+            "%s: cannot fetch id2label.json (%s); the classes are inferred from the masks.", dataset_name, reason
+        )
         return None
     return _read_id2label(Path(path))
 
