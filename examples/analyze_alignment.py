@@ -40,7 +40,7 @@ from offseg_hf.analysis import (
     default_classes,
     reconstruction_summary,
 )
-from offseg_hf.data import IGNORE_INDEX, SegmentationDataset
+from offseg_hf.data import IGNORE_INDEX, SegmentationDataError, SegmentationDataset
 from offseg_hf.training import RECIPE_FIELDS, RECIPES, default_recipe, resolve_settings
 from offseg_hf.transforms import EvalTransform
 
@@ -321,4 +321,7 @@ def print_summary(report: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (SegmentationDataError, FileNotFoundError) as error:  # a bad sample, a missing file: the user's to fix
+        sys.exit(f"error: {error}")

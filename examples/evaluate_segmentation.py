@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -32,7 +33,13 @@ import torch
 from transformers import AutoModelForSemanticSegmentation
 
 import offseg_hf  # noqa: F401  (registers OffSeg with the Auto classes)
-from offseg_hf.data import IGNORE_INDEX, SegmentationDataset, labels_need_reducing, load_segmentation_splits
+from offseg_hf.data import (
+    IGNORE_INDEX,
+    SegmentationDataError,
+    SegmentationDataset,
+    labels_need_reducing,
+    load_segmentation_splits,
+)
 from offseg_hf.hub import eval_results, weights_fingerprint
 from offseg_hf.inference import evaluate_dataset
 from offseg_hf.local_paths import missing_folder_message
@@ -313,4 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (SegmentationDataError, FileNotFoundError) as error:  # a bad sample, a missing file: the user's to fix
+        sys.exit(f"error: {error}")

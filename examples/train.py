@@ -589,6 +589,7 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (NonFiniteLossError, CheckpointMismatchError, SegmentationDataError) as error:
+    # A data set's missing image, mask or split list is the user's to fix: one line, as for a bad sample.
+    except (NonFiniteLossError, CheckpointMismatchError, SegmentationDataError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)

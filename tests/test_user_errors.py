@@ -2,18 +2,22 @@
 `from_pretrained`; a traceback means a bug. Each case is one that a user hit (issue 22)."""
 
 import importlib.util
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from offseg_hf import OffSegForSemanticSegmentation
+from offseg_hf import OffSegForSemanticSegmentation, OffSegImageProcessor
 from offseg_hf import convert as convert_module
 from offseg_hf import onnx as onnx_module
 from offseg_hf.local_paths import looks_local, missing_folder_message
 
 from .conftest import tiny_config
+from .test_data import write_folder_split
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
@@ -144,3 +148,28 @@ def test_app_refuses_to_start_with_a_model_that_does_not_load(app_module, capsys
     monkeypatch.setattr(app_module, "build_demo", lambda *args, **kwargs: pytest.fail("the app was built"))
     line = one_error_line(capsys, app_module.main, ["--model_name_or_path", "./empty"], code=1)
     assert "Could not load './empty'" in line
+
+
+@pytest.mark.parametrize("script", ["train.py", "evaluate_segmentation.py"])
+def test_a_missing_mask_ends_the_script_with_one_line(tmp_path, script):
+    """The command line in a fresh process, as a user runs it: a data folder with an image whose mask is missing."""
+    folder = tmp_path / "data"
+    write_folder_split(folder, 3, seed=1)
+    (folder / "masks" / "scene0.png").unlink()
+    data = ["--train_dir", str(folder)] if script == "train.py" else ["--validation_dir", str(folder)]
+    model = [] if script == "train.py" else ["--model_name_or_path", str(save_tiny_model(tmp_path / "model"))]
+    completed = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *data, *model, "--output_dir", str(tmp_path / "out")],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 1 and "Traceback" not in completed.stderr, completed.stderr[-3000:]
+    assert completed.stderr.strip().splitlines()[-1].startswith(f"error: No mask for image {folder}/images/scene0")
+
+
+def save_tiny_model(folder: Path) -> Path:
+    OffSegForSemanticSegmentation(tiny_config(num_labels=5)).save_pretrained(folder)
+    OffSegImageProcessor().save_pretrained(folder)
+    return folder
