@@ -159,6 +159,11 @@ class OffsetLearning(nn.Module):
                 position_attention = _softmax_over_classes(coupled_attention)  # (B, HW, K)
                 # dE W'^T = A_pos (W P_f^T) W'^T, with the small (K, K8) factor formed first.
                 class_mixing = torch.matmul(self.feature_offset_proj(class_embeddings), padded_classes)  # (B, K, K8)
+                # In place, so autocast casts no operand here: CUDA's runs the softmax in float32 and the products
+                # in bf16. The product takes the scores' dtype, as autocast's out-of-place baddbmm would (a Python
+                # branch on dtypes: no op in traced or exported graphs without autocast).
+                if position_attention.dtype != scores.dtype:
+                    position_attention = position_attention.to(scores.dtype)
                 scores = scores.baddbmm_(position_attention, class_mixing)  # (B, HW, K8), in place
         scores = scores[..., :num_classes]  # (B, HW, K)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from offseg_hf import MaskOffsetLearning, OffsetLearning
+from offseg_hf import MaskOffsetLearning, OffsetLearning, offset_learning
 from offseg_hf.offset_learning import pad_class_rows
 
 
@@ -108,6 +108,22 @@ def test_gradients_reach_every_parameter_and_the_input():
     for name, param in module.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
     assert features.grad.abs().sum() > 0
+
+
+def test_bf16_autocast_with_float32_softmax(monkeypatch):
+    """CUDA's autocast runs softmax in float32 and matrix products in bf16, so the feature-offset product meets a
+    float32 Softmax_K(A) and bf16 scores (on an H200: "Input dtypes must be the same" in the in-place baddbmm, every
+    offset model under bf16 autocast). CPU autocast keeps softmax in bf16: its float32 result is imitated here."""
+    module = make_module(num_classes=13, dtype=torch.float32)
+    features = torch.randn(2, 16, 6, 7, requires_grad=True)
+    expected = module(features)
+    softmax_over_classes = offset_learning._softmax_over_classes
+    monkeypatch.setattr(offset_learning, "_softmax_over_classes", lambda a: softmax_over_classes(a.float()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = module(features)
+    torch.testing.assert_close(scores.float(), expected, rtol=0, atol=0.1)  # bf16: 0.03 off at scores up to 3
+    scores.float().sum().backward()
+    assert features.grad is not None and torch.isfinite(features.grad).all()
 
 
 def test_rejects_wrong_channel_count():
