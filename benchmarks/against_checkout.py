@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import measure, median, print_table
+from common import machine_line, measure, median, print_table
 
 import offseg_hf
 
@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     height, width = args.size
-    print(f"# {height}x{width}, batch 1, fp32, cpu, threads {torch.get_num_threads()}, {args.repeats} repeats each")
+    print(f"# {height}x{width}, batch 1, fp32, {args.repeats} repeats each")
+    print(f"# {machine_line(torch.device('cpu'))}")
     print(f"# before: {args.before}\n")
     columns = ["variant", "before (ms)", "after (ms)", "after / before", "logits bitwise equal", "max abs diff"]
     print_table(columns, rows)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import platform
 import statistics
 import time
 
 import torch
+import transformers
 from torch import nn
 from torch.nn import functional as F
 from transformers import SegformerConfig, SegformerForSemanticSegmentation
@@ -167,11 +170,47 @@ def agreement(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, floa
     return (other - reference).abs().max().item(), same
 
 
+# CPU features that change which kernels torch, oneDNN and ONNX Runtime pick, and so the timings (and the last bits of
+# float32 results): a table is only comparable with tables measured on the same kind.
+ISA_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX-512-BF16", "amx_tile": "AMX"}
+
+
+def cpu_description() -> str:
+    """The CPU model and the ISA extensions that matter here, e.g. "AMD EPYC (AVX2, AVX-512; torch: AVX512)"."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:  # not Linux: the model name from platform is what there is
+        pass
+    extensions = [name for flag, name in ISA_FLAGS.items() if flag in flags]
+    return f"{model} ({', '.join(extensions) or 'no AVX2'}; torch: {torch.backends.cpu.get_cpu_capability()})"
+
+
+def library_versions() -> str:
+    """Versions of the libraries a benchmark's figures depend on (those importable here)."""
+    versions = [f"torch {torch.__version__}", f"transformers {transformers.__version__}"]
+    for name in ("timm", "onnxruntime", "openvino", "executorch"):
+        try:
+            versions.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return ", ".join(versions)
+
+
 def machine_line(device: torch.device) -> str:
-    line = f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}"
+    """Where a table was measured: CPU model and ISA, thread count, device, library versions (printed by every
+    benchmark above its tables)."""
+    line = f"CPU {cpu_description()}, {torch.get_num_threads()} torch threads, device {device}"
     if device.type == "cuda":
         line += f" ({torch.cuda.get_device_name(device)})"
-    return line
+    return f"{line}; {library_versions()}"
 
 
 def parameters_m(model: nn.Module) -> float:

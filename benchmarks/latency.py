@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import OfficialOrder, count_gmac, measure, median, parameters_m, print_table
+from common import OfficialOrder, count_gmac, machine_line, measure, median, parameters_m, print_table
 from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
 from offseg_hf import PAPER_FIGURES, OffSegConfig, OffSegForSemanticSegmentation
@@ -78,8 +78,7 @@ def main() -> None:
 
     baseline = median(times["hf-segformer-b0"])
     print(
-        f"# {args.height}x{args.width}, batch {args.batch_size}, fp32, {device}, threads {torch.get_num_threads()}, "
-        f"{args.repeats} repeats, torch {torch.__version__}"
+        f"# {args.height}x{args.width}, batch {args.batch_size}, fp32, {args.repeats} repeats\n# {machine_line(device)}"
     )
     columns = ["model", "params (M)", "paper params (M)", "GMAC (counted)", "paper GFLOPs", "median ms", "ratio vs HF"]
     rows = [

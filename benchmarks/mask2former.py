@@ -24,7 +24,16 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import ForwardTimer, add_input_arguments, count_gmac, measure, median, parameters_m, print_table
+from common import (
+    ForwardTimer,
+    add_input_arguments,
+    count_gmac,
+    machine_line,
+    measure,
+    median,
+    parameters_m,
+    print_table,
+)
 
 from offseg_hf.presets import model_for_variant, paper_figures
 
@@ -54,7 +63,7 @@ def main() -> None:
     offset_ms = median([sum(calls[i : i + per_pass]) for i in range(args.warmup * per_pass, len(calls), per_pass)])
 
     baseline = median(times[BASELINE])
-    print(f"# {args.repeats} repeats after {args.warmup} warmup passes, torch {torch.__version__}")
+    print(f"# {args.repeats} repeats after {args.warmup} warmup passes\n# {machine_line(device)}")
     columns = ["model", "params (M)", "paper params (M)", "GMAC", "median ms", "ratio", "offset ms (share)"]
     rows = []
     for name, model in models.items():
@@ -66,10 +75,7 @@ def main() -> None:
             + [f"{ms / baseline:.3f}", share]
         )
     print_table(columns, rows)
-    machine = f"torch threads {torch.get_num_threads()}, device {device}"
-    if device.type == "cuda":
-        machine += f" ({torch.cuda.get_device_name(device)})"
-    print(f"\n{machine}; input {'x'.join(map(str, pixel_values.shape))} fp32, {args.num_labels} labels")
+    print(f"\ninput {'x'.join(map(str, pixel_values.shape))} fp32, {args.num_labels} labels")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import time
 from collections import defaultdict
 
 import torch
-from common import OfficialOrder, count_gmac, measure, median, parameters_m, print_table
+from common import OfficialOrder, count_gmac, machine_line, measure, median, parameters_m, print_table
 from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
 from offseg_hf import PAPER_FIGURES, OffSegConfig, OffSegForSemanticSegmentation
@@ -144,10 +144,7 @@ def main() -> None:
     times = measure(models, pixel_values, args.warmup, args.repeats)
     baseline = median(times[BASELINE])
 
-    print(
-        f"# 512x512, batch 1, fp32, {device}, threads {torch.get_num_threads()}, {args.repeats} repeats, "
-        f"torch {torch.__version__}\n"
-    )
+    print(f"# 512x512, batch 1, fp32, {args.repeats} repeats\n# {machine_line(device)}\n")
     columns = ["model", "params (M)", "paper params", "GMAC (ours)", "GMAC (official order)", "paper GFLOPs"]
     columns += ["median ms", "ratio vs HF SegFormer-B0"]
     rows = []

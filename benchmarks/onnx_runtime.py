@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import HF_SEGFORMER_B0, add_input_arguments, hf_segformer_b0, measure, median, print_table
+from common import HF_SEGFORMER_B0, add_input_arguments, hf_segformer_b0, machine_line, measure, median, print_table
 
 from offseg_hf import presets
 from offseg_hf.onnx import (
@@ -165,8 +165,9 @@ def main() -> None:
         f"\n{args.height}x{args.width}, batch {args.batch_size}, fp32, {args.num_labels} labels, "
         f"{args.threads} threads, "
         f"{args.repeats} repeats (median ms); ratios against eager of the same preset and against {HF_SEGFORMER_B0} "
-        "eager timed in the same rounds:\n"
+        "eager timed in the same rounds:"
     )
+    print(f"{machine_line(torch.device('cpu'))}\n")
     columns = [
         "variant",
         "export s",

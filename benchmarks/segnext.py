@@ -34,6 +34,7 @@ from common import (
     add_input_arguments,
     count_gmac,
     hf_segformer_b0,
+    machine_line,
     measure,
     median,
     parameters_m,
@@ -89,7 +90,7 @@ def main() -> None:
 
     at_official_setting = (args.height, args.width, args.num_labels) == (512, 512, 150)
     baseline = median(times[HF_SEGFORMER_B0])
-    print(f"# {args.repeats} repeats after {args.warmup} warmup passes, torch {torch.__version__}")
+    print(f"# {args.repeats} repeats after {args.warmup} warmup passes\n# {machine_line(device)}")
     columns = ["model", "params (M)", "paper params (M)", "GMAC (ours)", "GMAC (official)", "paper GFLOPs"]
     columns += ["median ms", "ratio vs HF", "NMF ms (share)", "offset / per-pixel"]
     rows = []
@@ -113,14 +114,11 @@ def main() -> None:
         )
     print_table(columns, rows)
 
-    machine = f"torch threads {torch.get_num_threads()}, device {device}"
-    if device.type == "cuda":
-        machine += f" ({torch.cuda.get_device_name(device)})"
     shape = "x".join(map(str, pixel_values.shape))
     print()
     for group in dict.fromkeys(map(family, names)):
         members = ", ".join(name for name in names if family(name) == group)
-        print(f"{group} [{members}]: {machine}; input {shape} fp32, {args.num_labels} labels")
+        print(f"{group} [{members}]: input {shape} fp32, {args.num_labels} labels")
 
 
 if __name__ == "__main__":
