@@ -41,6 +41,7 @@ from transformers import AutoModelForSemanticSegmentation
 
 import offseg_hf  # noqa: F401  (registers OffSeg with the Auto classes)
 from offseg_hf import OffSegImageProcessor
+from offseg_hf.convert import from_pretrained_encoder
 from offseg_hf.data import (
     IGNORE_INDEX,
     SegmentationDataError,
@@ -51,7 +52,7 @@ from offseg_hf.data import (
 from offseg_hf.hub import weights_fingerprint
 from offseg_hf.local_paths import missing_folder_message
 from offseg_hf.modeling_offseg import ENCODERS
-from offseg_hf.presets import encoder_sources, from_pretrained_encoder, model_for_variant
+from offseg_hf.presets import encoder_sources, model_for_variant
 from offseg_hf.training import (
     FAMILY_CHANGES,
     PAPER_RECIPE,

@@ -23,6 +23,7 @@ from torch.nn import functional as F
 from transformers import PreTrainedConfig
 from transformers import initialization as init
 
+from .configuration_offseg import EFFICIENTFORMER_V2_MODELS
 from .encoder import EncoderOutput, no_attentions_error
 from .layers import initialise_with
 from .state_dict_checks import require_fit
@@ -30,7 +31,7 @@ from .state_dict_checks import require_fit
 # The official segmentation backbone's attention biases are laid out for this input size.
 BIAS_INPUT_SIZE = 512
 
-SUPPORTED_MODELS = ("efficientformerv2_s0", "efficientformerv2_s1", "efficientformerv2_s2", "efficientformerv2_l")
+SUPPORTED_MODELS = EFFICIENTFORMER_V2_MODELS  # the configuration's list: a config is checked before any module exists
 
 # timm's ImageNet model has these; the segmentation backbone does not use them.
 CLASSIFIER_KEYS = ("norm.", "head.", "head_dist.")

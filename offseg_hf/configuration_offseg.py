@@ -9,9 +9,25 @@ from typing import Any, ClassVar
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from .backbone_mscan import MSCANConfig
 from .configuration_mask2former import MASK2FORMER_VARIANTS, OffSegMask2FormerConfig
-from .decode_head_lightham import check_eval_bases
+from .configuration_mscan import MSCANConfig
+
+# How the LightHam head's NMF starts in evaluation (see `decode_head_lightham`): bases from a fixed seed, or drawn
+# from the global RNG on every forward as the official code does (for parity runs only).
+EVAL_BASES = ("seeded", "global_rng")
+# The timm EfficientFormerV2 models an OffSeg encoder can be (checked here, when a config is made).
+EFFICIENTFORMER_V2_MODELS = (
+    "efficientformerv2_s0",
+    "efficientformerv2_s1",
+    "efficientformerv2_s2",
+    "efficientformerv2_l",
+)
+
+
+def check_eval_bases(value: str) -> None:
+    if value not in EVAL_BASES:
+        raise ValueError(f"Unknown nmf_eval_bases {value!r}; known: {', '.join(EVAL_BASES)}.")
+
 
 # MiT encoder sizes of SegFormer B0..B5 (Xie et al. 2021, Table 6), shared by every size:
 # overlapping patch embeddings 7/3/3/3 with strides 4/2/2/2, spatial reduction 8/4/2/1, heads 1/2/5/8.
@@ -250,12 +266,10 @@ class OffSegConfig(PreTrainedConfig):
         if self.classifier not in _CLASSIFIERS:
             raise ValueError(f"Unknown classifier {self.classifier!r}; known: {', '.join(_CLASSIFIERS)}.")
         if self.encoder_config.model_type == "timm_backbone":
-            from .backbone_efficientformer_v2 import SUPPORTED_MODELS  # the backbone's own list, checked early here
-
-            if self.encoder_config.backbone not in SUPPORTED_MODELS:
+            if self.encoder_config.backbone not in EFFICIENTFORMER_V2_MODELS:
                 raise ValueError(
                     f"Unsupported timm encoder {self.encoder_config.backbone!r}; supported: "
-                    f"{', '.join(SUPPORTED_MODELS)}."
+                    f"{', '.join(EFFICIENTFORMER_V2_MODELS)}."
                 )
         check_eval_bases(self.nmf_eval_bases)
         if self.decode_head == "offseg" and not self.decoder_stage_channels:
@@ -306,4 +320,13 @@ def unknown_variant_message(name: str) -> str:
     return f"Unknown variant {name!r}.{hint} Known variants: {', '.join(known)}."
 
 
-__all__ = ["AUTO_MAP", "OffSegConfig", "VARIANTS", "PAPER_FIGURES", "unknown_variant_message"]
+__all__ = [
+    "AUTO_MAP",
+    "EFFICIENTFORMER_V2_MODELS",
+    "EVAL_BASES",
+    "OffSegConfig",
+    "PAPER_FIGURES",
+    "VARIANTS",
+    "check_eval_bases",
+    "unknown_variant_message",
+]

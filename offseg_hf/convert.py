@@ -55,12 +55,14 @@ from transformers import PreTrainedModel
 from . import safe_pickle
 from .data import ADE20K_CLASSES
 from .image_processing_offseg import OffSegImageProcessor
+from .modeling_offseg import OffSegForSemanticSegmentation
 from .presets import (
     ALL_VARIANTS,
     MASK2FORMER_FAMILY,
     config_for_variant,
     has_offset_learning,
     model_class_for,
+    model_for_variant,
     variant_family,
 )
 from .state_dict_checks import read_state_dict_file, require_fit, unwrap_state_dict
@@ -848,6 +850,17 @@ def load_swin_imagenet(model: PreTrainedModel, path: str) -> list[str]:
     require_fit(encoder.state_dict(), weights, f"{path!r} does not fit this Swin backbone", _initialised_here)
     encoder.load_state_dict(weights, strict=False)
     return unused
+
+
+def from_pretrained_encoder(encoder_name_or_path: str, name: str, **overrides) -> PreTrainedModel:
+    """A fresh model of any preset whose backbone starts from pretrained (ImageNet) weights: the one door for every
+    family (MiT and EfficientFormerV2 through `transformers`/`timm` checkpoints, MSCAN and Swin from the official
+    files, read safely)."""
+    if variant_family(name) == MASK2FORMER_FAMILY:
+        model = model_for_variant(name, **overrides)
+        load_swin_imagenet(model, encoder_name_or_path)
+        return model
+    return OffSegForSemanticSegmentation.from_pretrained_encoder(encoder_name_or_path, name, **overrides)
 
 
 def main(argv: list[str] | None = None) -> None:

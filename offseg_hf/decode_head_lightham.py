@@ -26,20 +26,13 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import initialization as init
 
+from .configuration_offseg import EVAL_BASES, check_eval_bases
 from .layers import ConvNormAct, initialise_with, kaiming_relu_, resize_and_project
 
 # mmcv GroupNorm setting of the official head (ConvModule norm_cfg GN, 32 groups).
 NORM_GROUPS = 32
 # The stages the head reads: 1/8, 1/16, 1/32 (mmseg's in_index [1, 2, 3]).
 IN_INDEX = (1, 2, 3)
-EVAL_BASES = ("seeded", "global_rng")
-
-
-def check_eval_bases(value: str) -> None:
-    if value not in EVAL_BASES:
-        raise ValueError(f"Unknown nmf_eval_bases {value!r}; known: {', '.join(EVAL_BASES)}.")
-
-
 _EPS = 1e-6  # added to every multiplicative-update denominator, as in the official NMF
 
 

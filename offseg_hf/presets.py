@@ -71,7 +71,7 @@ def model_for_variant(name: str, **overrides) -> PreTrainedModel:
     return model_class_for(config)(config)
 
 
-# What `from_pretrained_encoder` takes for Mask2Former's Swin (see `offseg_hf.convert.load_swin_imagenet`).
+# What `offseg_hf.convert.from_pretrained_encoder` takes for Mask2Former's Swin (`convert.load_swin_imagenet`).
 _SWIN_SOURCES = "the official mmseg-format Swin-T ImageNet .pth file or a saved transformers Swin folder"
 
 
@@ -83,24 +83,12 @@ def encoder_sources(name: str) -> tuple[str, str, Callable[[str], bool]]:
     return encoder.display_name, encoder.pretrained_sources, encoder.accepts_pretrained
 
 
-def from_pretrained_encoder(encoder_name_or_path: str, name: str, **overrides) -> PreTrainedModel:
-    """A fresh model of a preset whose backbone starts from pretrained (ImageNet) weights."""
-    if variant_family(name) == MASK2FORMER_FAMILY:
-        from .convert import load_swin_imagenet
-
-        model = model_for_variant(name, **overrides)
-        load_swin_imagenet(model, encoder_name_or_path)
-        return model
-    return OffSegForSemanticSegmentation.from_pretrained_encoder(encoder_name_or_path, name, **overrides)
-
-
 __all__ = [
     "ALL_VARIANTS",
     "MASK2FORMER_FAMILY",
     "all_variant_names",
     "config_for_variant",
     "encoder_sources",
-    "from_pretrained_encoder",
     "has_offset_learning",
     "model_class_for",
     "model_for_variant",
