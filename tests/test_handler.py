@@ -5,7 +5,10 @@ import base64
 import importlib.util
 import io
 import json
+import pickle
+import struct
 import textwrap
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +107,17 @@ def expected_label_map(model, image: Image.Image) -> np.ndarray:
     return label_map.numpy()
 
 
+def expected_scores(model, image: Image.Image, normalised: bool = False) -> dict[int, float]:
+    """Each predicted class's mean probability over its pixels, from the whole (K, H, W) resized logits."""
+    processor = OffSegImageProcessor()
+    with torch.no_grad():
+        logits = model(**processor(images=image, return_tensors="pt")).logits.float()
+    resized = torch.nn.functional.interpolate(logits, size=image.size[::-1], mode="bilinear", align_corners=False)[0]
+    probabilities = resized / resized.sum(dim=0, keepdim=True) if normalised else resized.softmax(dim=0)
+    labels = resized.argmax(dim=0)
+    return {int(k): probabilities[k][labels == k].mean().item() for k in labels.unique()}
+
+
 @pytest.fixture(scope="module")
 def handler_report(tmp_path_factory):
     """The handler's answers for a small SegFormer-offset folder (every input kind) and a small Mask2Former-offset
@@ -130,12 +144,18 @@ def handler_report(tmp_path_factory):
     report["mask2former"] = report.pop(str(folders["mask2former"]))
     models = {"segformer": segformer, "mask2former": mask2former}
     expected = {name: expected_label_map(model, image) for name, model in models.items()}
+    report["expected_scores"] = {
+        "segformer": expected_scores(segformer, image),
+        "mask2former": expected_scores(mask2former, image, normalised=True),
+    }
     return report, expected, segformer.config.id2label
 
 
-def check_segments(segments: list[dict], expected: np.ndarray, id2label: dict[int, str]) -> None:
+def check_segments(
+    segments: list[dict], expected: np.ndarray, id2label: dict[int, str], scores: dict[int, float]
+) -> None:
     """One "L" 0/255 mask per class of the model's own prediction, in id order, at the image size; disjoint masks
-    that cover the image."""
+    that cover the image; each score the class's mean probability over its mask (rounded to 4 decimals)."""
     present = sorted(np.unique(expected).tolist())
     assert [s["label"] for s in segments] == [id2label[i] for i in present]
     union = np.zeros(expected.shape, dtype=np.int64)
@@ -145,6 +165,7 @@ def check_segments(segments: list[dict], expected: np.ndarray, id2label: dict[in
         assert mask.shape == (53, 37) and mask.any()
         np.testing.assert_array_equal(mask, expected == class_id)  # the model's own prediction
         assert 0 < segment["score"] <= 1
+        assert segment["score"] == pytest.approx(scores[class_id], abs=5e-5 + 1e-6)
         union += mask
     assert (union == 1).all()  # disjoint, and together they cover the image
 
@@ -165,12 +186,13 @@ def test_handler_returns_one_mask_per_predicted_class(handler_report, kind):
     report, expected, id2label = handler_report
     assert report["module"].startswith("transformers_modules")  # the folder's remote code, not offseg_hf
     assert len(np.unique(expected["segformer"])) >= 2, "the test image should give several classes"
-    check_segments(report[kind], expected["segformer"], id2label)
+    check_segments(report[kind], expected["segformer"], id2label, report["expected_scores"]["segformer"])
 
 
 def test_handler_runs_mask2former_folders(handler_report):
     report, expected, _ = handler_report
-    check_segments(report["mask2former"], expected["mask2former"], {i: f"class-{i}" for i in range(4)})
+    scores = report["expected_scores"]["mask2former"]
+    check_segments(report["mask2former"], expected["mask2former"], {i: f"class-{i}" for i in range(4)}, scores)
 
 
 def test_handler_returns_the_label_map_on_request_and_refuses_bad_requests(handler_report):
@@ -186,19 +208,142 @@ def test_handler_returns_the_label_map_on_request_and_refuses_bad_requests(handl
     assert report["task_parameters"] == report["bytes"]  # the task's own parameters are accepted, without effect
 
 
-def test_handler_scores_mask2former_maps_as_probabilities(tmp_path):
-    # Mask2Former's semantic maps are sums of class x mask probabilities, not logits: normalised, not softmaxed.
-    spec = importlib.util.spec_from_file_location("offseg_endpoint_handler", tmp_path / "handler.py")
-    (tmp_path / "handler.py").write_text(handler_source())
+def load_handler_module(folder: Path):
+    (folder / "handler.py").write_text(handler_source())
+    spec = importlib.util.spec_from_file_location("offseg_endpoint_handler", folder / "handler.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    maps = torch.rand(1, 3, 4, 5)
+    return module
+
+
+def test_handler_scores_mask2former_maps_as_probabilities(tmp_path):
+    # Mask2Former's semantic maps are sums of class x mask probabilities, not logits: normalised, not softmaxed (the
+    # scores themselves: tests/test_resize_bands.py).
+    module = load_handler_module(tmp_path)
     m2f = type("M", (), {"config": type("C", (), {"num_queries": 100})()})()
     plain = type("M", (), {"config": type("C", (), {})()})()
-    torch.testing.assert_close(module.class_probabilities(m2f, maps), maps / maps.sum(1, keepdim=True))
-    torch.testing.assert_close(module.class_probabilities(plain, maps), maps.softmax(1))
+    assert module.score_kind(m2f) == "normalised" and module.score_kind(plain) == "softmax"
     image = odd_image(5, 4)
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG")
     decoded = module._decode_image({"image": base64.b64encode(buffer.getvalue()).decode()})
     assert decoded.size == (5, 4)
+
+
+def test_pixel_limit_comes_from_the_argument_the_environment_or_the_default(tmp_path, monkeypatch):
+    module = load_handler_module(tmp_path)
+    monkeypatch.delenv("OFFSEG_MAX_IMAGE_PIXELS", raising=False)
+    assert module.pixel_limit() == 4096 * 4096 and module.pixel_limit(10) == 10
+    monkeypatch.setenv("OFFSEG_MAX_IMAGE_PIXELS", "25_000_000")
+    assert module.pixel_limit() == 25_000_000
+    monkeypatch.setenv("OFFSEG_MAX_IMAGE_PIXELS", "big")
+    with pytest.raises(ValueError, match="OFFSEG_MAX_IMAGE_PIXELS='big' is not a whole number of pixels"):
+        module.pixel_limit()
+
+
+def png_of_size(width: int, height: int) -> bytes:
+    """A PNG that claims `width` x `height` pixels and holds none (Pillow writes neither a 0x0 PNG nor a bomb)."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def encoded(image: Image.Image, format: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+# One request per bad input to a handler whose pixel limit is 2000 (OFFSEG_MAX_IMAGE_PIXELS), each followed by a
+# good request, in a process without offseg_hf; the error each raised (or None) and whether the next one was served.
+LIMITS_SCRIPT = textwrap.dedent(
+    """
+    import importlib.util, io, json, pickle, sys
+    sys.modules["offseg_hf"] = None
+    from PIL import Image
+
+    folder, cases_path = sys.argv[1], sys.argv[2]
+    spec = importlib.util.spec_from_file_location("handler", folder + "/handler.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    handler = module.EndpointHandler(path=folder)
+    cases = pickle.load(open(cases_path, "rb"))
+    good = cases.pop("good")
+    report = {"limit": handler.max_image_pixels}
+    for name, data in cases.items():
+        inputs = Image.open(io.BytesIO(data[4:])) if data[:4] == b"PIL:" else data  # as the toolkit hands it over
+        try:
+            answer = handler({"inputs": inputs})
+            error = None
+        except ValueError as exception:
+            error, answer = str(exception), None
+        served = handler({"inputs": good})
+        report[name] = {"error": error, "segments": None if answer is None else len(answer), "next": len(served)}
+    raised = module.EndpointHandler(path=folder, max_image_pixels=3000)
+    report["raised_limit"] = len(raised({"inputs": cases["over_limit"]}))
+    print(json.dumps(report))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def limits_report(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("limits")
+    folder = save_folder(build_model("segformer"), tmp_path / "segformer", "segformer-b0-offset")
+    photo = encoded(odd_image(40, 30), "JPEG", quality=90)
+    frames = [odd_image(20, 10).point(lambda value, shift=shift: (value + shift) % 256) for shift in (0, 90, 180)]
+    cases = {
+        "good": encoded(odd_image(), "PNG"),  # 37x53 = 1961 pixels, within the limit
+        "over_limit": encoded(odd_image(50, 50), "PNG"),
+        "over_limit_pil": b"PIL:" + encoded(odd_image(60, 40), "PNG"),
+        "bomb": png_of_size(200_000, 200_000),  # beyond Pillow's own guard: refused at open
+        "truncated_jpeg": photo[: len(photo) // 2],
+        "text": b"name,value\nroad,1\nsky,2\n",
+        "empty_png": png_of_size(0, 0),
+        "empty_bytes": b"",
+        "animated_gif": encoded(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0),
+        "mpo_photo": encoded(frames[0], "MPO", save_all=True, append_images=frames[1:2]),
+    }
+    (tmp_path / "cases.pkl").write_bytes(pickle.dumps(cases))
+    line = run_python_elsewhere(
+        LIMITS_SCRIPT,
+        str(folder),
+        str(tmp_path / "cases.pkl"),
+        cwd=tmp_path,
+        timeout=300,
+        HF_MODULES_CACHE=str(tmp_path / "modules"),
+        OFFSEG_MAX_IMAGE_PIXELS="2000",
+    )
+    return json.loads(line)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("over_limit", "the image has 50x50 = 2,500 pixels, more than this endpoint's limit of 2,000"),
+        ("over_limit_pil", "the image has 60x40 = 2,400 pixels, more than this endpoint's limit of 2,000"),
+        ("bomb", "the image is too large to decode safely"),
+        ("truncated_jpeg", "the image could not be decoded (truncated or corrupt?)"),
+        ("text", "inputs could not be read as an image (24 bytes that are not a known image format)"),
+        ("empty_png", "the image is empty (a PNG of 0 pixels)"),
+        ("empty_bytes", "inputs is empty: no image data"),
+        ("animated_gif", "animated or multi-frame images are not supported (a GIF file with more than one frame)"),
+    ],
+)
+def test_bad_inputs_get_one_line_errors_and_the_handler_serves_the_next_request(limits_report, case, message):
+    report = limits_report[case]
+    assert report["error"] is not None and message in report["error"], report
+    assert "\n" not in report["error"]
+    assert report["next"] >= 1  # the next (good) request is answered
+
+
+def test_limits_hold_for_the_deployers_value_and_mpo_photos_pass(limits_report, tmp_path):
+    assert limits_report["limit"] == 2000  # from OFFSEG_MAX_IMAGE_PIXELS
+    assert limits_report["raised_limit"] >= 1  # a 2500-pixel image under a limit of 3000
+    assert limits_report["mpo_photo"]["error"] is None and limits_report["mpo_photo"]["segments"] >= 1
+    module = load_handler_module(tmp_path)
+    with pytest.raises(ValueError, match=r"^the image is empty \(0x0 pixels\)$"):
+        module._decode_image(Image.new("RGB", (0, 0)))
