@@ -8,9 +8,15 @@ looks (the class attention of the coupled attention).
     python examples/app.py --model_name_or_path org/offseg-t --allow_download   # a Hub repo (network)
 
 Models load without network by default (local folders, or Hub repos already in the cache); `--allow_download`
-lets the model box fetch Hub repos. offseg-hf is optional: without it a model folder or Hub repo loads through its
-own code (`trust_remote_code=True`), as on a Hugging Face Space (`examples/push_to_hub.py --space_dir` writes one,
-with this file as app.py and an app_config.json giving the models and allowing downloads).
+lets the model box fetch Hub repos. Uploads are read from their header before any pixel is decoded: more than
+`--max_image_pixels` pixels (default: app_config.json's "max_image_pixels", else $OFFSEG_MAX_IMAGE_PIXELS, else
+4096 x 4096 = 16,777,216), an empty image, an animated or multi-frame file (an MPO photo counts as its first frame)
+or a file that is not a readable image gets a one-line error on the page. Results go back to the image size in row
+bands (the image processor's post-processing), so memory does not grow with the number of classes.
+
+offseg-hf is optional: without it a model folder or Hub repo loads through its own code (`trust_remote_code=True`),
+as on a Hugging Face Space (`examples/push_to_hub.py --space_dir` writes one, with this file as app.py and an
+app_config.json giving the models and allowing downloads).
 """
 
 from __future__ import annotations
@@ -21,15 +27,17 @@ import html
 import inspect
 import json
 import os
+import struct
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network unless a model download is allowed
 
 import gradio as gr
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.nn import functional as F
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
@@ -51,6 +59,8 @@ CONFIG_FILE = "app_config.json"  # next to app.py on a Space: {"models": [...], 
 EXAMPLES_DIR = "example_images"  # next to app.py on a Space; generated from offseg_hf.demo_data otherwise
 DEFAULT_MODEL = "outputs/demo-segformer-b0-offset"  # what `accelerate launch examples/train.py` writes
 OVERLAY_ALPHA = 0.55
+MAX_PIXELS_ENV = "OFFSEG_MAX_IMAGE_PIXELS"  # the Inference Endpoints handler reads the same variable
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"Let the model box download Hub repos (default: off, unless {CONFIG_FILE} says so).",
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+    parser.add_argument(
+        "--max_image_pixels",
+        type=int,
+        default=None,
+        help=f"Largest upload, in pixels (default: {CONFIG_FILE}'s max_image_pixels, else ${MAX_PIXELS_ENV}, else "
+        f"{DEFAULT_MAX_IMAGE_PIXELS:,} = 4096x4096).",
+    )
     return parser
 
 
@@ -115,17 +132,69 @@ class Segmenter:
         pixel_values = self.processor(images=image, return_tensors="pt")["pixel_values"].to(self.device)
         extra = {"output_class_attention": True} if self.can_return_attention else {}
         outputs = self.model(pixel_values=pixel_values, **extra)
-        # Logits resized to the image before the argmax, as the processor's post-processing and the pipeline do.
-        logits = F.interpolate(
-            outputs.logits.float(), size=(image.height, image.width), mode="bilinear", align_corners=False
+        # The pipeline's post-processing: logits resized to the image before the argmax (an OffSeg processor does it
+        # in row bands, without the (K, H, W) resized logits).
+        (label_map,) = self.processor.post_process_semantic_segmentation(
+            SimpleNamespace(logits=outputs.logits.float()), target_sizes=[(image.height, image.width)]
         )
-        label_map = logits[0].argmax(dim=0).cpu().numpy()
+        label_map = label_map.cpu().numpy()
         attention = getattr(outputs, "class_attention", None)
         return label_map, None if attention is None else attention[0].float().cpu().numpy()
 
 
 def first_line(text: str) -> str:
     return (str(text).strip().splitlines() or [""])[0]
+
+
+def max_image_pixels(value: int | None = None, config: dict | None = None) -> int:
+    """The upload limit: `value`, else app_config.json's, else $OFFSEG_MAX_IMAGE_PIXELS, else 4096 x 4096."""
+    if value is None:
+        value = (config or {}).get("max_image_pixels")
+    if value is None:
+        text = os.environ.get(MAX_PIXELS_ENV, "").strip()
+        value = int(text.replace("_", "")) if text else DEFAULT_MAX_IMAGE_PIXELS
+    if int(value) < 1:
+        raise ValueError(f"the pixel limit must be a positive number of pixels; got {value}")
+    return int(value)
+
+
+def empty_png(path: str | Path) -> bool:
+    """Whether the file is a PNG whose header gives it no pixels (Pillow refuses those without saying why)."""
+    with open(path, "rb") as handle:
+        head = handle.read(24)
+    if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return False
+    return 0 in struct.unpack(">II", head[16:24])
+
+
+def open_upload(source: str | Path | Image.Image | None, limit: int) -> Image.Image:
+    """The uploaded image in RGB, upright as its EXIF says; refused with a one-line gr.Error, from the header before
+    its pixels are decoded, when it is too large, empty, animated or not a readable image."""
+    if source is None:
+        raise gr.Error("Upload an image or pick an example first.")
+    if not isinstance(source, Image.Image) and empty_png(source):
+        raise gr.Error("The image is empty (a PNG of 0 pixels).")
+    try:
+        image = source if isinstance(source, Image.Image) else Image.open(source)
+    except Image.DecompressionBombError as error:  # beyond Pillow's own guard
+        raise gr.Error(f"The image is too large to decode safely: {first_line(error)}") from error
+    except Exception as error:  # Pillow raises several types for data it cannot identify
+        raise gr.Error("The file is not an image this app can read (try PNG, JPEG or WebP).") from error
+    width, height = image.size
+    if width == 0 or height == 0:
+        raise gr.Error(f"The image is empty ({width}x{height} pixels).")
+    if width * height > limit:
+        raise gr.Error(
+            f"The image has {width}x{height} = {width * height:,} pixels, more than this app's limit of {limit:,}; "
+            "upload a smaller image."
+        )
+    # An MPO (a camera JPEG with extra frames such as a preview) is its first frame, the photo itself.
+    if getattr(image, "is_animated", False) and image.format != "MPO":
+        raise gr.Error("Animated or multi-frame images are not supported: upload a single frame (PNG or JPEG).")
+    try:
+        return ImageOps.exif_transpose(image).convert("RGB")
+    except Exception as error:  # a truncated or corrupt file fails here, where its pixels are decoded
+        raise gr.Error(f"The image could not be decoded (truncated or corrupt?): {first_line(error)}") from error
 
 
 class ModelCache:
@@ -164,10 +233,9 @@ def palette(num_labels: int) -> np.ndarray:
 
 
 def overlay(image: Image.Image, label_map: np.ndarray, colours: np.ndarray, alpha: float = OVERLAY_ALPHA):
-    """The image with each pixel tinted by its class colour, at the image's size."""
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
-    tinted = (1 - alpha) * pixels + alpha * colours[label_map].astype(np.float32)
-    return Image.fromarray(tinted.round().clip(0, 255).astype(np.uint8))
+    """The image with each pixel tinted by its class colour, at the image's size (blended by Pillow in uint8: no
+    float copies of a large photo)."""
+    return Image.blend(image.convert("RGB"), Image.fromarray(colours[label_map]), alpha)
 
 
 def heat_colours(values: np.ndarray) -> np.ndarray:
@@ -203,10 +271,11 @@ def legend_html(class_ids: list[int], id2label: dict[int, str], colours: np.ndar
 
 def area_rows(label_map: np.ndarray, id2label: dict[int, str]) -> list[list]:
     """[class, % of the image, pixels] per present class, largest first."""
-    ids, counts = np.unique(label_map, return_counts=True)
-    order = np.argsort(-counts, kind="stable")
+    counts = np.bincount(label_map.ravel())  # no sort of the whole map, as np.unique would
+    ids = np.flatnonzero(counts)
+    order = ids[np.argsort(-counts[ids], kind="stable")]
     total = label_map.size
-    return [[id2label[int(ids[i])], round(100 * counts[i] / total, 2), int(counts[i])] for i in order]
+    return [[id2label[int(i)], round(100 * counts[i] / total, 2), int(counts[i])] for i in order]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -250,7 +319,7 @@ def segment_outputs(segmenter: Segmenter, image: Image.Image) -> tuple:
     only when the model returned the class attention) and the state the chooser reads."""
     label_map, attention = segmenter.predict(image)
     colours = palette(len(segmenter.id2label))
-    present = sorted(int(i) for i in np.unique(label_map))
+    present = np.flatnonzero(np.bincount(label_map.ravel())).tolist()
     state = {"image": image, "attention": attention, "id2label": segmenter.id2label}
     if attention is not None:
         names = [segmenter.id2label[i] for i in present]
@@ -263,6 +332,12 @@ def segment_outputs(segmenter: Segmenter, image: Image.Image) -> tuple:
     return overlay(image, label_map, colours), legend, areas, choice, picture, state
 
 
+def segment_upload(cache: ModelCache, limit: int, image, model_name: str) -> tuple:
+    """The Segment button: an upload's path (or a PIL image) and a model name -> what the page shows, or a one-line
+    gr.Error for an upload it refuses (see `open_upload`)."""
+    return segment_outputs(cache.get(model_name), open_upload(image, limit))
+
+
 def show_attention(class_name: str | None, state: dict | None):
     """The class-attention picture of another class of the last segmented image."""
     if not state or state.get("attention") is None or not class_name:
@@ -272,14 +347,17 @@ def show_attention(class_name: str | None, state: dict | None):
 
 
 def build_demo(
-    models: list[str], allow_download: bool = False, device: str | None = None, cache: ModelCache | None = None
+    models: list[str],
+    allow_download: bool = False,
+    device: str | None = None,
+    cache: ModelCache | None = None,
+    max_pixels: int | None = None,
 ) -> gr.Blocks:
     cache = cache or ModelCache(allow_download, device)
+    limit = max_image_pixels(max_pixels)
 
     def segment(image, model_name):
-        if image is None:
-            raise gr.Error("Upload an image or pick an example first.")
-        return segment_outputs(cache.get(model_name), image.convert("RGB"))
+        return segment_upload(cache, limit, image, model_name)
 
     with gr.Blocks(title="OffSeg semantic segmentation") as demo:
         gr.Markdown(
@@ -292,8 +370,14 @@ def build_demo(
         )
         with gr.Row():
             with gr.Column():
+                # The upload's path, undecoded (image_mode=None): open_upload checks its header first.
                 image_input = gr.Image(
-                    type="pil", label="Image", sources=["upload", "clipboard"], height=360, elem_id="input"
+                    type="filepath",
+                    image_mode=None,
+                    label="Image",
+                    sources=["upload", "clipboard"],
+                    height=360,
+                    elem_id="input",
                 )
                 model_box = gr.Dropdown(
                     choices=models,
@@ -352,7 +436,11 @@ def main(argv: list[str] | None = None) -> None:
         cache.get(models[0])
     except gr.Error as error:
         parser.exit(1, f"{parser.prog}: error: {first_line(error.message)}\n")
-    demo = build_demo(models, allow_download=allow_download, device=args.device, cache=cache)
+    try:
+        limit = max_image_pixels(args.max_image_pixels, config)
+    except ValueError as error:
+        parser.error(f"--max_image_pixels / {MAX_PIXELS_ENV}: {error}")
+    demo = build_demo(models, allow_download=allow_download, device=args.device, cache=cache, max_pixels=limit)
     demo.queue().launch(server_name=args.server_name, server_port=args.port, share=args.share, css=CSS)
 
 

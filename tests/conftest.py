@@ -4,8 +4,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import io  # noqa: E402
+import struct  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import zlib  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -104,3 +107,21 @@ def run_python_elsewhere(code: str, *args: str, cwd, timeout: int = 300, **env) 
         raise AssertionError(f"the subprocess failed:\n{completed.stderr[-4000:]}")
     lines = completed.stdout.strip().splitlines()
     return lines[-1] if lines else ""
+
+
+def encoded_image(image, format: str, **options) -> bytes:
+    """A PIL image's file bytes in `format` (PNG, JPEG, GIF, MPO, ...)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+def png_of_size(width: int, height: int) -> bytes:
+    """A PNG that claims `width` x `height` pixels and holds none: Pillow writes neither a 0x0 PNG nor a
+    decompression bomb."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")

@@ -20,7 +20,7 @@ from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
 from offseg_hf import OffSegImageProcessor
 
-from .conftest import build_model, run_python_elsewhere
+from .conftest import build_model, encoded_image, png_of_size, run_python_elsewhere
 
 APP = Path(__file__).parents[1] / "examples" / "app.py"
 SCREENSHOT = Path(os.environ.get("OFFSEG_APP_SCREENSHOT", "/tmp/app_screenshot.png"))
@@ -301,3 +301,72 @@ def test_the_class_attention_control_follows_the_model(model_folder):
     other = app.show_attention(names[-1], state)
     assert other.size == (97, 71) and (names[-1] == names[0] or other.tobytes() != picture["value"].tobytes())
     assert np.asarray(overlay).shape == (71, 97, 3) and np.array_equal(np.asarray(overlay), np.asarray(plain[0]))
+
+
+def write_upload(path: Path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def upload_answers(model_folder, tmp_path_factory):
+    """The Segment button's answer (`segment_upload`, an upload's path as Gradio hands it over) to each bad upload
+    under a 2000-pixel limit, and whether the good upload after it is answered."""
+    import gradio as gr
+
+    tmp_path = tmp_path_factory.mktemp("uploads")
+    app = load_app()
+    cache = app.ModelCache(allow_download=False, device="cpu")
+    photo = encoded_image(scene(40, 30), "JPEG", quality=90)
+    frames = [scene(20, 10).point(lambda value, shift=shift: (value + shift) % 256) for shift in (0, 90, 180)]
+    uploads = {
+        "over_limit": encoded_image(scene(50, 50), "PNG"),
+        "truncated_jpeg": photo[: len(photo) // 2],
+        "text": b"name,value\nroad,1\nsky,2\n",
+        "empty_png": png_of_size(0, 0),
+        "animated_gif": encoded_image(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0),
+        "bomb": png_of_size(200_000, 200_000),
+        "mpo_photo": encoded_image(frames[0], "MPO", save_all=True, append_images=frames[1:2]),
+    }
+    good = write_upload(tmp_path / "good.png", encoded_image(scene(37, 53), "PNG"))  # 1961 pixels
+    answers = {}
+    for name, data in uploads.items():
+        path = write_upload(tmp_path / name, data)
+        try:
+            outputs = app.segment_upload(cache, 2000, path, str(model_folder))
+            answers[name] = {"error": None, "overlay": outputs[0].size}
+        except gr.Error as error:
+            answers[name] = {"error": error.message}
+        answers[name]["next"] = app.segment_upload(cache, 2000, good, str(model_folder))[0].size
+    return answers
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("over_limit", "The image has 50x50 = 2,500 pixels, more than this app's limit of 2,000"),
+        ("truncated_jpeg", "The image could not be decoded (truncated or corrupt?)"),
+        ("text", "The file is not an image this app can read"),
+        ("empty_png", "The image is empty (a PNG of 0 pixels)."),
+        ("animated_gif", "Animated or multi-frame images are not supported"),
+        ("bomb", "The image is too large to decode safely"),
+    ],
+)
+def test_bad_uploads_get_one_line_errors_and_the_next_upload_is_segmented(upload_answers, case, message):
+    answer = upload_answers[case]
+    assert answer["error"] is not None and message in answer["error"] and "\n" not in answer["error"], answer
+    assert answer["next"] == (37, 53)
+
+
+def test_upload_limit_comes_from_the_flag_the_config_or_the_environment(upload_answers, monkeypatch):
+    assert upload_answers["mpo_photo"] == {"error": None, "overlay": (20, 10), "next": (37, 53)}  # its first frame
+    app = load_app()
+    monkeypatch.delenv("OFFSEG_MAX_IMAGE_PIXELS", raising=False)
+    assert app.max_image_pixels() == 4096 * 4096
+    monkeypatch.setenv("OFFSEG_MAX_IMAGE_PIXELS", "1_000_000")
+    assert app.max_image_pixels() == 1_000_000
+    assert app.max_image_pixels(config={"max_image_pixels": 500}) == 500 and app.max_image_pixels(7, {}) == 7
+    with pytest.raises(app.gr.Error, match=r"The image is empty \(0x0 pixels\)\."):
+        app.open_upload(Image.new("RGB", (0, 0)), 100)
+    with pytest.raises(app.gr.Error, match="Upload an image or pick an example first"):
+        app.open_upload(None, 100)

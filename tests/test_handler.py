@@ -6,9 +6,7 @@ import importlib.util
 import io
 import json
 import pickle
-import struct
 import textwrap
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ from offseg_hf import OffSegImageProcessor
 from offseg_hf.hub import endpoint_requirements, handler_source, write_endpoint_files
 from offseg_hf.presets import model_for_variant
 
-from .conftest import TINY_MASK2FORMER, build_model, run_python_elsewhere
+from .conftest import TINY_MASK2FORMER, build_model, encoded_image, png_of_size, run_python_elsewhere
 
 MASK2FORMER = "mask2former-swin-t-offset"
 
@@ -241,22 +239,6 @@ def test_pixel_limit_comes_from_the_argument_the_environment_or_the_default(tmp_
         module.pixel_limit()
 
 
-def png_of_size(width: int, height: int) -> bytes:
-    """A PNG that claims `width` x `height` pixels and holds none (Pillow writes neither a 0x0 PNG nor a bomb)."""
-
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
-
-
-def encoded(image: Image.Image, format: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=format, **options)
-    return buffer.getvalue()
-
-
 # One request per bad input to a handler whose pixel limit is 2000 (OFFSEG_MAX_IMAGE_PIXELS), each followed by a
 # good request, in a process without offseg_hf; the error each raised (or None) and whether the next one was served.
 LIMITS_SCRIPT = textwrap.dedent(
@@ -293,19 +275,19 @@ LIMITS_SCRIPT = textwrap.dedent(
 def limits_report(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("limits")
     folder = save_folder(build_model("segformer"), tmp_path / "segformer", "segformer-b0-offset")
-    photo = encoded(odd_image(40, 30), "JPEG", quality=90)
+    photo = encoded_image(odd_image(40, 30), "JPEG", quality=90)
     frames = [odd_image(20, 10).point(lambda value, shift=shift: (value + shift) % 256) for shift in (0, 90, 180)]
     cases = {
-        "good": encoded(odd_image(), "PNG"),  # 37x53 = 1961 pixels, within the limit
-        "over_limit": encoded(odd_image(50, 50), "PNG"),
-        "over_limit_pil": b"PIL:" + encoded(odd_image(60, 40), "PNG"),
+        "good": encoded_image(odd_image(), "PNG"),  # 37x53 = 1961 pixels, within the limit
+        "over_limit": encoded_image(odd_image(50, 50), "PNG"),
+        "over_limit_pil": b"PIL:" + encoded_image(odd_image(60, 40), "PNG"),
         "bomb": png_of_size(200_000, 200_000),  # beyond Pillow's own guard: refused at open
         "truncated_jpeg": photo[: len(photo) // 2],
         "text": b"name,value\nroad,1\nsky,2\n",
         "empty_png": png_of_size(0, 0),
         "empty_bytes": b"",
-        "animated_gif": encoded(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0),
-        "mpo_photo": encoded(frames[0], "MPO", save_all=True, append_images=frames[1:2]),
+        "animated_gif": encoded_image(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0),
+        "mpo_photo": encoded_image(frames[0], "MPO", save_all=True, append_images=frames[1:2]),
     }
     (tmp_path / "cases.pkl").write_bytes(pickle.dumps(cases))
     line = run_python_elsewhere(
