@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .metrics import SegmentationMetrics
+from .resize_bands import resize_argmax
 from .transforms import rescale_size  # mmcv's keep-ratio rule, shared with training-time evaluation
 
 # mmseg's ADE20K / COCO-Stuff test settings (the paper's): Resize(scale=(2048, 512), keep_ratio=True),
@@ -99,7 +100,8 @@ def predict_logits(
     crop_size: tuple[int, int] = DEFAULT_CROP,
     stride: tuple[int, int] = DEFAULT_STRIDE,
 ) -> torch.Tensor:
-    """Logits at `original_size` for images already resized (e.g. by `rescale_size`) and normalised."""
+    """Logits at `original_size` for images already resized (e.g. by `rescale_size`) and normalised: the whole
+    (B, K, H, W) tensor; `predict_labels` gives the label maps without it."""
     logits = _logits_at_input_size(model, pixel_values, mode, num_labels, crop_size, stride)
     return F.interpolate(logits, size=original_size, mode="bilinear", align_corners=False)
 
@@ -117,15 +119,14 @@ def predict_labels(
     """Label maps for a batch of images resized to one common size, each at its own original size.
 
     pixel_values (B, 3, h, w) -> logits (B, K, h, w) in one pass (slide or whole) -> per image: bilinear resize
-    to `original_sizes[i]` and argmax, as mmseg's post-processing. Returns B tensors (H_i, W_i) of class ids.
+    to `original_sizes[i]` and argmax, as mmseg's post-processing, in row bands within $OFFSEG_RESIZE_BUDGET_MB
+    (default 256 MiB; `offseg_hf.resize_bands`: the same label maps without the (K, H_i, W_i) resized logits).
+    Returns B tensors (H_i, W_i) of class ids.
     """
     if len(original_sizes) != pixel_values.shape[0]:
         raise ValueError(f"{len(original_sizes)} original sizes for a batch of {pixel_values.shape[0]} images.")
     logits = _logits_at_input_size(model, pixel_values, mode, num_labels, crop_size, stride)
-    return [
-        F.interpolate(logits[i : i + 1], size=tuple(size), mode="bilinear", align_corners=False).argmax(dim=1)[0]
-        for i, size in enumerate(original_sizes)
-    ]
+    return [resize_argmax(logits[i], tuple(size)).label_map for i, size in enumerate(original_sizes)]
 
 
 def same_size_batches(samples: Iterable[dict], batch_size: int) -> Iterator[list[dict]]:

@@ -446,7 +446,7 @@ class OnnxSegmenter:
         label_map = self.image_processor.post_process_semantic_segmentation(
             outputs, target_sizes=[(image.height, image.width)]
         )[0]
-        return label_map.numpy().astype(np.int64)
+        return label_map.numpy()  # int64, from the processor's (banded) post-processing
 
     def pipeline_output(self, image) -> list[dict]:
         """What `pipeline("image-segmentation")` returns for a semantic model: per label present (ascending),
@@ -455,8 +455,8 @@ class OnnxSegmenter:
 
         label_map = self.segment(image)
         segments = []
-        for label in np.unique(label_map):
-            mask = Image.fromarray(((label_map == label) * 255).astype(np.uint8), mode="L")
+        for label in np.flatnonzero(np.bincount(label_map.ravel())):  # present labels, ascending, without a sort
+            mask = Image.fromarray((label_map == label).view(np.uint8) * np.uint8(255), mode="L")
             name = self.id2label[int(label)] if self.id2label else str(int(label))
             segments.append({"score": None, "label": name, "mask": mask})
         return segments

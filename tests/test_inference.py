@@ -107,6 +107,19 @@ def test_predict_labels_gives_each_image_its_own_size():
         predict_labels(model, images, sizes[:1])
 
 
+def test_predict_labels_in_row_bands_equal_the_whole_resize(monkeypatch):
+    # A 0.05 MiB budget makes the 400x300 resize of 4 classes (1.9 MB) run in bands of a few rows.
+    monkeypatch.setenv("OFFSEG_RESIZE_BUDGET_MB", "0.05")
+    model = PixelLocal()
+    images = torch.randn(2, 3, 40, 60)
+    sizes = [(400, 300), (57, 333)]
+    with torch.no_grad():
+        labels = predict_labels(model, images, sizes, mode="whole")
+        for i, size in enumerate(sizes):
+            expected = predict_logits(model, images[i : i + 1], size, "whole").argmax(1)[0]
+            assert torch.equal(labels[i], expected)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # evaluate_dataset
 
