@@ -14,8 +14,15 @@ A saved model is published exactly as it is: its weights, its config.json and it
 image size it was trained at) travel unchanged, and a repo is named after its folder. Each folder holds the
 weights as safetensors, config.json with `auto_map`, the modeling code (so `trust_remote_code=True` loads it
 without offseg-hf), preprocessor_config.json, and a README.md rendered from MODEL_CARD.md with Hub metadata
-(license, tags, datasets, pipeline_tag, widget images, and `model-index` only from an eval_results.json measured on
-those very weights: the model folder's own, which train.py writes, or DIR/<name>/ of --results_dir).
+(license, tags, datasets, pipeline_tag, and `model-index` only from an eval_results.json measured on those very
+weights: the model folder's own, which train.py writes, or DIR/<name>/ of --results_dir).
+
+What the model does, shown on its page: the folder's own model and image processor (loaded back from the folder
+written) segment the photos shipped in offseg_hf/example_images/ (public domain or CC0); `examples/<photo>.jpg` and
+`examples/<photo>_prediction.png` (the overlay with a legend) go into the repo, the card's `widget:` pairs each photo
+with its prediction (`output.url`, which the Hub shows where no provider runs the model) and its gallery shows them.
+`--no_examples` skips them (faster; no widget, no gallery). A --random_init card says its pictures are from random
+weights.
 
 Each folder also carries `handler.py` + `requirements.txt` for Inference Endpoints (Hub widgets do not run
 custom-code models, so the cards say so and point to the endpoint handler, the ONNX file and the demo Space);
@@ -57,6 +64,7 @@ from offseg_hf.hub import (
     space_requirements,
     write_endpoint_files,
 )
+from offseg_hf.hub_examples import EXAMPLES_DIR, render_examples
 from offseg_hf.presets import all_variant_names, config_for_variant, model_class_for, variant_family
 
 RESULTS_FILE = "eval_results.json"  # what train.py and evaluate_segmentation.py write into their --output_dir
@@ -134,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--card_template",
         default=str(Path(__file__).resolve().parents[1] / "MODEL_CARD.md"),
         help="Model card template with {placeholders}.",
+    )
+    parser.add_argument(
+        "--no_examples",
+        action="store_true",
+        help=f"Skip the example predictions (faster): by default each folder's own model segments the photos shipped "
+        f"in offseg_hf/example_images/ into {EXAMPLES_DIR}/, which the card's widget and gallery show.",
     )
     extras = parser.add_argument_group("deployment extras")
     extras.add_argument(
@@ -391,6 +405,8 @@ def build_folder(args, source: Source, template: str, namespace: str) -> Path:
         OffSegImageProcessor().save_pretrained(out)
     write_endpoint_files(out, source.variant)  # handler.py + requirements.txt for Inference Endpoints
     exported = args.onnx and export_onnx_file(model, out, args.onnx_opset)
+    # Rendered by the model and processor loaded back from `out`: the pictures are those of the files uploaded.
+    examples = [] if args.no_examples else render_examples(out)
     dataset_name, dataset_pretty_name = source.dataset
     card = render_card(
         template,
@@ -405,6 +421,8 @@ def build_folder(args, source: Source, template: str, namespace: str) -> Path:
         result=result,
         space_id=args.space_id,
         onnx_opset=args.onnx_opset if exported else None,
+        examples=examples,
+        random_weights=source.folder is None,
     )
     card.save(out / "README.md")
     return out

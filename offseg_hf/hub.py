@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import SegformerModel
 
 from .demo_data import DEMO_CLASSES
+from .hub_examples import RenderedExample, examples_section, widget_examples, widget_note
 from .presets import MASK2FORMER_FAMILY, has_offset_learning, paper_figures, variant_family
 
 DESCRIPTIONS = {
@@ -378,10 +379,15 @@ def render_card(
     result: dict | None = None,
     space_id: str | None = None,
     onnx_opset: int | None = None,
+    examples: list[RenderedExample] | None = None,
+    random_weights: bool = False,
 ) -> ModelCard:
     """The model card of one variant, trained on the Hub data set `dataset_name` (shown as `dataset_pretty_name`).
     `model-index` is written only from `result` (measured on these weights). `space_id`: the demo Space the card
-    links; `onnx_opset`: the opset of the repo's `onnx/model.onnx` (None: the repo has none)."""
+    links; `onnx_opset`: the opset of the repo's `onnx/model.onnx` (None: the repo has none); `examples`: the
+    predictions `hub_examples.render_examples` wrote into the repo (the widget's examples and the card's gallery;
+    `random_weights` says they come from untrained weights)."""
+    examples = examples or []
     paper = paper_figures(variant)
     results_section = (
         "Not evaluated yet: no measurement on these weights is claimed here."
@@ -411,12 +417,16 @@ def render_card(
             # Rendered first so that their own {repo_id} is filled too.
             "space_section": render_template(space_section(space_id), {"repo_id": repo_id}),
             "onnx_section": render_template(onnx_section(onnx_opset), {"repo_id": repo_id}),
+            "examples_section": examples_section(examples, random_weights),
+            "widget_note": widget_note(examples),
         },
     )
-    card = ModelCard(text)
+    card = ModelCard(re.sub(r"\n{3,}", "\n\n", text))  # an empty section leaves its line blank: one blank line
     if dataset_name == DEMO_DATA_SET[0]:  # no Hub data set for the metadata to link
         card.data.datasets = None
     if result is not None:
         card.data.model_name = repo_id.split("/")[-1]
         card.data.eval_results = eval_results(result, dataset_name, dataset_pretty_name)
+    # Only examples whose output was rendered from these weights: no widget input that nothing answers.
+    card.data.widget = widget_examples(examples) or None
     return ModelCard(str(card))  # re-render so the YAML block holds the metadata set here

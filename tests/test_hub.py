@@ -1,8 +1,13 @@
 """push_to_hub.py: one repo folder per variant, each loading without offseg_hf installed; its arguments and upload."""
 
+import fnmatch
 import importlib.util
+import io
 import json
+import re
+import shutil
 import textwrap
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +19,7 @@ from PIL import Image
 from offseg_hf import VARIANTS, OffSegConfig, OffSegForSemanticSegmentation, OffSegImageProcessor
 from offseg_hf.demo_data import generate_scene
 from offseg_hf.hub import weights_fingerprint
+from offseg_hf.hub_examples import EXAMPLE_PHOTOS, overlay, palette, photo_bytes
 from offseg_hf.presets import all_variant_names, model_for_variant
 
 from .conftest import TINY_ENCODER, run_python_elsewhere, tiny_config
@@ -24,7 +30,7 @@ README = Path(__file__).parents[1] / "README.md"
 
 CHECK_SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import json, os, sys
     sys.modules["offseg_hf"] = None  # as on a machine without the package
     from huggingface_hub import ModelCard
     from PIL import Image
@@ -41,6 +47,11 @@ CHECK_SCRIPT = textwrap.dedent(
             "license": card.license,
             "datasets": card.datasets,
             "widget": bool(card.widget),
+            "widget_files": all(
+                os.path.isfile(os.path.join(folder, path))
+                for example in card.widget or ()
+                for path in (example["src"], example["output"]["url"])
+            ),
             "eval_results": [(r.metric_name, r.metric_value) for r in (card.eval_results or [])],
         }
     print(json.dumps(report))
@@ -107,7 +118,7 @@ def test_output_dir_gets_one_loadable_repo_per_variant(tmp_path):
         assert entry["module"].startswith("transformers_modules"), entry
         assert entry["mask_sizes"] == [[61, 47]]
         assert entry["pipeline_tag"] == "image-segmentation" and entry["license"] == "apache-2.0"
-        assert entry["datasets"] == ["scene_parse_150"] and entry["widget"]
+        assert entry["datasets"] == ["scene_parse_150"] and entry["widget"] and entry["widget_files"]
         expected = [["mIoU", 41.23], ["mAcc", 50.0], ["aAcc", 80.0]] if folder.name == "offseg-t" else []
         assert entry["eval_results"] == expected, folder.name
 
@@ -161,6 +172,7 @@ def test_help_names_every_flag_and_the_size_of_random_init(capsys):
         assert flag in text
     for flag in ("--hub_token", "--seed", "--model_dir", "--weights_dir", "--random_init", "--variants"):
         assert flag in text
+    assert "--no_examples" in text
     assert all(action.help for action in load_script().build_parser()._actions)
     # The size --random_init writes at full size: the presets' state dicts (what model.safetensors holds), built
     # on the meta device; --help and the README state the same figure.
@@ -294,6 +306,114 @@ def test_model_dir_mistakes_end_with_one_line(tmp_path, capsys):
         ]
     )
     assert folder.name == "run" and "offseg-hf/run" in (folder / "README.md").read_text()
+
+
+def files_the_card_names(card: ModelCard) -> set[str]:
+    """The widget's photos and outputs and the gallery's images: the paths the Hub resolves inside the repo."""
+    widget = [(example["src"], example["output"]["url"]) for example in card.data.widget]
+    return {path for pair in widget for path in pair} | set(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", card.text))
+
+
+def label_map_of_the_pipeline(folder: Path, image: Image.Image) -> np.ndarray:
+    """The label map a user of the repo gets: transformers' pipeline on the published folder (one disjoint mask per
+    class present), not the renderer's own code path."""
+    from transformers import pipeline
+
+    segmenter = pipeline("image-segmentation", model=str(folder))
+    label2id = segmenter.model.config.label2id
+    label_map = np.full((image.height, image.width), -1)
+    for segment in segmenter(image):
+        label_map[np.asarray(segment["mask"]) == 255] = label2id[segment["label"]]
+    assert (label_map >= 0).all()  # the masks cover the photo
+    return label_map
+
+
+def test_cards_show_predictions_rendered_from_the_published_weights(tmp_path):
+    first = saved_model(tmp_path / "first-segformer-b0-offset")
+    # The same model with a bias that makes class 4 win every pixel: other weights must give other pictures.
+    second = tmp_path / "second-segformer-b0-offset"
+    model = OffSegForSemanticSegmentation.from_pretrained(first)
+    with torch.no_grad():
+        model.classifier.mask_norm.bias[4] = 100.0
+    model.save_pretrained(second)
+    shutil.copyfile(first / "preprocessor_config.json", second / "preprocessor_config.json")
+    folders = load_script().main(["--output_dir", str(tmp_path / "hub"), "--model_dir", str(first), str(second)])
+
+    label_maps = {}
+    for folder in folders:
+        card = ModelCard.load(folder / "README.md")
+        # Every photo is a widget example paired with its output, both inside the repo, and the gallery shows them.
+        assert [example["src"] for example in card.data.widget] == [f"examples/{p.name}.jpg" for p in EXAMPLE_PHOTOS]
+        for example in card.data.widget:
+            assert example["output"]["url"] == example["src"].replace(".jpg", "_prediction.png")
+        named = files_the_card_names(card)
+        assert len(named) == 2 * len(EXAMPLE_PHOTOS) and all((folder / path).is_file() for path in named)
+        assert "## Predictions of these weights" in card.text and "weights are random" not in card.text
+        assert "It displays the example predictions above" in card.text
+        for photo in EXAMPLE_PHOTOS:
+            assert (folder / "examples" / f"{photo.name}.jpg").read_bytes() == photo_bytes(photo)
+            image = Image.open(io.BytesIO(photo_bytes(photo))).convert("RGB")
+            label_map = label_map_of_the_pipeline(folder, image)
+            label_maps[folder.name, photo.name] = label_map
+            # Above its legend, the picture is the overlay of exactly that label map (PNG: no colour is rounded).
+            picture = np.asarray(Image.open(folder / "examples" / f"{photo.name}_prediction.png").convert("RGB"))
+            expected = np.asarray(overlay(image, label_map, palette(6)))
+            assert picture.shape[1] == image.width and picture.shape[0] > image.height
+            assert np.array_equal(picture[: image.height], expected), (folder.name, photo.name)
+            # The gallery names the classes of the prediction, largest first.
+            row = next(line for line in card.text.splitlines() if f"(examples/{photo.name}.jpg)" in line)
+            ids, counts = np.unique(label_map, return_counts=True)
+            names = [f"LABEL_{ids[i]}" for i in np.argsort(-counts, kind="stable")]
+            assert re.findall(r"(LABEL_\d+) \d+\.\d%", row) == names
+    for photo in EXAMPLE_PHOTOS:  # the bias shows: the pictures are rendered from each folder's weights
+        assert (label_maps["second-segformer-b0-offset", photo.name] == 4).all()
+        assert not (label_maps["first-segformer-b0-offset", photo.name] == 4).all()
+
+
+def test_random_weights_say_so_and_no_examples_leaves_them_out(tmp_path):
+    base = ["--random_init", *TINY_SEGFORMER, "--variants", "segformer-b0-offset"]
+    (folder,) = load_script().main(["--output_dir", str(tmp_path / "hub"), *base])
+    card = ModelCard.load(folder / "README.md")
+    assert "**These weights are random (not trained)**" in card.text
+    assert len(card.data.widget) == len(EXAMPLE_PHOTOS)
+    assert all((folder / path).is_file() for path in files_the_card_names(card))
+    # --no_examples: no pictures, so no widget examples (none that nothing answers) and no gallery.
+    (folder,) = load_script().main(["--output_dir", str(tmp_path / "plain"), *base, "--no_examples"])
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.get("widget") is None and not (folder / "examples").exists()
+    assert "Predictions of these weights" not in card.text and "example predictions" not in card.text
+    assert "cannot run this model.** Hub widgets run on" in card.text and "\n\n\n" not in card.text
+
+
+def test_bundled_photos_are_small_credited_and_packaged():
+    folder = resources.files("offseg_hf").joinpath("example_images")
+    shipped = sorted(path.name for path in folder.iterdir() if path.name != "README.md")
+    assert shipped == sorted(f"{photo.name}.jpg" for photo in EXAMPLE_PHOTOS)
+    readme = folder.joinpath("README.md").read_text()
+    for photo in EXAMPLE_PHOTOS:
+        data = photo_bytes(photo)
+        image = Image.open(io.BytesIO(data))
+        assert image.format == "JPEG" and image.mode == "RGB" and max(image.size) <= 512 and len(data) <= 100_000
+        # Its README row quotes the licence, and the card's credit names the same one.
+        (row,) = [line for line in readme.splitlines() if line.startswith(f"| `{photo.name}.jpg` |")]
+        licence = "CC0" if "CC0" in row else "public domain"
+        assert licence in row and photo.credit.endswith(f"({licence})")
+    # A wheel carries them: pyproject's package data names every shipped file.
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()  # tomllib: Python >= 3.11 only
+    package_data = pyproject.split("[tool.setuptools.package-data]")[1]
+    patterns = json.loads(re.search(r"^offseg_hf = (\[.*\])$", package_data, re.MULTILINE).group(1))
+    for name in [*shipped, "README.md"]:
+        assert any(fnmatch.fnmatch(f"example_images/{name}", pattern) for pattern in patterns), name
+
+
+def test_card_pictures_use_the_demo_apps_colours():
+    # The Space's app keeps its own palette (it runs without offseg-hf): a class must look the same in both.
+    pytest.importorskip("gradio")
+    app_path = Path(__file__).parents[1] / "examples" / "app.py"
+    spec = importlib.util.spec_from_file_location("offseg_app_for_hub", app_path)
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    assert np.array_equal(app.palette(150), palette(150))
 
 
 def test_push_to_hub_uploads_each_folder_to_the_namespace(tmp_path, monkeypatch):
@@ -435,7 +555,7 @@ def test_space_dir_writes_a_gradio_space_that_the_cards_link(tmp_path):
     assert len(images) == 3 and all(Image.open(path).size == (256, 256) for path in images)
     card = (folder / "README.md").read_text()
     assert "https://huggingface.co/spaces/offseg-hf/offseg-demo" in card
-    assert "The inference widget on this page does not work for this model" in card
+    assert "The inference widget on this page cannot run this model" in card
     assert "Inference Providers" in card and "custom-code" in card and "handler.py" in card
     assert "has no ONNX export" in card and "{space_section}" not in card and "{onnx_section}" not in card
     # A named Space, and Mask2Former among the models: scipy in the Space's requirements.
