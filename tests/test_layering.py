@@ -16,6 +16,7 @@ TOOLS = (
     "convert",
     "onnx",
     "hub",
+    "hub_examples",
     "data",
     "demo_data",
     "transforms",
