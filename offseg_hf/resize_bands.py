@@ -14,26 +14,30 @@ row, so a budget below one row's need is exceeded by that row. When the whole (K
 resized whole (the plain `F.interpolate` + argmax).
 
 Exactness: a band cannot be handed to `F.interpolate`: it derives the sampling positions from the sizes it is given,
-so a band's rows would sample elsewhere. The bands repeat the arithmetic of ATen's generic bilinear kernel instead.
-Per output index d along a dimension of `size_in` -> `size_out`, in the logits' dtype: scale = size_in / size_out,
-src = scale * (d + 0.5) - 0.5 clamped at 0, i0 = floor(src) (floored in float32, as ATen's floorf does; at most
-size_in - 1), i1 = i0 + 1 (i0 at the last index), w1 = src - i0, w0 = 1 - w1; an unchanged size keeps i0 = i1 = d,
-w0 = 1, w1 = 0. The width is resized first, then the height, each as t0 * w0 + t1 * w1 (the kernel nests the width
-inside the height the same way). The kernel leaves the rounding of `a * b + c` and `a * b + c * d` to its compiler,
-which on x86-64 builds fuses a product into a fused multiply-add; which fused or plain form a build uses is found
-once per device type and dtype by comparing the candidate forms with `F.interpolate` on small probes (`arithmetic`).
-With the matching form every resized value is bitwise `F.interpolate`'s, so the argmax (ties included) is identical.
-ATen takes another kernel, vectorised over classes and rounding otherwise, for CPU outputs with height + width <= 128
-(at most 4096 pixels: resized whole here), for channels-last logits with more than 3 classes and for 3 classes on one
-thread (resized whole when that fits the budget). Left approximate (values equal to float rounding, label maps equal
-except where classes tie to within rounding): those last two cases when they do not fit, and a build, device or dtype
-where no candidate form matches (`arithmetic(...).exact` is False). Half-precision logits are resized in float32, as
-the evaluation has always done: their argmax then no longer depends on ties from rounding to the half type.
+so a band's rows would sample elsewhere. The bands repeat the arithmetic of the ATen kernel that the whole resize
+would run (`aten_kernel`). Both of ATen's CPU bilinear kernels compute, per output index d along a dimension of
+`size_in` -> `size_out` in the logits' dtype: scale = size_in / size_out, src = scale * (d + 0.5) - 0.5 clamped at 0,
+i0 = floor(src) (floored in float32, as ATen's floorf does; at most size_in - 1), i1 = i0 + 1 (i0 at the last
+index), w1 = src - i0, w0 = 1 - w1; an unchanged size keeps i0 = i1 = d, w0 = 1, w1 = 0. The generic kernel
+(contiguous logits) resizes the width, then the height, each as t0 * w0 + t1 * w1. The channels-last kernel (taken
+for channels-last logits of more than 3 classes, which is what offset learning's classifier returns, for 3 classes
+on one thread, and for outputs with height + width <= 128) sums the four corners with weights h * w, vectorised over
+the classes, with a scalar loop for the classes past the last full vector. Both leave the rounding of `a * b + c`
+to the compiler, which on x86-64 builds fuses products into fused multiply-adds, in an order that differs between
+the vector and the scalar loop. Which fused or plain form a build uses (for the source index, for the generic sums,
+and per class for the channels-last sums) is found once per device type, dtype (and number of classes) by comparing
+the candidate forms with `F.interpolate` on small probes (`arithmetic`, `channels_last_arithmetic`). With the
+matching forms every resized value is bitwise `F.interpolate`'s, so the argmax (ties included) is identical. Left
+approximate (values equal to float rounding, label maps equal except where classes tie to within rounding): a
+build, device or dtype where no candidate form matches (`.exact` is False; CUDA's kernels are probed the same way).
+Half-precision logits are resized in float32, as the evaluation has always done: their argmax then no longer depends
+on ties from rounding to the half type.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from typing import NamedTuple
 
@@ -79,22 +83,30 @@ def rows_per_band(
     output_width: int,
     dtype: torch.dtype = torch.float32,
     budget_bytes: int | None = None,
+    kernel: str = "generic",
 ) -> int:
     """How many output rows a band holds so that its working tensors fit `budget_bytes` (at least 1, at most
-    `output_height`).
+    `output_height`), for the bands that follow ATen's "generic" or "channels_last" kernel ("channels_last_unfused"
+    where the build's sums are not fused).
 
-    A band of b output rows reads r <= b * s + 3 input rows (s = input_height / output_height). Its peak holds the
-    (K, b, W) band, the (K, r, W) width-resized input rows with the two (K, r, W) gathers they are formed from, and,
-    where rows are gathered rather than broadcast in runs, two (K, b, W) gathers; the band's per-pixel class ids,
-    maxima and scores take up to 32 bytes a pixel.
+    Generic: a band of b output rows reads r <= b * s + 3 input rows (s = input_height / output_height). Its peak
+    holds the (K, b, W) band, the (K, r, W) width-resized input rows with the two (K, r, W) gathers they are formed
+    from, and, where rows are gathered rather than broadcast in runs, two (K, b, W) gathers. Channels-last: the
+    (K, b, W) band, its four (b, W) corner weights and four width-resized input rows (K, W), plus five band-sized
+    temporaries where the build's sums are not fused. Either way the band's per-pixel class ids, maxima and scores
+    take up to 32 bytes a pixel.
     """
     budget_bytes = resize_budget_bytes() if budget_bytes is None else budget_bytes
     itemsize = 8 if dtype == torch.float64 else 4  # half types are resized in float32
     plane_row = itemsize * num_labels * output_width  # one row of a (K, rows, W) tensor
-    s = input_height / output_height
-    per_row = plane_row * (1 + 3 * s if _rows_in_runs(input_height, output_height) else max(1 + 3 * s, 3 + s))
-    per_row += 32 * output_width
-    fixed = plane_row * 9  # the up to 3 extra input rows, three times
+    if kernel.startswith("channels_last"):
+        per_row = plane_row * (6 if kernel == "channels_last_unfused" else 1) + (4 * itemsize + 32) * output_width
+        fixed = plane_row * 4
+    else:
+        s = input_height / output_height
+        per_row = plane_row * (1 + 3 * s if _rows_in_runs(input_height, output_height) else max(1 + 3 * s, 3 + s))
+        per_row += 32 * output_width
+        fixed = plane_row * 9  # the up to 3 extra input rows, three times
     rows = int(0.9 * (budget_bytes - fixed) // per_row)  # 10% for the allocator and the bincounts
     return max(1, min(output_height, rows))
 
@@ -211,18 +223,118 @@ def arithmetic(device_type: str, dtype: torch.dtype) -> Arithmetic:
     return Arithmetic("plain", "plain", False)
 
 
-def _takes_channels_last_kernel(logits: torch.Tensor, size: tuple[int, int]) -> str | None:
-    """Why ATen would resize these logits with its channels-last CPU kernel, whose rounding the bands do not follow:
-    "small" (an output of at most 4096 pixels), "layout" (channels-last logits, or 3 classes on one thread), or None.
-    """
+# ATen's channels-last kernel sums a pixel's four corners a = (i0, j0), b = (i0, j1), c = (i1, j0), d = (i1, j1) with
+# weights h0 * w0, h0 * w1, h1 * w0, h1 * w1, vectorised over the classes with a scalar loop for the classes past the
+# last full vector. The compiler orders and fuses those sums differently in the two loops: a chain "cdba" is
+# fma(a, wa, fma(b, wb, fma(d, wd, c * wc))); "nested" and "left" are the unfused sums a + (b + (c + d)) and
+# ((a + b) + c) + d of the products.
+_CHAINS = tuple("".join(order) for order in itertools.permutations("abcd")) + ("nested", "left")
+
+
+class ChannelsLastArithmetic(NamedTuple):
+    """The rounding form of ATen's channels-last kernel per class (see `_CHAINS`), for one number of classes."""
+
+    source: str  # as Arithmetic.source
+    chains: tuple[tuple[int, int, str], ...]  # (first class, end class, chain): consecutive classes sharing a chain
+    exact: bool
+
+
+def _sum_corners(out: torch.Tensor, corners: dict[str, tuple[torch.Tensor, torch.Tensor]], chain: str) -> None:
+    """out = the sum over corners of value * weight, rounded as `chain` says (values and weights broadcast)."""
+    if chain in ("nested", "left"):
+        products = [value * weight for value, weight in (corners[corner] for corner in "abcd")]
+        if chain == "nested":
+            out.copy_(products[0] + (products[1] + (products[2] + products[3])))
+        else:
+            out.copy_(((products[0] + products[1]) + products[2]) + products[3])
+        return
+    torch.mul(*corners[chain[0]], out=out)
+    for corner in chain[1:]:
+        out.addcmul_(*corners[corner])
+
+
+class _ChannelsLastPlan:
+    """One image's resize as ATen's channels-last kernel computes it: per output row band, the rows formed from
+    their two input rows (width-gathered) and the four (b, W) corner weights, chain by chain over the classes."""
+
+    def __init__(self, logits: torch.Tensor, size: tuple[int, int], arithmetic: ChannelsLastArithmetic):
+        _, in_h, in_w = logits.shape
+        self.chains = arithmetic.chains
+        self.rows = _axis_weights(in_h, size[0], logits.dtype, arithmetic.source, logits.device)
+        self.cols = _axis_weights(in_w, size[1], logits.dtype, arithmetic.source, logits.device)
+
+    def band(self, logits: torch.Tensor, start: int, out: torch.Tensor) -> torch.Tensor:
+        """The resized logits of output rows [start, start + b) written into `out` (K, b, W)."""
+        i0, i1, h0, h1 = (part[start : start + out.shape[1]] for part in self.rows)
+        j0, j1, v0, v1 = self.cols
+        h0, h1 = h0[:, None], h1[:, None]
+        weights = {"a": h0 * v0, "b": h0 * v1, "c": h1 * v0, "d": h1 * v1}  # (b, W) each
+        values, counts = torch.unique_consecutive(i0, return_counts=True)
+        row, seconds = 0, i1.tolist()
+        for first, count in zip(values.tolist(), counts.tolist(), strict=True):
+            rows = slice(row, row + count)
+            upper, lower = logits[:, first], logits[:, seconds[row]]  # (K, w): i1 is constant along a run of i0
+            corners = {  # (K, 1, W) each
+                "a": upper.index_select(1, j0)[:, None],
+                "b": upper.index_select(1, j1)[:, None],
+                "c": lower.index_select(1, j0)[:, None],
+                "d": lower.index_select(1, j1)[:, None],
+            }
+            for begin, end, chain in self.chains:
+                classes = {name: (value[begin:end], weights[name][rows]) for name, value in corners.items()}
+                _sum_corners(out[begin:end, rows], classes, chain)
+            row += count
+        return out
+
+
+# Probe resizes ATen runs through its channels-last kernel whatever the logits' layout (height + width <= 128).
+_CHANNELS_LAST_PROBES = (((13, 17), (29, 37)), ((23, 19), (11, 14)))
+
+
+@functools.cache
+def channels_last_arithmetic(device_type: str, dtype: torch.dtype, num_labels: int) -> ChannelsLastArithmetic:
+    """The rounding form of each class under which the bands reproduce ATen's channels-last kernel bitwise, for
+    `num_labels` classes on this build, device type and dtype (which classes fall past the last full vector depends
+    on the number of classes; computed once per process)."""
+    device = torch.device(device_type)
+    probes = []
+    for index, (shape, size) in enumerate(_CHANNELS_LAST_PROBES):
+        logits = _probe_logits((num_labels, *shape), device, dtype, index)
+        logits = logits[None].contiguous(memory_format=torch.channels_last)[0]
+        probes.append((logits, size, F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]))
+    for source in ("fused", "plain"):
+        found: list[str | None] = [None] * num_labels
+        for chain in _CHAINS:
+            candidate = ChannelsLastArithmetic(source, ((0, num_labels, chain),), True)
+            matches = torch.ones(num_labels, dtype=torch.bool, device=device)
+            for logits, size, expected in probes:
+                resized = _ChannelsLastPlan(logits, size, candidate).band(logits, 0, torch.empty_like(expected))
+                matches &= (resized == expected).flatten(1).all(dim=1)
+            for class_id in matches.nonzero().flatten().tolist():
+                found[class_id] = found[class_id] or chain
+        if None not in found:
+            groups = []
+            for class_id, chain in enumerate(found):
+                if groups and groups[-1][2] == chain:
+                    groups[-1] = (groups[-1][0], class_id + 1, chain)
+                else:
+                    groups.append((class_id, class_id + 1, chain))
+            return ChannelsLastArithmetic(source, tuple(groups), True)
+    return ChannelsLastArithmetic("plain", ((0, num_labels, "left"),), False)
+
+
+def aten_kernel(logits: torch.Tensor, size: tuple[int, int]) -> str:
+    """Which of its bilinear kernels ATen resizes (K, h, w) logits to `size` with: "channels_last" on the CPU for
+    channels-last logits of more than 3 classes, for 3 classes on one thread and for outputs with
+    height + width <= 128 (its dispatch rule); else "generic"."""
     if logits.device.type != "cpu":
-        return None
-    if size[0] + size[1] <= _CHANNELS_LAST_KERNEL_MAX_SIDES:
-        return "small"
+        return "generic"
     classes = logits.shape[0]
-    if logits[None].is_contiguous(memory_format=torch.channels_last) and classes > 3:
-        return "layout"
-    return "layout" if classes == 3 and torch.get_num_threads() == 1 else None
+    if size[0] + size[1] <= _CHANNELS_LAST_KERNEL_MAX_SIDES:
+        return "channels_last"
+    if classes > 3 and logits[None].is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return "channels_last" if classes == 3 and torch.get_num_threads() == 1 else "generic"
 
 
 def _pixel_scores(band: torch.Tensor, top: torch.Tensor, kind: str) -> torch.Tensor:
@@ -269,16 +381,19 @@ def resize_argmax(
         logits = logits.float()  # half types: resized and compared in float32, as the evaluation always has
     with torch.no_grad():
         fits = logits.element_size() * num_labels * height * width * (2 if scores else 1) <= budget
-        kernel = _takes_channels_last_kernel(logits, (height, width))
-        # Whole where that is exact and cheap: outputs of ATen's channels-last kernel when they fit (small ones
-        # always do), anything that fits unless bands are asked for.
-        whole = kernel == "small" or (fits and (band_rows is None or kernel is not None))
-        if whole:
+        if band_rows is None and fits:  # the whole resize fits the budget: F.interpolate itself
             plan, band_rows = None, height
         else:
-            plan = _Plan(logits, (height, width), arithmetic(logits.device.type, logits.dtype))
+            kernel = aten_kernel(logits, (height, width))
+            if kernel == "channels_last":
+                form = channels_last_arithmetic(logits.device.type, logits.dtype, num_labels)
+                plan = _ChannelsLastPlan(logits, (height, width), form)
+                if any(chain in ("nested", "left") for *_, chain in form.chains):
+                    kernel = "channels_last_unfused"
+            else:
+                plan = _Plan(logits, (height, width), arithmetic(logits.device.type, logits.dtype))
             if band_rows is None:
-                band_rows = rows_per_band(num_labels, logits.shape[1], height, width, logits.dtype, budget)
+                band_rows = rows_per_band(num_labels, logits.shape[1], height, width, logits.dtype, budget, kernel)
         label_map = torch.empty((height, width), dtype=torch.long, device=logits.device)
         sums = torch.zeros(num_labels, dtype=torch.float64, device=logits.device) if scores else None
         buffer = None if plan is None else logits.new_empty(num_labels, band_rows, width)  # reused by every band

@@ -1,6 +1,7 @@
 """Row-band resize + argmax (offseg_hf/resize_bands.py): the label map, values and scores of the whole resize, in
 bounded memory."""
 
+import itertools
 import json
 import textwrap
 from types import SimpleNamespace
@@ -13,8 +14,11 @@ from transformers import SegformerImageProcessor
 from offseg_hf import OffSegImageProcessor
 from offseg_hf.resize_bands import (
     BUDGET_ENV,
+    _ChannelsLastPlan,
     _Plan,
     arithmetic,
+    aten_kernel,
+    channels_last_arithmetic,
     resize_argmax,
     resize_budget_bytes,
     rows_per_band,
@@ -56,23 +60,35 @@ def whole(logits: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
-def banded_values(logits: torch.Tensor, size, band_rows: int) -> torch.Tensor:
-    plan = _Plan(logits, size, arithmetic(logits.device.type, logits.dtype))
+def channels_last(logits: torch.Tensor) -> torch.Tensor:
+    """The same values laid out as offset learning's classifier returns them (classes innermost)."""
+    return logits[None].contiguous(memory_format=torch.channels_last)[0]
+
+
+def banded_values(logits: torch.Tensor, size, band_rows: int) -> tuple[torch.Tensor, bool]:
+    """The resize formed band by band as ATen's kernel for it would, and whether the build's forms were found."""
+    if aten_kernel(logits, size) == "channels_last":
+        form = channels_last_arithmetic(logits.device.type, logits.dtype, logits.shape[0])
+        plan = _ChannelsLastPlan(logits, size, form)
+    else:
+        form = arithmetic(logits.device.type, logits.dtype)
+        plan = _Plan(logits, size, form)
     values = logits.new_empty(logits.shape[0], *size)
     for start in range(0, size[0], band_rows):
         plan.band(logits, start, values[:, start : start + band_rows])
-    return values
+    return values, form.exact
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape, size", RESIZES)
-def test_bands_give_the_whole_resize_bitwise_and_its_label_map(shape, size, dtype):
+def test_bands_give_the_whole_resize_bitwise_and_its_label_map(shape, size, dtype, layout):
     logits = ties_free_logits(shape, size, dtype)
+    logits = channels_last(logits) if layout == "channels_last" else logits
     expected = whole(logits, size)
-    form = arithmetic("cpu", dtype)
     for band_rows in BAND_ROWS:
-        values = banded_values(logits, size, band_rows)
-        if form.exact:  # the build's rounding form was found: every value is F.interpolate's
+        values, exact = banded_values(logits, size, band_rows)
+        if exact:  # the build's rounding forms were found: every value is F.interpolate's
             assert torch.equal(values, expected), (band_rows, (values - expected).abs().max())
         else:
             torch.testing.assert_close(values, expected)
@@ -82,10 +98,32 @@ def test_bands_give_the_whole_resize_bitwise_and_its_label_map(shape, size, dtyp
 
 
 def test_this_build_rounds_like_one_of_the_candidate_forms():
-    # x86-64 and aarch64 builds both use one of the fused/plain forms for float32 and float64 on the CPU; a build
-    # that does neither would leave the bands approximate (still within rounding, see the test above).
+    # Builds fuse (or not) the kernels' sums in one of the candidate orders for float32 and float64 on the CPU; a
+    # build that does neither would leave the bands approximate (still within rounding, see the test above).
     for dtype in (torch.float32, torch.float64):
         assert arithmetic("cpu", dtype).exact, arithmetic("cpu", dtype)
+        for num_labels in (1, 2, 3, 4, 19, 150):
+            form = channels_last_arithmetic("cpu", dtype, num_labels)
+            assert form.exact and form.chains[0][0] == 0 and form.chains[-1][1] == num_labels, form
+
+
+def test_the_bands_follow_the_kernel_aten_takes():
+    logits = random_logits((5, 8, 8))
+    assert aten_kernel(logits, (100, 200)) == "generic"
+    assert aten_kernel(channels_last(logits), (100, 200)) == "channels_last"  # offset learning's logits
+    assert aten_kernel(logits, (60, 68)) == "channels_last"  # height + width <= 128
+    assert aten_kernel(channels_last(logits[:3]), (100, 200)) == "generic"  # 3 classes: only on one thread
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert aten_kernel(logits[:3], (100, 200)) == "channels_last"
+        three = ties_free_logits((3, 9, 7), (150, 90))
+        expected = whole(three, (150, 90))  # ATen's channels-last kernel, on one thread
+        values, exact = banded_values(three, (150, 90), 7)
+        assert not exact or torch.equal(values, expected)
+        assert torch.equal(resize_argmax(three, (150, 90), band_rows=7).label_map, expected.argmax(dim=0))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_ties_break_as_in_the_whole_resize():
@@ -93,11 +131,11 @@ def test_ties_break_as_in_the_whole_resize():
     generator = torch.Generator().manual_seed(3)
     logits = torch.randint(-2, 3, (6, 9, 11), generator=generator).float()
     logits[:, 4] = float("nan")  # NaN counts as the maximum in both
-    for size in [(18, 44), (36, 22), (101, 77)]:
-        expected = whole(logits, size).argmax(dim=0)
-        assert (whole(logits, size).topk(2, dim=0).values.diff(dim=0) == 0).any()  # there are ties
+    for size, laid_out in itertools.product([(18, 44), (36, 22), (101, 77)], [logits, channels_last(logits)]):
+        expected = whole(laid_out, size).argmax(dim=0)
+        assert (whole(laid_out, size).topk(2, dim=0).values.diff(dim=0) == 0).any()  # there are ties
         for band_rows in BAND_ROWS:
-            assert torch.equal(resize_argmax(logits, size, band_rows=band_rows).label_map, expected)
+            assert torch.equal(resize_argmax(laid_out, size, band_rows=band_rows).label_map, expected)
 
 
 @pytest.mark.parametrize("shape, size", RESIZES[:4])
@@ -133,13 +171,13 @@ def test_half_precision_logits_are_resized_in_float32():
         assert torch.equal(resize_argmax(logits, (83, 121), band_rows=band_rows).label_map, expected)
 
 
-def test_small_outputs_and_whole_fits_are_resized_whole():
-    # Outputs with height + width <= 128 take ATen's channels-last kernel on the CPU, which rounds otherwise: they
-    # are resized whole (at most 4096 pixels), whatever band size is asked for.
+def test_small_outputs_take_the_channels_last_form_and_what_fits_is_resized_whole():
+    # Outputs with height + width <= 128 take ATen's channels-last kernel on the CPU even for contiguous logits.
     logits = random_logits((9, 13, 11))
     for size in [(60, 68), (5, 3)]:
-        expected = whole(logits, size).argmax(dim=0)
-        assert torch.equal(resize_argmax(logits, size, band_rows=1).label_map, expected)
+        values, exact = banded_values(logits, size, 2)
+        assert not exact or torch.equal(values, whole(logits, size))
+        assert torch.equal(resize_argmax(logits, size, band_rows=1).label_map, whole(logits, size).argmax(dim=0))
     assert torch.equal(resize_argmax(logits, (300, 200)).label_map, whole(logits, (300, 200)).argmax(dim=0))
 
 
@@ -154,6 +192,10 @@ def test_rows_per_band_follows_the_budget():
     assert rows_per_band(2, 64, 300, 400, torch.float32, 256 * 2**20) == 300  # at most the image
     # Downsampling reads more input rows per output row, and gathers them: fewer rows for the same budget.
     assert rows_per_band(150, 6048, 3024, 4032, torch.float32, 256 * 2**20) < rows / 2
+    # The channels-last form holds the band and per-run rows only: more rows; unfused sums need temporaries.
+    budget = 256 * 2**20
+    assert rows_per_band(150, 64, 3024, 4032, torch.float32, budget, "channels_last") > rows
+    assert rows_per_band(150, 64, 3024, 4032, torch.float32, budget, "channels_last_unfused") < rows
 
 
 def test_budget_comes_from_the_argument_the_environment_or_the_default(monkeypatch):
@@ -187,6 +229,19 @@ def test_image_processor_post_processing_equals_segformers_in_bands():
     assert torch.equal(unsized[0], logits[0].argmax(dim=0))
     with_scores = OffSegImageProcessor().post_process_semantic_segmentation(outputs, sizes, True)
     assert with_scores[0].segmentation_scores.shape == (6, 300, 257)
+
+
+def test_image_processor_on_a_models_channels_last_logits_equals_segformers(tiny_model):
+    # Offset learning's classifier returns channels-last logits, which ATen resizes with its channels-last kernel.
+    processor = OffSegImageProcessor(size={"height": 64, "width": 64}, resize_budget_mb=0.01)
+    with torch.no_grad():
+        outputs = tiny_model(**processor(images=torch.rand(2, 3, 40, 50), return_tensors="pt", do_rescale=False))
+    assert outputs.logits[:1].is_contiguous(memory_format=torch.channels_last)
+    sizes = [(321, 203), (150, 499)]
+    expected = SegformerImageProcessor().post_process_semantic_segmentation(outputs, target_sizes=sizes)
+    for banded, whole_map in zip(processor.post_process_semantic_segmentation(outputs, sizes), expected, strict=True):
+        assert torch.equal(banded, whole_map)
+    assert rows_per_band(6, 8, 321, 203, torch.float32, int(0.01 * 2**20), "channels_last") < 321  # bands, indeed
 
 
 # The peak resident memory of one resize in a fresh process: whole, then banded under a 48 MiB budget.
