@@ -248,13 +248,16 @@ def heat_colours(values: np.ndarray) -> np.ndarray:
     return stops[low[..., 0]] * (1 - fraction) + stops[low[..., 0] + 1] * fraction
 
 
+# The ramp in 256 steps: a large photo's heat map is a table lookup in uint8, not float arrays of it.
+HEAT_TABLE = heat_colours(np.linspace(0, 1, 256, dtype=np.float32)).round().astype(np.uint8)  # (256, 3)
+
+
 def attention_picture(image: Image.Image, attention: np.ndarray) -> Image.Image:
     """One class's attention (h, w), softmax over positions, scaled to its maximum and laid over the image."""
-    scaled = torch.from_numpy(attention / max(float(attention.max()), 1e-12))[None, None]
-    resized = F.interpolate(scaled, size=(image.height, image.width), mode="bilinear", align_corners=False)
-    heat = heat_colours(resized[0, 0].clamp(0, 1).numpy())
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
-    return Image.fromarray((0.35 * pixels + 0.65 * heat).round().clip(0, 255).astype(np.uint8))
+    scaled = torch.from_numpy(attention / max(float(attention.max()), 1e-12)).float()[None, None]
+    resized = F.interpolate(scaled, size=(image.height, image.width), mode="bilinear", align_corners=False)[0, 0]
+    levels = resized.clamp_(0, 1).mul_(255).round_().to(torch.uint8).numpy()  # (H, W)
+    return Image.blend(image.convert("RGB"), Image.fromarray(HEAT_TABLE[levels]), 0.65)
 
 
 def legend_html(class_ids: list[int], id2label: dict[int, str], colours: np.ndarray) -> str:
