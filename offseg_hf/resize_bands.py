@@ -202,15 +202,19 @@ _PROBES = (((2, 7, 11), (97, 89)), ((2, 61, 53), (37, 131)), ((2, 13, 150), (20,
 
 
 @functools.cache
-def arithmetic(device_type: str, dtype: torch.dtype) -> Arithmetic:
+def arithmetic(device_type: str, dtype: torch.dtype, channels_last: bool = False) -> Arithmetic:
     """The rounding form under which the bands reproduce `F.interpolate` bitwise on this build, device type and
-    dtype (a property of the installed torch and the machine, so computed once per process)."""
+    dtype (a property of the installed torch and the machine, so computed once per process). `channels_last`: probe
+    with logits in that layout (on the CPU it takes the channels-last kernel only with more classes than the probes
+    have; a GPU may pick its kernel by layout alone)."""
     device = torch.device(device_type)
     for source in ("fused", "plain"):
         for combine in ("fused_first", "fused_second", "plain"):
             candidate = Arithmetic(source, combine, True)
             for index, (shape, size) in enumerate(_PROBES):
                 logits = _probe_logits(shape, device, dtype, index)
+                if channels_last:
+                    logits = logits[None].contiguous(memory_format=torch.channels_last)[0]
                 expected = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
                 plan = _Plan(logits, size, candidate)
                 resized = logits.new_empty(logits.shape[0], *size)
@@ -391,7 +395,8 @@ def resize_argmax(
                 if any(chain in ("nested", "left") for *_, chain in form.chains):
                     kernel = "channels_last_unfused"
             else:
-                plan = _Plan(logits, (height, width), arithmetic(logits.device.type, logits.dtype))
+                layout = logits[None].is_contiguous(memory_format=torch.channels_last) and not logits.is_contiguous()
+                plan = _Plan(logits, (height, width), arithmetic(logits.device.type, logits.dtype, layout))
             if band_rows is None:
                 band_rows = rows_per_band(num_labels, logits.shape[1], height, width, logits.dtype, budget, kernel)
         label_map = torch.empty((height, width), dtype=torch.long, device=logits.device)

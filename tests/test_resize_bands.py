@@ -71,7 +71,8 @@ def banded_values(logits: torch.Tensor, size, band_rows: int) -> tuple[torch.Ten
         form = channels_last_arithmetic(logits.device.type, logits.dtype, logits.shape[0])
         plan = _ChannelsLastPlan(logits, size, form)
     else:
-        form = arithmetic(logits.device.type, logits.dtype)
+        layout = logits[None].is_contiguous(memory_format=torch.channels_last) and not logits.is_contiguous()
+        form = arithmetic(logits.device.type, logits.dtype, layout)
         plan = _Plan(logits, size, form)
     values = logits.new_empty(logits.shape[0], *size)
     for start in range(0, size[0], band_rows):
