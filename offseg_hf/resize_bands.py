@@ -10,8 +10,8 @@ scores) and dropped. `resize_argmax` does that; the image processor's `post_proc
 Band size: `rows_per_band` fits a band's working tensors into a byte budget: `budget_mb` where a caller passes one
 (the image processor's `resize_budget_mb`), else the environment variable OFFSEG_RESIZE_BUDGET_MB, else 256 MiB. The
 budget bounds the working memory; the (H, W) int64 label map that is returned comes on top. A band has at least one
-row, so a budget below one row's need is exceeded by that row. When the whole (K, H, W) tensor fits the budget, it is
-resized whole (the plain `F.interpolate` + argmax).
+row, so a budget below one row's need is exceeded by that row. When two (K, H, W) tensors fit the budget (what the
+whole resize can hold), it runs whole: the plain `F.interpolate` + argmax.
 
 Exactness: a band cannot be handed to `F.interpolate`: it derives the sampling positions from the sizes it is given,
 so a band's rows would sample elsewhere. The bands repeat the arithmetic of the ATen kernel that the whole resize
@@ -384,7 +384,9 @@ def resize_argmax(
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()  # half types: resized and compared in float32, as the evaluation always has
     with torch.no_grad():
-        fits = logits.element_size() * num_labels * height * width * (2 if scores else 1) <= budget
+        # The whole resize can hold two (K, H, W) tensors: for channels-last logits ATen computes into a
+        # channels-last one and copies it to the contiguous output it allocated.
+        fits = 2 * logits.element_size() * num_labels * height * width <= budget
         if band_rows is None and fits:  # the whole resize fits the budget: F.interpolate itself
             plan, band_rows = None, height
         else:
