@@ -116,6 +116,22 @@ def encoded_image(image, format: str, **options) -> bytes:
     return buffer.getvalue()
 
 
+def bad_image_files(make_image) -> dict[str, bytes]:
+    """The inputs a server must refuse with one line (issue 24), built from `make_image(width, height)`, and an MPO
+    photo (a camera JPEG with a preview frame), which it must take: the handler's and the app's tests share them."""
+    photo = encoded_image(make_image(40, 30), "JPEG", quality=90)
+    frames = [make_image(20, 10).point(lambda value, shift=shift: (value + shift) % 256) for shift in (0, 90, 180)]
+    return {
+        "over_limit": encoded_image(make_image(50, 50), "PNG"),
+        "bomb": png_of_size(200_000, 200_000),  # beyond Pillow's own guard: refused at open
+        "truncated_jpeg": photo[: len(photo) // 2],
+        "text": b"name,value\nroad,1\nsky,2\n",
+        "empty_png": png_of_size(0, 0),
+        "animated_gif": encoded_image(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0),
+        "mpo_photo": encoded_image(frames[0], "MPO", save_all=True, append_images=frames[1:2]),
+    }
+
+
 def png_of_size(width: int, height: int) -> bytes:
     """A PNG that claims `width` x `height` pixels and holds none: Pillow writes neither a 0x0 PNG nor a
     decompression bomb."""

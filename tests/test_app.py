@@ -20,7 +20,7 @@ from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
 from offseg_hf import OffSegImageProcessor
 
-from .conftest import build_model, encoded_image, png_of_size, run_python_elsewhere
+from .conftest import bad_image_files, build_model, encoded_image, run_python_elsewhere
 
 APP = Path(__file__).parents[1] / "examples" / "app.py"
 SCREENSHOT = Path(os.environ.get("OFFSEG_APP_SCREENSHOT", "/tmp/app_screenshot.png"))
@@ -317,17 +317,7 @@ def upload_answers(model_folder, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("uploads")
     app = load_app()
     cache = app.ModelCache(allow_download=False, device="cpu")
-    photo = encoded_image(scene(40, 30), "JPEG", quality=90)
-    frames = [scene(20, 10).point(lambda value, shift=shift: (value + shift) % 256) for shift in (0, 90, 180)]
-    uploads = {
-        "over_limit": encoded_image(scene(50, 50), "PNG"),
-        "truncated_jpeg": photo[: len(photo) // 2],
-        "text": b"name,value\nroad,1\nsky,2\n",
-        "empty_png": png_of_size(0, 0),
-        "animated_gif": encoded_image(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0),
-        "bomb": png_of_size(200_000, 200_000),
-        "mpo_photo": encoded_image(frames[0], "MPO", save_all=True, append_images=frames[1:2]),
-    }
+    uploads = bad_image_files(scene)
     good = write_upload(tmp_path / "good.png", encoded_image(scene(37, 53), "PNG"))  # 1961 pixels
     answers = {}
     for name, data in uploads.items():
