@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
 from offseg_hf import OffSegForSemanticSegmentation
-from offseg_hf.hub import count_gmac  # noqa: F401  (re-exported for the benchmark scripts)
+from offseg_hf.hub.repos import count_gmac  # noqa: F401  (re-exported for the benchmark scripts)
 
 
 def synchronize(device: torch.device) -> None:

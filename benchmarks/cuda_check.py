@@ -47,9 +47,9 @@ from speed import build, throughput, timed_group
 from torch.nn import functional as F
 from train_step import _worker, random_batches
 
-from offseg_hf import freqfusion, losses
-from offseg_hf.freqfusion import FreqFusion, carafe, neighbour_cosine_similarity
-from offseg_hf.losses import upsampled_cross_entropy
+from offseg_hf.models import freqfusion, losses
+from offseg_hf.models.freqfusion import FreqFusion, carafe, neighbour_cosine_similarity
+from offseg_hf.models.losses import upsampled_cross_entropy
 
 START = time.perf_counter()
 TRAIN_MODELS = ["offseg-t", "segformer-b0-offset"]

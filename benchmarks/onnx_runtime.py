@@ -5,7 +5,8 @@
     python benchmarks/onnx_runtime.py --variants segformer-b0-offset --check_sizes   # + ORT-vs-PyTorch at 3 sizes
     python benchmarks/onnx_runtime.py --demo_miou /tmp/demo_b0_pp      # int8 mIoU change on the demo set
 
-Per preset (random weights, eval mode): the export time (`offseg_hf.onnx.export_onnx`, dynamic batch/height/width),
+Per preset (random weights, eval mode): the export time (`offseg_hf.export.onnx.export_onnx`, dynamic
+batch/height/width),
 then the median forward latency over `--repeats` rounds of eager PyTorch, ORT fp32 and ORT int8 (`--int8`: dynamic
 = `quantize_dynamic`, static = QDQ `quantize_static` calibrated on 4 demo images; both by default), with
 `hf-segformer-b0` (transformers' SegformerForSemanticSegmentation, MiT-B0, decoder 256) eager as the reference row.
@@ -30,7 +31,7 @@ import torch
 from common import HF_SEGFORMER_B0, add_input_arguments, hf_segformer_b0, machine_line, measure, median, print_table
 
 from offseg_hf import presets
-from offseg_hf.onnx import (
+from offseg_hf.export.onnx import (
     DEFAULT_OPSET,
     DEFAULT_VERIFY_SIZES,
     INPUT_NAME,
@@ -96,8 +97,8 @@ def demo_miou(folder: str, workdir: Path, args) -> None:
     """mIoU of ORT fp32 and int8 on the demo set's held-out split, whole images through OnnxSegmenter."""
     from transformers import AutoModelForSemanticSegmentation
 
-    from offseg_hf.demo_data import make_demo_splits
-    from offseg_hf.metrics import SegmentationMetrics
+    from offseg_hf.data.demo import make_demo_splits
+    from offseg_hf.evaluation.metrics import SegmentationMetrics
 
     model = AutoModelForSemanticSegmentation.from_pretrained(folder).eval()
     path = export_onnx(model, workdir / "demo.onnx", opset=args.opset)

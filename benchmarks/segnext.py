@@ -13,7 +13,8 @@ Rows:
 
 Columns:
   GMAC (ours)          what `torch.utils.flop_counter` counts (FLOPs / 2) on one image through our model.
-  GMAC (official)      the official mmseg modules counted the same way (`offseg_hf.hub.OFFICIAL_GMAC_150`); only at
+  GMAC (official)      the official mmseg modules counted the same way (`offseg_hf.hub.repos.OFFICIAL_GMAC_150`); only
+  at
                        512x512 with 150 labels, "-" otherwise. Paper GFLOPs likewise only at 512x512.
   median ms            median over `--repeats` timed forward passes per model, after `--warmup` untimed ones; the
                        models take turns within each round, so drift in machine load hits all of them alike.
@@ -42,7 +43,7 @@ from common import (
 )
 
 from offseg_hf import PAPER_FIGURES, OffSegConfig, OffSegForSemanticSegmentation
-from offseg_hf.hub import OFFICIAL_GMAC_150
+from offseg_hf.hub.repos import OFFICIAL_GMAC_150
 
 VARIANTS = ("segnext-t-offset", "segnext-t", "segnext-s-offset", "segnext-s", "segnext-b-offset", "segnext-b")
 PAPER = {HF_SEGFORMER_B0: HF_SEGFORMER_B0_PAPER} | {v: PAPER_FIGURES[v] for v in VARIANTS}

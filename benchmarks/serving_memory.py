@@ -5,13 +5,13 @@
     python benchmarks/serving_memory.py --workdir /tmp/serving  # keep (and reuse) the folders, photos and ONNX file
 
 Paths (random weights, 150 labels; the folders are written as the project writes them: `save_pretrained`, the
-image processor, and `offseg_hf.hub.write_endpoint_files` for handler.py):
+image processor, and `offseg_hf.hub.repos.write_endpoint_files` for handler.py):
   handler          the folder's Inference Endpoints `handler.py` (`EndpointHandler(folder)({"inputs": JPEG bytes})`)
                    in a process where offseg_hf cannot be imported, as on an endpoint (the folder's own code).
   pipeline         `transformers.pipeline("image-segmentation", model=folder)(photo path)`.
   app              examples/app.py's Segment button (`segment_upload`: the upload's path -> overlay, legend,
                    areas, class attention).
-  onnx             `offseg_hf.onnx.OnnxSegmenter(folder/model.onnx).pipeline_output(photo path)` (ONNX Runtime).
+  onnx             `offseg_hf.export.onnx.OnnxSegmenter(folder/model.onnx).pipeline_output(photo path)` (ONNX Runtime).
   hf-segformer-b0  the baseline: transformers' SegformerForSemanticSegmentation (MiT-B0, decoder 256) through the
                    same pipeline, with transformers' SegformerImageProcessor (whole (K, H, W) resize).
 Every request starts from the JPEG file (so decoding counts) and ends with the path's full answer held.
@@ -78,7 +78,7 @@ def prepare(workdir: Path, num_labels: int, paths: list[str], sizes: list[int]) 
     label2id = {label: i for i, label in id2label.items()}
     if not (files["offseg"] / "config.json").exists():
         from offseg_hf import OffSegImageProcessor
-        from offseg_hf.hub import write_endpoint_files
+        from offseg_hf.hub.repos import write_endpoint_files
         from offseg_hf.presets import model_for_variant
 
         torch.manual_seed(0)
@@ -89,7 +89,7 @@ def prepare(workdir: Path, num_labels: int, paths: list[str], sizes: list[int]) 
     if "onnx" in paths and not (files["offseg"] / "model.onnx").exists():
         from transformers import AutoModelForSemanticSegmentation
 
-        from offseg_hf.onnx import export_onnx
+        from offseg_hf.export.onnx import export_onnx
 
         print("exporting the ONNX file ...", flush=True)
         model = AutoModelForSemanticSegmentation.from_pretrained(files["offseg"]).eval()
@@ -196,7 +196,7 @@ def load_path(name: str, files: dict[str, str]):
         limit = app.max_image_pixels()
         return lambda path: app.segment_upload(cache, limit, path, folder)
     if name == "onnx":
-        from offseg_hf.onnx import OnnxSegmenter
+        from offseg_hf.export.onnx import OnnxSegmenter
 
         segmenter = OnnxSegmenter(os.path.join(folder, "model.onnx"))
         return lambda path: segmenter.pipeline_output(path)

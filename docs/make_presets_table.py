@@ -4,8 +4,8 @@
     python docs/make_presets_table.py --variants offseg-t segformer-b0-offset
 
 Columns: parameters counted on the preset built here (150 classes, random weights); GMAC that
-`torch.utils.flop_counter` counts in one 512x512 forward pass of this package's model (`offseg_hf.hub.count_gmac`,
-the figure the Hub cards print); the same count on the official mmseg modules (`offseg_hf.hub.OFFICIAL_GMAC_150`,
+`torch.utils.flop_counter` counts in one 512x512 forward pass of this package's model (`offseg_hf.hub.repos.count_gmac`,
+the figure the Hub cards print); the same count on the official mmseg modules (`offseg_hf.hub.repos.OFFICIAL_GMAC_150`,
 measured once on them, "-" where none was); and the paper's parameters, GFLOPs and ADE20K mIoU
 (`offseg_hf.presets.paper_figures`). Counts do not depend on the machine.
 """
@@ -16,7 +16,7 @@ import argparse
 
 import torch
 
-from offseg_hf.hub import OFFICIAL_GMAC_150, count_gmac
+from offseg_hf.hub.repos import OFFICIAL_GMAC_150, count_gmac
 from offseg_hf.presets import all_variant_names, model_for_variant, paper_figures
 
 

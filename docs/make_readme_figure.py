@@ -23,7 +23,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from transformers import pipeline  # noqa: E402
 
 import offseg_hf  # noqa: E402, F401  (registers OffSeg with the Auto classes)
-from offseg_hf.demo_data import make_demo_splits  # noqa: E402
+from offseg_hf.data.demo import make_demo_splits  # noqa: E402
 
 # One colour per demo class (background, ellipse, rectangle, triangle, diamond).
 PALETTE = np.array([[40, 40, 40], [230, 159, 0], [86, 180, 233], [0, 158, 115], [204, 121, 167]], dtype=np.uint8)

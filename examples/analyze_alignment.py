@@ -40,9 +40,9 @@ from offseg_hf.analysis import (
     default_classes,
     reconstruction_summary,
 )
-from offseg_hf.data import IGNORE_INDEX, SegmentationDataError, SegmentationDataset
+from offseg_hf.data.datasets import IGNORE_INDEX, SegmentationDataError, SegmentationDataset
+from offseg_hf.data.transforms import EvalTransform
 from offseg_hf.training import RECIPE_FIELDS, RECIPES, default_recipe, resolve_settings
-from offseg_hf.transforms import EvalTransform
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import evaluate_segmentation  # noqa: E402  (one set of data flags and one data loader for both scripts)

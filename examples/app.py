@@ -43,7 +43,7 @@ from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
 try:  # registers OffSeg with the Auto classes; without it, models load through their own (remote) code
     import offseg_hf  # noqa: F401
-    from offseg_hf.local_paths import missing_folder_message
+    from offseg_hf.models.local_paths import missing_folder_message
 
     HAVE_OFFSEG = True
 except ImportError:
@@ -56,7 +56,7 @@ except ImportError:
 
 HERE = Path(__file__).resolve().parent
 CONFIG_FILE = "app_config.json"  # next to app.py on a Space: {"models": [...], "allow_download": true}
-EXAMPLES_DIR = "example_images"  # next to app.py on a Space; generated from offseg_hf.demo_data otherwise
+EXAMPLES_DIR = "example_images"  # next to app.py on a Space; generated from offseg_hf.data.demo otherwise
 DEFAULT_MODEL = "outputs/demo-segformer-b0-offset"  # what `accelerate launch examples/train.py` writes
 OVERLAY_ALPHA = 0.55
 MAX_PIXELS_ENV = "OFFSEG_MAX_IMAGE_PIXELS"  # the Inference Endpoints handler reads the same variable
@@ -297,7 +297,7 @@ def example_images() -> list[str]:
 
 def write_example_images(folder: Path, count: int = 3, size: int = 256) -> list[str]:
     """Validation scenes of the synthetic demo set (the data `examples/train.py` trains on by default)."""
-    from offseg_hf.demo_data import generate_scene
+    from offseg_hf.data.demo import generate_scene
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"scene_{index}.png" for index in range(count)]

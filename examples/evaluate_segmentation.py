@@ -8,7 +8,8 @@
 Each image is resized keeping its aspect ratio to `--eval_scale`, normalised, and run whole or in sliding windows
 (`--eval_mode slide`: windows of `--eval_crop_size` every `--eval_stride`, overlapping logits averaged); the logits
 are resized to the original image before the argmax, and mIoU / mAcc / aAcc come from one confusion matrix over
-the split. The loop is `offseg_hf.inference.evaluate_dataset`, the one `examples/train.py` evaluates with, and
+the split. The loop is `offseg_hf.evaluation.inference.evaluate_dataset`, the one `examples/train.py` evaluates with,
+and
 the protocol defaults to a training recipe's (`--recipe`: `demo` with `--demo`, `pascal-context-59-80k` with
 `--pascal_context_root`, else `ade20k-160k`, the paper's protocol), so a training run's folder evaluated on its
 held-out data gives exactly the figures training printed.
@@ -33,16 +34,17 @@ import torch
 from transformers import AutoModelForSemanticSegmentation
 
 import offseg_hf  # noqa: F401  (registers OffSeg with the Auto classes)
-from offseg_hf.data import (
+from offseg_hf.data.datasets import (
     IGNORE_INDEX,
     SegmentationDataError,
     SegmentationDataset,
     labels_need_reducing,
     load_segmentation_splits,
 )
-from offseg_hf.hub import eval_results, weights_fingerprint
-from offseg_hf.inference import evaluate_dataset
-from offseg_hf.local_paths import missing_folder_message
+from offseg_hf.data.transforms import EvalTransform
+from offseg_hf.evaluation.inference import evaluate_dataset
+from offseg_hf.hub.repos import eval_results, weights_fingerprint
+from offseg_hf.models.local_paths import missing_folder_message
 from offseg_hf.training import (
     DEFAULT_RECIPE,
     RECIPE_FIELDS,
@@ -53,7 +55,6 @@ from offseg_hf.training import (
     resolve_settings,
     saved_model_family,
 )
-from offseg_hf.transforms import EvalTransform
 
 # The recipe fields that make up the evaluation protocol; each is a flag here, defaulting to --recipe's value.
 PROTOCOL_FIELDS = (
@@ -93,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Share of a Hub data set's train split held out (seeded, as train.py does) when it has no validation "
         "split.",
     )
-    data.add_argument("--validation_dir", default=None, help="Folder with images/ and masks/ (see offseg_hf.data).")
+    data.add_argument(
+        "--validation_dir", default=None, help="Folder with images/ and masks/ (see offseg_hf.data.datasets)."
+    )
     data.add_argument("--ade20k_root", default=None, help="The ADEChallengeData2016 folder (or its parent).")
     data.add_argument(
         "--pascal_context_root",

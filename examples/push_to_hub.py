@@ -18,7 +18,7 @@ without offseg-hf), preprocessor_config.json, and a README.md rendered from MODE
 weights: the model folder's own, which train.py writes, or DIR/<name>/ of --results_dir).
 
 What the model does, shown on its page: the folder's own model and image processor (loaded back from the folder
-written) segment the photos shipped in offseg_hf/example_images/ (public domain or CC0); `examples/<photo>.jpg` and
+written) segment the photos shipped in offseg_hf/hub/example_images/ (public domain or CC0); `examples/<photo>.jpg` and
 `examples/<photo>_prediction.png` (the overlay with a legend) go into the repo, the card's `widget:` pairs each photo
 with its prediction (`output.url`, which the Hub shows where no provider runs the model) and its gallery shows them.
 `--no_examples` skips them (faster; no widget, no gallery). A --random_init card says its pictures are from random
@@ -26,7 +26,8 @@ weights.
 
 Each folder also carries `handler.py` + `requirements.txt` for Inference Endpoints (Hub widgets do not run
 custom-code models, so the cards say so and point to the endpoint handler, the ONNX file and the demo Space);
-`--onnx` adds `onnx/model.onnx` (offseg_hf.onnx.export_onnx, dynamic batch/height/width). `--space_dir DIR` writes
+`--onnx` adds `onnx/model.onnx` (offseg_hf.export.onnx.export_onnx, dynamic batch/height/width). `--space_dir DIR`
+writes
 a Gradio Space folder (README.md with Space metadata and `models:` listing the repos, app.py = examples/app.py,
 app_config.json, requirements.txt, example images); with `--push_to_hub` it is uploaded as `--space_id`
 (default <namespace>/offseg-demo), which the cards link.
@@ -52,8 +53,9 @@ from PIL import Image
 from transformers import PreTrainedModel
 
 from offseg_hf import OffSegImageProcessor
-from offseg_hf.demo_data import generate_scene
-from offseg_hf.hub import (
+from offseg_hf.data.demo import generate_scene
+from offseg_hf.hub.examples import EXAMPLES_DIR, render_examples
+from offseg_hf.hub.repos import (
     ADE20K_DATA_SET,
     DEMO_DATA_SET,
     check_measured_on,
@@ -64,7 +66,6 @@ from offseg_hf.hub import (
     space_requirements,
     write_endpoint_files,
 )
-from offseg_hf.hub_examples import EXAMPLES_DIR, render_examples
 from offseg_hf.presets import all_variant_names, config_for_variant, model_class_for, variant_family
 
 RESULTS_FILE = "eval_results.json"  # what train.py and evaluate_segmentation.py write into their --output_dir
@@ -147,14 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--no_examples",
         action="store_true",
         help=f"Skip the example predictions (faster): by default each folder's own model segments the photos shipped "
-        f"in offseg_hf/example_images/ into {EXAMPLES_DIR}/, which the card's widget and gallery show.",
+        f"in offseg_hf/hub/example_images/ into {EXAMPLES_DIR}/, which the card's widget and gallery show.",
     )
     extras = parser.add_argument_group("deployment extras")
     extras.add_argument(
         "--onnx",
         action="store_true",
-        help=f"Also export each model to {ONNX_FILE} (offseg_hf.onnx.export_onnx, dynamic batch/height/width; needs "
-        "offseg-hf's onnx extra). A variant the exporter cannot handle gets no ONNX file and a card that says so.",
+        help=f"Also export each model to {ONNX_FILE} (offseg_hf.export.onnx.export_onnx, dynamic batch/height/width; "
+        "needs offseg-hf's onnx extra). A variant the exporter cannot handle gets no ONNX file and a card that says "
+        "so.",
     )
     extras.add_argument("--onnx_opset", type=int, default=20, help="ONNX opset of --onnx (default 20).")
     extras.add_argument(
@@ -294,7 +296,7 @@ def _check_model_folder(parser, folder: Path, variant: str) -> None:
         if not (folder / file).is_file():
             parser.error(
                 f"{folder} has no {file}: not a saved model folder (train.py --output_dir and python -m "
-                "offseg_hf.convert --output_dir write both files)."
+                "offseg_hf.convert.official --output_dir write both files)."
             )
     config = _read_json(folder / CONFIG_FILE, parser)
     preset = config_for_variant(variant).to_dict()
@@ -375,7 +377,7 @@ def copy_saved_files(source: Path, out: Path) -> None:
 
 def export_onnx_file(model: PreTrainedModel, folder: Path, opset: int) -> bool:
     """Write folder/onnx/model.onnx; False (and no file) where the exporter fails on this model."""
-    from offseg_hf.onnx import export_onnx
+    from offseg_hf.export.onnx import export_onnx
 
     path = folder / ONNX_FILE
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@
     accelerate launch --multi_gpu --num_processes 8 examples/train.py --dataset_name scene_parse_150 \\
         --recipe ade20k-160k --mixed_precision bf16
 
-Without a data flag it trains a fresh SegFormer-B0-offset on the synthetic demo set (`offseg_hf.demo_data`). Every
+Without a data flag it trains a fresh SegFormer-B0-offset on the synthetic demo set (`offseg_hf.data.demo`). Every
 recipe value (learning rate, schedule, batch, crop, augmentation, evaluation protocol) defaults from
 `offseg_hf.training.RECIPES`; a flag overrides it, and `--help` lists each recipe's value. The run is
 iteration-based like mmseg's: an endless seeded sample stream, `--max_train_steps` optimizer steps of
@@ -41,17 +41,18 @@ from transformers import AutoModelForSemanticSegmentation
 
 import offseg_hf  # noqa: F401  (registers OffSeg with the Auto classes)
 from offseg_hf import OffSegImageProcessor
-from offseg_hf.convert import from_pretrained_encoder
-from offseg_hf.data import (
+from offseg_hf.convert.official import from_pretrained_encoder
+from offseg_hf.data.datasets import (
     IGNORE_INDEX,
     SegmentationDataError,
     SegmentationDataset,
     labels_need_reducing,
     load_segmentation_splits,
 )
-from offseg_hf.hub import weights_fingerprint
-from offseg_hf.local_paths import missing_folder_message
-from offseg_hf.modeling_offseg import ENCODERS
+from offseg_hf.data.transforms import EvalTransform, TrainTransform
+from offseg_hf.hub.repos import weights_fingerprint
+from offseg_hf.models.local_paths import missing_folder_message
+from offseg_hf.models.modeling_offseg import ENCODERS
 from offseg_hf.presets import encoder_sources, model_for_variant
 from offseg_hf.training import (
     FAMILY_CHANGES,
@@ -83,7 +84,6 @@ from offseg_hf.training import (
     stream_loader,
     train,
 )
-from offseg_hf.transforms import EvalTransform, TrainTransform
 
 logger = get_logger(__name__)
 
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dataset_config_name", help="Configuration name of the Hub data set.")
     data.add_argument("--image_column_name", default="image", help="Image column of the Hub data set.")
     data.add_argument("--label_column_name", default="annotation", help="Mask column of the Hub data set.")
-    data.add_argument("--train_dir", help="Training folder with images/ and masks/ (see offseg_hf.data).")
+    data.add_argument("--train_dir", help="Training folder with images/ and masks/ (see offseg_hf.data.datasets).")
     data.add_argument("--validation_dir", help="Held-out folder in the same layout (needs --train_dir).")
     data.add_argument("--ade20k_root", help="The ADEChallengeData2016 folder (or its parent).")
     data.add_argument(

@@ -7,18 +7,18 @@ from transformers import (
     AutoModelForSemanticSegmentation,
 )
 
-from .configuration_mask2former import MASK2FORMER_PAPER_FIGURES, MASK2FORMER_VARIANTS, OffSegMask2FormerConfig
-from .configuration_offseg import PAPER_FIGURES, VARIANTS, OffSegConfig
-from .image_processing_offseg import OffSegImageProcessor
-from .modeling_mask2former import OffSegMask2FormerForSemanticSegmentation
-from .modeling_offseg import (
+from .models.configuration_mask2former import MASK2FORMER_PAPER_FIGURES, MASK2FORMER_VARIANTS, OffSegMask2FormerConfig
+from .models.configuration_offseg import PAPER_FIGURES, VARIANTS, OffSegConfig
+from .models.image_processing_offseg import OffSegImageProcessor
+from .models.modeling_mask2former import OffSegMask2FormerForSemanticSegmentation
+from .models.modeling_offseg import (
     OffSegForSemanticSegmentation,
     OffSegModel,
     OffSegModelOutput,
     OffSegPreTrainedModel,
     OffSegSemanticSegmenterOutput,
 )
-from .offset_learning import MaskOffsetLearning, OffsetLearning, PerPixelClassifier
+from .models.offset_learning import MaskOffsetLearning, OffsetLearning, PerPixelClassifier
 
 __version__ = "0.1.0"
 

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from .offset_learning import OffsetLearning, PerPixelClassifier
-from .transforms import IGNORE_INDEX
+from .data.transforms import IGNORE_INDEX
+from .models.offset_learning import OffsetLearning, PerPixelClassifier
 
 
 def masks_at_resolution(labels: torch.Tensor, size: tuple[int, int], ignore_index: int = IGNORE_INDEX) -> torch.Tensor:

@@ -13,10 +13,10 @@ from collections.abc import Callable
 
 from transformers import PreTrainedConfig, PreTrainedModel
 
-from .configuration_mask2former import MASK2FORMER_PAPER_FIGURES, MASK2FORMER_VARIANTS, OffSegMask2FormerConfig
-from .configuration_offseg import PAPER_FIGURES, VARIANTS, OffSegConfig, unknown_variant_message
-from .modeling_mask2former import OffSegMask2FormerForSemanticSegmentation
-from .modeling_offseg import ENCODERS, OffSegForSemanticSegmentation
+from .models.configuration_mask2former import MASK2FORMER_PAPER_FIGURES, MASK2FORMER_VARIANTS, OffSegMask2FormerConfig
+from .models.configuration_offseg import PAPER_FIGURES, VARIANTS, OffSegConfig, unknown_variant_message
+from .models.modeling_mask2former import OffSegMask2FormerForSemanticSegmentation
+from .models.modeling_offseg import ENCODERS, OffSegForSemanticSegmentation
 
 MASK2FORMER_FAMILY = "mask2former"
 
@@ -71,7 +71,7 @@ def model_for_variant(name: str, **overrides) -> PreTrainedModel:
     return model_class_for(config)(config)
 
 
-# What `offseg_hf.convert.from_pretrained_encoder` takes for Mask2Former's Swin (`convert.load_swin_imagenet`).
+# What `offseg_hf.convert.official.from_pretrained_encoder` takes for Mask2Former's Swin (`convert.load_swin_imagenet`).
 _SWIN_SOURCES = "the official mmseg-format Swin-T ImageNet .pth file or a saved transformers Swin folder"
 
 

@@ -1,4 +1,4 @@
-"""timm's EfficientFormerV2 as OffSeg's backbone on any input size (offseg_hf/backbone_efficientformer_v2.py)."""
+"""timm's EfficientFormerV2 as OffSeg's backbone on any input size (offseg_hf/models/backbone_efficientformer_v2.py)."""
 
 import pytest
 import timm
@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 from torch.nn import functional as F
 
 from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation
-from offseg_hf.backbone_efficientformer_v2 import BIAS_INPUT_SIZE, EfficientFormerV2Backbone, _resized_bias
+from offseg_hf.models.backbone_efficientformer_v2 import BIAS_INPUT_SIZE, EfficientFormerV2Backbone, _resized_bias
 
 
 def make_timm_reference(name="efficientformerv2_s1"):

@@ -1,11 +1,11 @@
-"""transformers' SegformerModel (MiT) as OffSeg's backbone (offseg_hf/backbone_mit.py)."""
+"""transformers' SegformerModel (MiT) as OffSeg's backbone (offseg_hf/models/backbone_mit.py)."""
 
 import pytest
 import torch
 from transformers import SegformerConfig, SegformerModel
 
 from offseg_hf import OffSegForSemanticSegmentation
-from offseg_hf.backbone_mit import MixTransformerEncoder
+from offseg_hf.models.backbone_mit import MixTransformerEncoder
 
 from .conftest import TINY_ENCODER, tiny_config
 

@@ -1,4 +1,5 @@
-"""SegNeXt's MSCAN backbone (offseg_hf/backbone_mscan.py): loading official-style checkpoints safely, norm_eval and the
+"""SegNeXt's MSCAN backbone (offseg_hf/models/backbone_mscan.py): loading official-style checkpoints safely, norm_eval
+and the
 official initialisation. (Parameter counts against the paper are in test_config.py.)"""
 
 import math
@@ -10,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation
-from offseg_hf.backbone_mscan import MSCANConfig, MSCANEncoder
+from offseg_hf.models.backbone_mscan import MSCANConfig, MSCANEncoder
 
 from .conftest import randomize_norms
 

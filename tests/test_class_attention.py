@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from offseg_hf.modeling_offseg import OffSegSemanticSegmenterOutput
-from offseg_hf.offset_learning import OffsetLearning
+from offseg_hf.models.modeling_offseg import OffSegSemanticSegmenterOutput
+from offseg_hf.models.offset_learning import OffsetLearning
 
 from .conftest import tiny_config
 

@@ -12,7 +12,7 @@ from offseg_hf import (
     OffSegMask2FormerConfig,
     OffSegMask2FormerForSemanticSegmentation,
 )
-from offseg_hf.configuration_mask2former import MASK2FORMER_AUTO_MAP
+from offseg_hf.models.configuration_mask2former import MASK2FORMER_AUTO_MAP
 from offseg_hf.presets import all_variant_names, config_for_variant
 
 # The paper's parameter counts at 150 classes (M): Table 4 (SegFormer with offset learning), Table 2 (OffSeg),

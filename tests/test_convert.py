@@ -21,7 +21,7 @@ from offseg_hf import (
     OffSegForSemanticSegmentation,
     OffSegMask2FormerForSemanticSegmentation,
 )
-from offseg_hf.convert import (
+from offseg_hf.convert.official import (
     convert_state_dict,
     load_official_checkpoint,
     load_swin_imagenet,

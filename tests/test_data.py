@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from offseg_hf.data import (
+from offseg_hf.data.datasets import (
     ADE20K_CLASSES,
     PASCAL_CONTEXT_59_CLASSES,
     SegmentationDataError,
@@ -24,7 +24,7 @@ from offseg_hf.data import (
     load_segmentation_splits,
     reduce_labels,
 )
-from offseg_hf.demo_data import DEMO_CLASSES, make_demo_splits
+from offseg_hf.data.demo import DEMO_CLASSES, make_demo_splits
 
 from . import test_train_script
 from .test_train_script import TINY_MODEL, TINY_RECIPE, TRAIN_SCRIPT, run, write_folder_split
@@ -406,7 +406,7 @@ def test_a_cached_hub_dataset_loads_offline_and_its_classes_come_from_the_cache_
     hub_cache = simulate_hub_cache(tmp_path, monkeypatch, "someone/segs")
     (tmp_path / "segs").rename(tmp_path / "elsewhere")  # only the cache is left
     # id2label.json was never downloaded: the real hf_hub_download, offline, cannot fetch it. The run goes on.
-    with caplog.at_level("WARNING", logger="offseg_hf.data"):
+    with caplog.at_level("WARNING", logger="offseg_hf.data.datasets"):
         splits, id2label = load_segmentation_splits(dataset_name="someone/segs")
     assert (len(splits["train"]), len(splits["validation"])) == (6, 2)
     assert id2label == {index: f"class_{index}" for index in range(largest_id(splits) + 1)}
@@ -436,7 +436,7 @@ def test_the_hub_being_out_of_reach_for_id2label_is_a_warning(tmp_path, monkeypa
         )
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
-    with caplog.at_level("WARNING", logger="offseg_hf.data"):
+    with caplog.at_level("WARNING", logger="offseg_hf.data.datasets"):
         _, id2label = load_segmentation_splits(dataset_name="someone/segs", num_labels=5)
     assert id2label == {index: f"class_{index}" for index in range(5)}
     assert "cannot be reached (offline)" in caplog.text
@@ -446,7 +446,7 @@ def test_the_hub_being_out_of_reach_for_id2label_is_a_warning(tmp_path, monkeypa
 
     caplog.clear()
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_such_file)
-    with caplog.at_level("WARNING", logger="offseg_hf.data"):
+    with caplog.at_level("WARNING", logger="offseg_hf.data.datasets"):
         _, id2label = load_segmentation_splits(dataset_name="someone/segs", num_labels=5)
     assert len(id2label) == 5 and "offline" not in caplog.text  # a repo without the file: nothing to warn about
 

@@ -1,4 +1,5 @@
-"""SegNeXt's LightHam decoder and its NMF (offseg_hf/decode_head_lightham.py): deterministic evaluation with seeded
+"""SegNeXt's LightHam decoder and its NMF (offseg_hf/models/decode_head_lightham.py): deterministic evaluation with
+seeded
 bases, the official global-RNG switch, fresh draws in training, the factorisation itself and the output geometry."""
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 from torch.nn import functional as F
 
 from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation
-from offseg_hf.decode_head_lightham import EVAL_BASES, MatrixFactorization
+from offseg_hf.models.decode_head_lightham import EVAL_BASES, MatrixFactorization
 
 from .conftest import randomize_norms
 from .test_backbone_mscan import SMALL_MSCAN

@@ -1,8 +1,8 @@
-"""The OffSeg pixel decoder (offseg_hf/decode_head_offseg.py)."""
+"""The OffSeg pixel decoder (offseg_hf/models/decode_head_offseg.py)."""
 
 import torch
 
-from offseg_hf.decode_head_offseg import interleave_channels
+from offseg_hf.models.decode_head_offseg import interleave_channels
 
 
 def test_interleave_matches_official_reshape_order():

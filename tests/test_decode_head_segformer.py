@@ -1,4 +1,4 @@
-"""mmseg's SegFormer head with the factorised fusion (offseg_hf/decode_head_segformer.py)."""
+"""mmseg's SegFormer head with the factorised fusion (offseg_hf/models/decode_head_segformer.py)."""
 
 import torch
 from torch.nn import functional as F

@@ -1,4 +1,4 @@
-"""Every backbone meets the encoder contract of offseg_hf/encoder.py, and the model uses nothing else."""
+"""Every backbone meets the encoder contract of offseg_hf/models/encoder.py, and the model uses nothing else."""
 
 import math
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation
-from offseg_hf.encoder import EncoderOutput
-from offseg_hf.modeling_offseg import ENCODERS, build_encoder
+from offseg_hf.models.encoder import EncoderOutput
+from offseg_hf.models.modeling_offseg import ENCODERS, build_encoder
 
 from .conftest import tiny_config
 

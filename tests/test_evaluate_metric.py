@@ -1,5 +1,6 @@
-"""The `evaluate` metric module (offseg_hf/evaluate_metric/offseg_mean_iou): loads offline from its folder, needs no
-offseg_hf, and gives bitwise the numbers of `offseg_hf.metrics.SegmentationMetrics`."""
+"""The `evaluate` metric module (offseg_hf/evaluation/evaluate_metric/offseg_mean_iou): loads offline from its folder,
+needs no
+offseg_hf, and gives bitwise the numbers of `offseg_hf.evaluation.metrics.SegmentationMetrics`."""
 
 import json
 import math
@@ -12,11 +13,11 @@ import pytest
 import torch
 
 import offseg_hf
-from offseg_hf.metrics import SegmentationMetrics
+from offseg_hf.evaluation.metrics import SegmentationMetrics
 
 from .conftest import run_python_elsewhere
 
-FOLDER = Path(offseg_hf.__file__).parent / "evaluate_metric" / "offseg_mean_iou"
+FOLDER = Path(offseg_hf.__file__).parent / "evaluation" / "evaluate_metric" / "offseg_mean_iou"
 KEYS = ("mean_iou", "mean_accuracy", "overall_accuracy", "per_category_iou", "per_category_accuracy")
 
 

@@ -13,7 +13,7 @@ from accelerate.state import AcceleratorState
 from huggingface_hub import ModelCard
 
 from offseg_hf import OffSegForSemanticSegmentation, OffSegImageProcessor
-from offseg_hf.hub import weights_fingerprint
+from offseg_hf.hub.repos import weights_fingerprint
 from offseg_hf.training import RECIPES
 
 from .conftest import TINY_ENCODER, tiny_config

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.export import Dim
 
-from offseg_hf.backbone_efficientformer_v2 import EfficientFormerV2Backbone, _resized_bias
-from offseg_hf.freqfusion import FreqFusion, carafe
+from offseg_hf.models.backbone_efficientformer_v2 import EfficientFormerV2Backbone, _resized_bias
+from offseg_hf.models.freqfusion import FreqFusion, carafe
 
 
 def _randomise(module: torch.nn.Module, seed: int = 0) -> None:

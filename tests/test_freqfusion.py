@@ -1,10 +1,10 @@
-"""CARAFE and FreqFusion (offseg_hf/freqfusion.py)."""
+"""CARAFE and FreqFusion (offseg_hf/models/freqfusion.py)."""
 
 import pytest
 import torch
 from torch.nn import functional as F
 
-from offseg_hf.freqfusion import (
+from offseg_hf.models.freqfusion import (
     FreqFusion,
     SimilarityGuidedResampler,
     _carafe,

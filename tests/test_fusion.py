@@ -1,4 +1,4 @@
-"""BatchNorm folding for inference (offseg_hf/fusion.py): on a small model of each family the folded model gives
+"""BatchNorm folding for inference (offseg_hf/models/fusion.py): on a small model of each family the folded model gives
 the unfused logits, exactly the conv -> BatchNorm pairs are folded (counted independently from the module types),
 training mode is refused, a fused model refuses to be saved or trained, and the unfused checkpoint still loads."""
 
@@ -14,10 +14,9 @@ from offseg_hf import (
     OffSegConfig,
     OffSegForSemanticSegmentation,
     OffSegMask2FormerForSemanticSegmentation,
-    backbone_mscan,
-    layers,
 )
-from offseg_hf.fusion import (
+from offseg_hf.models import backbone_mscan, layers
+from offseg_hf.models.fusion import (
     ConvActivation2d,
     FusedModelError,
     FuseForInferenceMixin,

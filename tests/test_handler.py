@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from offseg_hf import OffSegImageProcessor
-from offseg_hf.hub import endpoint_requirements, handler_source, write_endpoint_files
+from offseg_hf.hub.repos import endpoint_requirements, handler_source, write_endpoint_files
 from offseg_hf.presets import model_for_variant
 
 from .conftest import TINY_MASK2FORMER, bad_image_files, build_model, encoded_image, run_python_elsewhere

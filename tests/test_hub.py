@@ -17,9 +17,9 @@ from huggingface_hub import ModelCard
 from PIL import Image
 
 from offseg_hf import VARIANTS, OffSegConfig, OffSegForSemanticSegmentation, OffSegImageProcessor
-from offseg_hf.demo_data import generate_scene
-from offseg_hf.hub import weights_fingerprint
-from offseg_hf.hub_examples import EXAMPLE_PHOTOS, overlay, palette, photo_bytes
+from offseg_hf.data.demo import generate_scene
+from offseg_hf.hub.examples import EXAMPLE_PHOTOS, overlay, palette, photo_bytes
+from offseg_hf.hub.repos import weights_fingerprint
 from offseg_hf.presets import all_variant_names, model_for_variant
 
 from .conftest import TINY_ENCODER, run_python_elsewhere, tiny_config
@@ -189,7 +189,7 @@ def test_help_names_every_flag_and_the_size_of_random_init(capsys):
 
 
 def saved_model(folder: Path, size: dict | None = None, **config) -> Path:
-    """A saved tiny SegFormer-B0-offset with its processor, as train.py or offseg_hf.convert leaves one."""
+    """A saved tiny SegFormer-B0-offset with its processor, as train.py or offseg_hf.convert.official leaves one."""
     torch.manual_seed(0)
     OffSegForSemanticSegmentation(tiny_config(**config)).save_pretrained(folder)
     OffSegImageProcessor(size=size or {"height": 64, "width": 96}).save_pretrained(folder)
@@ -389,7 +389,7 @@ def test_random_weights_say_so_and_no_examples_leaves_them_out(tmp_path):
 
 
 def test_bundled_photos_are_small_credited_and_packaged():
-    folder = resources.files("offseg_hf").joinpath("example_images")
+    folder = resources.files("offseg_hf.hub").joinpath("example_images")
     shipped = sorted(path.name for path in folder.iterdir() if path.name != "README.md")
     assert shipped == sorted(f"{photo.name}.jpg" for photo in EXAMPLE_PHOTOS)
     readme = folder.joinpath("README.md").read_text()
@@ -406,7 +406,7 @@ def test_bundled_photos_are_small_credited_and_packaged():
     package_data = pyproject.split("[tool.setuptools.package-data]")[1]
     patterns = json.loads(re.search(r"^offseg_hf = (\[.*\])$", package_data, re.MULTILINE).group(1))
     for name in [*shipped, "README.md"]:
-        assert any(fnmatch.fnmatch(f"example_images/{name}", pattern) for pattern in patterns), name
+        assert any(fnmatch.fnmatch(f"hub/example_images/{name}", pattern) for pattern in patterns), name
 
 
 def test_card_pictures_use_the_demo_apps_colours():
@@ -473,7 +473,7 @@ def test_new_presets_are_picked_up_and_cards_say_whose_figures_they_show(tmp_pat
 
 
 def test_card_figures_are_labelled_and_results_carry_the_protocol():
-    from offseg_hf.hub import render_card
+    from offseg_hf.hub.repos import render_card
 
     template = (Path(__file__).parents[1] / "MODEL_CARD.md").read_text()
     result = {"mean_iou": 0.44, "mean_accuracy": 0.55, "overall_accuracy": 0.8, "num_images": 2000}
@@ -500,7 +500,7 @@ def test_card_figures_are_labelled_and_results_carry_the_protocol():
 
 
 def test_segnext_cards_name_the_classifier_and_every_data_set_of_the_paper():
-    from offseg_hf.hub import render_card
+    from offseg_hf.hub.repos import render_card
 
     template = (Path(__file__).parents[1] / "MODEL_CARD.md").read_text()
     baseline = render_card(template, "segnext-t", "o/t", 4.26, 6.01, 150, "scene_parse_150", "ADE20K", "x").text
@@ -519,7 +519,7 @@ def test_segnext_cards_name_the_classifier_and_every_data_set_of_the_paper():
 
 
 def test_mask2former_cards_name_the_offset_module_and_the_official_recipe():
-    from offseg_hf.hub import render_card
+    from offseg_hf.hub.repos import render_card
 
     template = (Path(__file__).parents[1] / "MODEL_CARD.md").read_text()
     offset = render_card(
@@ -570,7 +570,7 @@ def test_space_dir_writes_a_gradio_space_that_the_cards_link(tmp_path):
 
 
 def test_cards_without_a_space_say_how_to_run_the_demo_locally():
-    from offseg_hf.hub import render_card
+    from offseg_hf.hub.repos import render_card
 
     template = (Path(__file__).parents[1] / "MODEL_CARD.md").read_text()
     card = render_card(template, "offseg-t", "org/offseg-t", 6.18, 8.07, 150, "scene_parse_150", "ADE20K", "x").text
@@ -592,7 +592,7 @@ def test_onnx_flag_exports_each_model_and_cards_follow_what_was_written(tmp_path
             raise RuntimeError("the exporter cannot handle this model")
         Path(output_path).write_bytes(b"onnx")
 
-    monkeypatch.setitem(sys.modules, "offseg_hf.onnx", types.SimpleNamespace(export_onnx=export_onnx))
+    monkeypatch.setitem(sys.modules, "offseg_hf.export.onnx", types.SimpleNamespace(export_onnx=export_onnx))
     base = ["--random_init", *TINY_SEGFORMER, "--variants", "segformer-b0-offset", "--onnx", "--onnx_opset", "17"]
     (folder,) = load_script().main(["--output_dir", str(tmp_path / "hub"), *base])
     assert calls == [
@@ -607,7 +607,7 @@ def test_onnx_flag_exports_each_model_and_cards_follow_what_was_written(tmp_path
     def missing_dependency(model, output_path, opset=18, dynamic=False):
         raise ImportError("ONNX export needs onnxruntime")
 
-    monkeypatch.setitem(sys.modules, "offseg_hf.onnx", types.SimpleNamespace(export_onnx=missing_dependency))
+    monkeypatch.setitem(sys.modules, "offseg_hf.export.onnx", types.SimpleNamespace(export_onnx=missing_dependency))
     with pytest.raises(ImportError, match="needs onnxruntime"):  # no variant would export: stop and say so
         load_script().main(["--output_dir", str(tmp_path / "missing"), *base])
 

@@ -1,4 +1,4 @@
-"""OffSegImageProcessor (offseg_hf/image_processing_offseg.py)."""
+"""OffSegImageProcessor (offseg_hf/models/image_processing_offseg.py)."""
 
 import numpy as np
 import torch

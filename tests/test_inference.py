@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
-from offseg_hf.inference import (
+from offseg_hf.evaluation.inference import (
     evaluate_dataset,
     predict_labels,
     predict_logits,
@@ -195,7 +195,7 @@ def test_shards_of_two_processes_sum_to_the_whole_set():
 
 
 def test_protocol_arguments_reach_predict_labels_and_autocast_wraps_each_forward(monkeypatch):
-    from offseg_hf import inference
+    from offseg_hf.evaluation import inference
 
     calls, entered = [], []
     real = inference.predict_labels

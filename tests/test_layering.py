@@ -12,22 +12,7 @@ PACKAGE = Path(offseg_hf.__file__).parent
 # What a saved folder's code may import besides itself: transformers' remote-code loading installs nothing.
 MODEL_CODE_LIBRARIES = {"torch", "transformers", "timm", "safetensors"}
 # The package's tools: they import the models, never the other way round.
-TOOLS = (
-    "convert",
-    "onnx",
-    "hub",
-    "hub_examples",
-    "data",
-    "demo_data",
-    "transforms",
-    "training",
-    "inference",
-    "metrics",
-    "analysis",
-    "presets",
-    "segformer_export",
-    "swin_export",
-)
+TOOLS = ("convert", "export", "hub", "data", "evaluation", "training", "analysis", "presets")
 
 
 def module_name(path: Path) -> str:
@@ -93,7 +78,7 @@ def test_configurations_import_no_modeling_code():
 
 
 def test_model_code_reaches_no_tool_and_only_the_model_libraries():
-    carried = reachable("offseg_hf.modeling_offseg") | reachable("offseg_hf.modeling_mask2former")
+    carried = reachable("offseg_hf.models.modeling_offseg") | reachable("offseg_hf.models.modeling_mask2former")
     tools = {f"offseg_hf.{tool}" for tool in TOOLS}
     assert not {name for name in carried if name in tools or name.startswith("offseg_hf.training")}
     standard = set(sys.stdlib_module_names) | {"__future__"}
@@ -103,6 +88,6 @@ def test_model_code_reaches_no_tool_and_only_the_model_libraries():
 
 def test_the_graph_reader_sees_imports():
     # The checks above mean something only if the reader finds edges, function-level ones included.
-    assert "offseg_hf.configuration_offseg" in GRAPH["offseg_hf.modeling_offseg"]
-    assert "offseg_hf.convert" in GRAPH["offseg_hf.training.optimization"]  # inside a function
-    assert EXTERNAL["offseg_hf.modeling_offseg"] >= {"torch", "transformers"}
+    assert "offseg_hf.models.configuration_offseg" in GRAPH["offseg_hf.models.modeling_offseg"]
+    assert "offseg_hf.convert.official" in GRAPH["offseg_hf.training.optimization"]  # inside a function
+    assert EXTERNAL["offseg_hf.models.modeling_offseg"] >= {"torch", "transformers"}

@@ -1,11 +1,11 @@
-"""Shared blocks and declared initialisation (offseg_hf/layers.py), as the model's init applies them."""
+"""Shared blocks and declared initialisation (offseg_hf/models/layers.py), as the model's init applies them."""
 
 import pytest
 import torch
 from torch.nn import functional as F
 
 from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation
-from offseg_hf.layers import ConvNormAct, resize_and_project
+from offseg_hf.models.layers import ConvNormAct, resize_and_project
 
 from .conftest import tiny_config
 

@@ -1,11 +1,12 @@
-"""The banded, GEMM-upsampled segmentation loss (offseg_hf/losses.py) against the plain formula it replaces."""
+"""The banded, GEMM-upsampled segmentation loss (offseg_hf/models/losses.py) against the plain formula it replaces."""
 
 import pytest
 import torch
 from torch.nn import functional as F
 
-from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation, losses
-from offseg_hf.losses import interpolation_matrix, upsampled_cross_entropy
+from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation
+from offseg_hf.models import losses
+from offseg_hf.models.losses import interpolation_matrix, upsampled_cross_entropy
 
 
 def plain_loss(logits, labels, ignore_index=255):

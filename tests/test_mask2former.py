@@ -1,4 +1,4 @@
-"""Mask2Former with offset learning (offseg_hf/modeling_mask2former.py): one offset module shared by every mask
+"""Mask2Former with offset learning (offseg_hf/models/modeling_mask2former.py): one offset module shared by every mask
 prediction, plain transformers' Mask2Former without it, the official semantic inference, the training path, and
 loading through the Auto classes, the pipeline and remote code."""
 
@@ -21,9 +21,9 @@ from offseg_hf import (
     OffSegImageProcessor,
     OffSegMask2FormerConfig,
     OffSegMask2FormerForSemanticSegmentation,
-    modeling_mask2former,
 )
-from offseg_hf.modeling_mask2former import semantic_targets
+from offseg_hf.models import modeling_mask2former
+from offseg_hf.models.modeling_mask2former import semantic_targets
 
 from .conftest import TINY_MASK2FORMER, run_python_elsewhere
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from offseg_hf.metrics import SegmentationMetrics
+from offseg_hf.evaluation.metrics import SegmentationMetrics
 
 
 def test_hand_computed_confusion_with_ignore_and_absent_classes():

@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from offseg_hf import MaskOffsetLearning, OffsetLearning, offset_learning
-from offseg_hf.offset_learning import pad_class_rows
+from offseg_hf import MaskOffsetLearning, OffsetLearning
+from offseg_hf.models import offset_learning
+from offseg_hf.models.offset_learning import pad_class_rows
 
 
 def reference(module: OffsetLearning, features: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""ONNX export and ONNX Runtime inference (offseg_hf/onnx.py): each family exported once with dynamic shapes, ORT
+"""ONNX export and ONNX Runtime inference (offseg_hf/export/onnx.py): each family exported once with dynamic shapes, ORT
 logits against PyTorch at three sizes (square, non-square, odd), graph names, the ORT segmenter against the
 pipeline, the command line on a saved folder with int8 quantisation, and clear errors."""
 
@@ -12,8 +12,8 @@ from PIL import Image
 from transformers import pipeline
 
 from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation, OffSegImageProcessor
-from offseg_hf import onnx as offseg_onnx
-from offseg_hf.onnx import INPUT_NAME, OUTPUT_NAME, OnnxSegmenter, compare_with_pytorch, export_onnx
+from offseg_hf.export import onnx as offseg_onnx
+from offseg_hf.export.onnx import INPUT_NAME, OUTPUT_NAME, OnnxSegmenter, compare_with_pytorch, export_onnx
 
 from .conftest import build_model, randomize_norms
 from .test_backbone_mscan import SMALL_MSCAN
@@ -122,7 +122,7 @@ def test_channels_first_mix_ffn_keeps_the_values_and_the_exported_graph_has_no_w
     exported graph transposes only C-channel token maps, never the 4C-wide hidden map."""
     from transformers.models.segformer import modeling_segformer
 
-    from offseg_hf.segformer_export import channels_first_mix_ffn
+    from offseg_hf.export.segformer import channels_first_mix_ffn
 
     model, path = exported("segformer")
     pixel_values = torch.randn(2, 3, 83, 129, generator=torch.Generator().manual_seed(0))
@@ -181,8 +181,8 @@ def test_mask2former_exports_with_dynamic_batch_height_and_width(tmp_path):
 
 def test_branch_free_swin_keeps_the_values():
     """The export-time Swin (branch-free padding) gives bitwise the eager logits at sizes that pad in every way."""
-    from offseg_hf.onnx import SemanticLogits
-    from offseg_hf.swin_export import branch_free_swin
+    from offseg_hf.export.onnx import SemanticLogits
+    from offseg_hf.export.swin import branch_free_swin
 
     from .test_mask2former import tiny_model
 

@@ -43,7 +43,7 @@ SKIP = {
     "pytest": "the test suite itself",
     "python -m offseg_hf.convert --checkpoint": "needs an official checkpoint downloaded by hand",
     "python examples/push_to_hub.py --output_dir hub/ --weights_dir converted/ --push_to_hub": "uploads to the Hub",
-    "python -m offseg_hf.onnx": "exports for about half a minute (tests/test_onnx.py exports tiny models)",
+    "python -m offseg_hf.export": "exports for about half a minute (tests/test_onnx.py exports tiny models)",
 }
 DEMO_MODEL = "outputs/demo-segformer-b0-offset"
 SMOKE_MODEL = "outputs/smoke"

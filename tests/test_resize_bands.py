@@ -1,4 +1,4 @@
-"""Row-band resize + argmax (offseg_hf/resize_bands.py): the label map, values and scores of the whole resize, in
+"""Row-band resize + argmax (offseg_hf/models/resize_bands.py): the label map, values and scores of the whole resize, in
 bounded memory."""
 
 import itertools
@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from transformers import SegformerImageProcessor
 
 from offseg_hf import OffSegImageProcessor
-from offseg_hf.resize_bands import (
+from offseg_hf.models.resize_bands import (
     BUDGET_ENV,
     _ChannelsLastPlan,
     _Plan,
@@ -250,7 +250,7 @@ PEAK_SCRIPT = textwrap.dedent(
     """
     import json, sys
     import torch
-    from offseg_hf.resize_bands import arithmetic, resize_argmax
+    from offseg_hf.models.resize_bands import arithmetic, resize_argmax
 
     def status(key):
         for line in open("/proc/self/status"):

@@ -25,9 +25,10 @@ import numpy as np
 import pytest
 import torch
 
-from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation, safe_pickle
-from offseg_hf.convert import load_official_checkpoint, read_official_checkpoint, to_official_state_dict
-from offseg_hf.safe_pickle import Placeholder
+from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation
+from offseg_hf.convert.official import load_official_checkpoint, read_official_checkpoint, to_official_state_dict
+from offseg_hf.models import safe_pickle
+from offseg_hf.models.safe_pickle import Placeholder
 
 from .test_convert import fake_mmengine, runner_checkpoint
 
@@ -282,8 +283,8 @@ def test_the_numpy_crash_files_crash_readers_that_let_numpy_build_them(tmp_path,
 
 READ_IN_A_FRESH_INTERPRETER = """
 import json, sys, torch
-from offseg_hf import safe_pickle
-from offseg_hf.convert import read_official_checkpoint
+from offseg_hf.models import safe_pickle
+from offseg_hf.convert.official import read_official_checkpoint
 
 numpy_calls = []
 

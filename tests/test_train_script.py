@@ -18,8 +18,8 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 
 from offseg_hf import OffSegForSemanticSegmentation
-from offseg_hf.data import SegmentationDataError
-from offseg_hf.demo_data import make_demo_splits
+from offseg_hf.data.datasets import SegmentationDataError
+from offseg_hf.data.demo import make_demo_splits
 from offseg_hf.training import RECIPE_FIELDS, CheckpointMismatchError, list_checkpoints, read_trainer_state
 
 from .conftest import TINY_ENCODER
@@ -381,16 +381,16 @@ def test_another_model_never_replaces_a_run_silently_nor_resumes_its_checkpoints
 
     # --overwrite_output_dir replaces it, and 'latest' can no longer find the old run's checkpoints. The final
     # evaluation runs the recipe's protocol (here overridden) in one process.
-    import offseg_hf.inference
+    import offseg_hf.evaluation.inference
 
     calls = []
-    evaluate_dataset = offseg_hf.inference.evaluate_dataset
+    evaluate_dataset = offseg_hf.evaluation.inference.evaluate_dataset
 
     def recording(*args, **kwargs):
         calls.append(kwargs)
         return evaluate_dataset(*args, **kwargs)
 
-    monkeypatch.setattr(offseg_hf.inference, "evaluate_dataset", recording)
+    monkeypatch.setattr(offseg_hf.evaluation.inference, "evaluate_dataset", recording)
     wider = ["--config_overrides", json.dumps({"decoder_hidden_size": 16, "encoder_config": TINY_ENCODER})]
     protocol = "--eval_scale 128 64 --eval_mode slide --eval_crop_size 32 32 --eval_stride 16 16"
     protocol += " --per_device_eval_batch_size 3"

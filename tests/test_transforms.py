@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from offseg_hf.transforms import (
+from offseg_hf.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     EvalTransform,
@@ -230,7 +230,7 @@ def test_eval_transform_resizes_image_only():
 
 
 def test_shortest_edge_resize_is_the_mask2former_configs_random_choice_resize():
-    from offseg_hf.transforms import (
+    from offseg_hf.data.transforms import (
         TrainTransform,
         random_shortest_edge_resize,
         shortest_edge_choices,

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from offseg_hf import OffSegForSemanticSegmentation, OffSegImageProcessor
-from offseg_hf import convert as convert_module
-from offseg_hf import onnx as onnx_module
-from offseg_hf.local_paths import looks_local, missing_folder_message
+from offseg_hf.convert import official as convert_module
+from offseg_hf.export import onnx as onnx_module
+from offseg_hf.models.local_paths import looks_local, missing_folder_message
 
 from .conftest import tiny_config
 from .test_data import write_folder_split

@@ -1,6 +1,6 @@
 """The training loop and what runs around it: the endless sample stream, BatchNorm across processes, gradient
 accumulation through Accelerate, the non-finite-loss stop, and training-time evaluation with the recipe's
-protocol (`offseg_hf.inference.evaluate_dataset`)."""
+protocol (`offseg_hf.evaluation.inference.evaluate_dataset`)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data import StreamSampler, collate_segmentation, seed_worker
+from ..data.datasets import StreamSampler, collate_segmentation, seed_worker
 from .recipes import EvalProtocol
 
 
@@ -212,13 +212,14 @@ def evaluate(
     inference `protocol`, sharded over processes.
 
     BatchNorm statistics are first averaged over processes (`sync_buffers`). Process r evaluates samples r, r + P,
-    ... in eval mode (`offseg_hf.inference.evaluate_dataset`, as `examples/evaluate_segmentation.py` does, which
+    ... in eval mode (`offseg_hf.evaluation.inference.evaluate_dataset`, as `examples/evaluate_segmentation.py` does,
+    which
     then restores every submodule's mode); the per-process confusion matrices are summed with `accelerator.reduce`,
     so every sample counts once. Returns `SegmentationMetrics.compute()` plus "num_pixels" (labelled pixels over all
     processes) and "local_num_pixels" (this process's share).
     """
-    from ..inference import evaluate_dataset
-    from ..metrics import SegmentationMetrics
+    from ..evaluation.inference import evaluate_dataset
+    from ..evaluation.metrics import SegmentationMetrics
 
     sync_buffers(model, accelerator)
     # float32 whatever the training precision (as mmengine's ValLoop, and as examples/evaluate_segmentation.py), so

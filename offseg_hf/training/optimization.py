@@ -91,7 +91,7 @@ def _in_encoder(name: str, encoder_prefix: str) -> bool:
 
 
 def official_names(model: nn.Module, encoder_prefix: str | None = None) -> dict[str, str]:
-    """Each trainable parameter's name in the official mmseg model (`offseg_hf.convert.official_key`).
+    """Each trainable parameter's name in the official mmseg model (`offseg_hf.convert.official.official_key`).
 
     A parameter the official model does not have (or a model that is not an `OffSegForSemanticSegmentation`)
     keeps its own name under the official top-level module of its part: `backbone.<name inside the encoder>` for
@@ -102,7 +102,7 @@ def official_names(model: nn.Module, encoder_prefix: str | None = None) -> dict[
     family = _family(model)
     lookup = None
     if family is not None:
-        from ..convert import official_key
+        from ..convert.official import official_key
 
         lookup = partial(official_key, family=family)
     names = {}

@@ -29,9 +29,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from ..configuration_mask2former import OffSegMask2FormerConfig
+from ..data.transforms import RESIZE_MODES
+from ..models.configuration_mask2former import OffSegMask2FormerConfig
 from ..presets import ALL_VARIANTS, MASK2FORMER_FAMILY, variant_family
-from ..transforms import RESIZE_MODES
 
 
 @dataclass(frozen=True)
@@ -293,7 +293,7 @@ def resolve_settings(overrides: dict[str, Any], recipe: str, family: str | None 
 class EvalProtocol:
     """How a recipe evaluates: keep-ratio resize to `scale`, then `mode` inference ("whole", or "slide" windows of
     `crop_size` every `stride`), `batch_size` images a forward pass. `inference_kwargs()` are
-    `offseg_hf.inference.evaluate_dataset`'s."""
+    `offseg_hf.evaluation.inference.evaluate_dataset`'s."""
 
     scale: tuple[int, int]
     mode: str

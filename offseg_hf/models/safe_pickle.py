@@ -4,7 +4,7 @@ A pickle is a small program: GLOBAL names any importable object and REDUCE calls
 `os.system("...")` runs that command under a plain `pickle.load` / `torch.load(weights_only=False)`. This module
 is a `pickle_module` for `torch.load` that gives the file no way to name or call anything outside a fixed list:
 
-    torch.load(path, map_location="cpu", weights_only=False, pickle_module=offseg_hf.safe_pickle)
+    torch.load(path, map_location="cpu", weights_only=False, pickle_module=offseg_hf.models.safe_pickle)
 
 What loads as itself: plain tensors and `nn.Parameter`s (rebuilt from the file's storages, after checking that
 every element they address lies inside the storage, and only without hooks or conj/neg bits),

@@ -4,7 +4,7 @@ Everything but the offset module is `transformers`' `Mask2FormerForUniversalSegm
 multi-scale deformable pixel decoder, masked-attention decoder, Hungarian matcher and loss), unchanged. The paper
 adds one module, shared by every mask prediction (the initial one and one after each decoder layer): it aligns the
 mask embeddings and the per-pixel mask features before their product gives the masks
-(`offseg_hf.offset_learning.MaskOffsetLearning`). Class logits use the queries without offset, and the next
+(`offseg_hf.models.offset_learning.MaskOffsetLearning`). Class logits use the queries without offset, and the next
 layer's attention mask comes from the offset masks, as in the official head. In `transformers` that place is
 `Mask2FormerMaskPredictor`, which this file subclasses.
 

@@ -55,7 +55,7 @@ class RenderedExample:
 
 
 def photo_bytes(photo: ExamplePhoto) -> bytes:
-    return resources.files("offseg_hf").joinpath("example_images", f"{photo.name}.jpg").read_bytes()
+    return resources.files("offseg_hf.hub").joinpath("example_images", f"{photo.name}.jpg").read_bytes()
 
 
 def palette(num_labels: int) -> np.ndarray:

@@ -1,12 +1,12 @@
 """`evaluate` metric: mIoU / mAcc / aAcc of semantic segmentation with mmseg's semantics (the OffSeg paper's).
 
     import evaluate
-    metric = evaluate.load("path/to/offseg_hf/evaluate_metric/offseg_mean_iou")   # this folder, offline
+    metric = evaluate.load("path/to/offseg_hf/evaluation/evaluate_metric/offseg_mean_iou")   # this folder, offline
     metric.add_batch(predictions=[pred_map, ...], references=[label_map, ...])
     metric.compute(num_labels=150, ignore_index=255)
 
 Self-contained (torch, numpy, datasets, evaluate; not offseg-hf), so this folder also works as a Hub metric
-Space where offseg-hf is not installed. It repeats `offseg_hf.metrics.SegmentationMetrics` operation for
+Space where offseg-hf is not installed. It repeats `offseg_hf.evaluation.metrics.SegmentationMetrics` operation for
 operation (one int64 confusion matrix over all maps, then the same float64 divisions and NaN-skipping means), and
 offseg-hf's tests check that both give bitwise-identical numbers.
 """
@@ -32,7 +32,7 @@ Returns:
     mean_iou, mean_accuracy, overall_accuracy: fractions in [0, 1].
     per_category_iou, per_category_accuracy: lists of num_labels values, NaN where undefined.
 Example:
-    >>> metric = evaluate.load("offseg_hf/evaluate_metric/offseg_mean_iou")
+    >>> metric = evaluate.load("offseg_hf/evaluation/evaluate_metric/offseg_mean_iou")
     >>> metric.compute(predictions=[[[0, 1], [1, 1]]], references=[[[0, 1], [0, 255]]], num_labels=2)["mean_iou"]
     0.5
 """

@@ -15,7 +15,8 @@ class OffSegImageProcessor(SegformerImageProcessor):
 
     `post_process_semantic_segmentation(outputs, target_sizes)` resizes the logits bilinearly to each target
     size before the argmax, whatever resolution the model's logits have (1/8 for SegFormer-offset), as SegFormer's
-    does, but a band of rows at a time (`offseg_hf.resize_bands`): the same label maps without the (K, H, W) resized
+    does, but a band of rows at a time (`offseg_hf.models.resize_bands`): the same label maps without the (K, H, W)
+    resized
     logits, whose size grows with the image (7.3 GB for a 12 MP photo at 150 classes). `resize_budget_mb` (an
     argument here or of the call) caps the bands' working memory; unset, $OFFSEG_RESIZE_BUDGET_MB, else 256 MiB.
     """

@@ -48,7 +48,7 @@ class OffSegMask2FormerConfig(Mask2FormerConfig):
     Args:
         offset_learning (`bool`, *optional*, defaults to `True`):
             Align the mask embeddings (class side) and the per-pixel mask features with one offset module shared by
-            every mask prediction (`offseg_hf.offset_learning.MaskOffsetLearning`); `False` is plain Mask2Former.
+            every mask prediction (`offseg_hf.models.offset_learning.MaskOffsetLearning`); `False` is plain Mask2Former.
         offset_initializer_range (`float`, *optional*, defaults to 0.02):
             Std of the truncated-normal init of the two offset projections (the official `init_std`).
         size_divisor (`int`, *optional*, defaults to 32):

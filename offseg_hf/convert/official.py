@@ -17,7 +17,8 @@ Reading a checkpoint never runs code from it, so files from file-sharing links a
 pickle, and a plain `torch.load(weights_only=False)` runs whatever callables the pickle names (`os.system`, ...).
 `read_official_checkpoint` uses torch's restricted loader as is (`weights_only=True`: tensors and plain
 containers, no numpy) and, for mmengine runner checkpoints that also pickle numpy values and mmengine objects,
-`offseg_hf.safe_pickle`: an unpickler that loads tensors (bounds-checked against their storage), OrderedDicts, sets
+`offseg_hf.models.safe_pickle`: an unpickler that loads tensors (bounds-checked against their storage), OrderedDicts,
+sets
 and plain values as themselves and turns every other name -- numpy's arrays, scalars and dtypes included -- into
 an inert placeholder that records its arguments (never imported, even when installed; no numpy code runs), and
 checks every opcode that can call something. Only the state dict's dense CPU tensors and the class names in
@@ -52,11 +53,12 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
-from . import safe_pickle
-from .data import ADE20K_CLASSES
-from .image_processing_offseg import OffSegImageProcessor
-from .modeling_offseg import OffSegForSemanticSegmentation
-from .presets import (
+from ..data.datasets import ADE20K_CLASSES
+from ..models import safe_pickle
+from ..models.image_processing_offseg import OffSegImageProcessor
+from ..models.modeling_offseg import OffSegForSemanticSegmentation
+from ..models.state_dict_checks import read_state_dict_file, require_fit, unwrap_state_dict
+from ..presets import (
     ALL_VARIANTS,
     MASK2FORMER_FAMILY,
     config_for_variant,
@@ -65,7 +67,6 @@ from .presets import (
     model_for_variant,
     variant_family,
 )
-from .state_dict_checks import read_state_dict_file, require_fit, unwrap_state_dict
 
 Tensor = torch.Tensor
 
@@ -670,7 +671,7 @@ def read_official_checkpoint(path: str) -> tuple[dict[str, Tensor], list[str] | 
     Never runs code from the file. First torch's own restricted loader, as is (`weights_only=True`, with no globals
     added; ones the caller registered with `torch.serialization.add_safe_globals` do apply): tensors and plain
     containers. A checkpoint saved by mmengine's runner also pickles numpy values and mmengine objects, which that
-    loader refuses (`UnpicklingError`), so it is then read with `offseg_hf.safe_pickle`: tensors, OrderedDicts,
+    loader refuses (`UnpicklingError`), so it is then read with `offseg_hf.models.safe_pickle`: tensors, OrderedDicts,
     sets and plain values load as themselves, and every other global (numpy's arrays, scalars and dtypes included)
     becomes an inert placeholder that only records its arguments, so no numpy, mmengine or mmseg code runs (and
     neither package is needed). Only that refusal leads to the second reader: anything else torch rejects up front,

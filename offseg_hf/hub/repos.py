@@ -14,9 +14,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import SegformerModel
 
-from .demo_data import DEMO_CLASSES
-from .hub_examples import RenderedExample, examples_section, widget_examples, widget_note
-from .presets import MASK2FORMER_FAMILY, has_offset_learning, paper_figures, variant_family
+from ..data.demo import DEMO_CLASSES
+from ..presets import MASK2FORMER_FAMILY, has_offset_learning, paper_figures, variant_family
+from .examples import RenderedExample, examples_section, widget_examples, widget_note
 
 DESCRIPTIONS = {
     "segformer": "SegFormer ({size}: MiT-{size} encoder, mmseg's all-MLP head with 256 channels)",
@@ -169,7 +169,7 @@ HANDLER_FILE = "handler.py"
 
 def handler_source() -> str:
     """The source of the Inference Endpoints handler (`offseg_hf/templates/handler.py`) that every repo carries."""
-    return resources.files("offseg_hf").joinpath("templates", HANDLER_FILE).read_text()
+    return resources.files("offseg_hf.hub").joinpath("templates", HANDLER_FILE).read_text()
 
 
 def endpoint_requirements(variant: str) -> list[str]:
@@ -236,7 +236,7 @@ def render_template(template: str, values: dict[str, object]) -> str:
 
 # What a card names as the training data when examples/push_to_hub.py is told none: the synthetic demo set for a
 # model with its classes (what train.py's default run trains), else ADE20K, the data set of the official weights.
-# "offseg-demo" is evaluate_segmentation.py's name for the demo set, which offseg_hf.demo_data draws: no Hub data set.
+# "offseg-demo" is evaluate_segmentation.py's name for the demo set, which offseg_hf.data.demo draws: no Hub data set.
 DEMO_DATA_SET = ("offseg-demo", "offseg-hf's synthetic demo scenes")
 ADE20K_DATA_SET = ("scene_parse_150", "ADE20K")
 
@@ -316,8 +316,8 @@ def onnx_section(onnx_opset: int | None) -> str:
         f"**ONNX**: `onnx/model.onnx` (opset {onnx_opset}, dynamic batch, height and width) takes `pixel_values` "
         "(batch, 3, height, width), normalised as `preprocessor_config.json` says, and gives `logits`, the class "
         "scores at reduced resolution (the model's `outputs.logits`; the file's metadata holds `id2label`): resize "
-        "them to the image and take the argmax over classes. With offseg-hf installed, `offseg_hf.onnx.OnnxSegmenter` "
-        "does exactly that; with ONNX Runtime alone:\n\n"
+        "them to the image and take the argmax over classes. With offseg-hf installed, "
+        "`offseg_hf.export.onnx.OnnxSegmenter` does exactly that; with ONNX Runtime alone:\n\n"
         "```python\n"
         "import numpy as np, onnxruntime as ort\n"
         "from huggingface_hub import hf_hub_download\n"

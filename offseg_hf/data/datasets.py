@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .local_paths import check_local_folder
+from ..models.local_paths import check_local_folder
 from .transforms import IGNORE_INDEX  # the one definition; re-exported for the scripts
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -173,7 +173,7 @@ def load_segmentation_splits(
             `validation_split` of the training folder is held out.
         ade20k_root: the official ADEChallengeData2016 folder or its parent.
         pascal_context_root: Pascal Context 59 in mmseg's layout: VOCdevkit/VOC2010, VOCdevkit or its parent.
-        demo: the synthetic demo set (`offseg_hf.demo_data`); `demo_options` go to `make_demo_splits`.
+        demo: the synthetic demo set (`offseg_hf.data.demo`); `demo_options` go to `make_demo_splits`.
         seed: seeds the demo set and any held-out split.
         num_labels: number of classes when neither the source nor an id2label.json names them.
         do_reduce_labels: whether the caller will apply `reduce_labels` (default: `labels_need_reducing`); only
@@ -200,7 +200,7 @@ def load_segmentation_splits(
         raise ValueError("validation_dir needs train_dir.")
 
     if demo:
-        from .demo_data import make_demo_splits
+        from .demo import make_demo_splits
 
         return make_demo_splits(seed=seed, **(demo_options or {}))
     if ade20k_root is not None:
@@ -248,7 +248,7 @@ def _find_pairs(directory: Path) -> list[tuple[str, Any]]:
     if not image_root.is_dir() or mask_root is None:
         raise FileNotFoundError(
             f"{directory} must hold an images/ folder and a masks/ (or annotations/) folder with same-named PNG "
-            "masks; see offseg_hf.data's docstring for the layout."
+            "masks; see offseg_hf.data.datasets's docstring for the layout."
         )
     images = sorted(p for p in image_root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     return _pair_files(

@@ -15,7 +15,7 @@ masks are split into the four output phases (pixel-unshuffle), the taps are accu
 for all phases at once, and the result is pixel-shuffled up. With gradients, one autograd node with a hand-written,
 in-place backward replaces the k*k recorded multiply-adds (`_CarafeFunction`).
 
-For ONNX export (`gather_formulations()`, which `offseg_hf.onnx.export_onnx` enters) CARAFE, the resampler's
+For ONNX export (`gather_formulations()`, which `offseg_hf.export.onnx.export_onnx` enters) CARAFE, the resampler's
 neighbour similarities and its bilinear sampling are written as row gathers and small batched matrix products
 instead: ONNX Runtime runs the tap loops as k*k separate slice, product and sum kernels, each writing a fresh
 full-size buffer, and its GridSample kernel is slow; the gather forms run 2-3x faster there (and slower than the tap

@@ -7,8 +7,8 @@ semantic class scores). Batch, height and width are dynamic unless `dynamic=Fals
 `id2label` (JSON) so `OnnxSegmenter` can name classes without the model folder, and for Mask2Former
 `min_input_size` (see below), which `OnnxSegmenter` enforces.
 
-    python -m offseg_hf.onnx --model_name_or_path outputs/demo-segformer-b0-offset --output model.onnx
-    python -m offseg_hf.onnx --variant offseg-t --random_init --num_labels 150 --output offseg-t.onnx --quantize int8
+    python -m offseg_hf.export --model_name_or_path outputs/demo-segformer-b0-offset --output model.onnx
+    python -m offseg_hf.export --variant offseg-t --random_init --num_labels 150 --output offseg-t.onnx --quantize int8
 
 After the export the command runs the file with ONNX Runtime and prints the largest |ORT - PyTorch| logit
 difference at three sizes (`--no_verify` skips it). `--quantize int8` also writes `<output stem>.int8.onnx`.
@@ -16,8 +16,8 @@ difference at three sizes (`--no_verify` skips it). `--quantize int8` also write
 `OnnxSegmenter(path, image_processor=folder_or_processor)` runs a file with ONNX Runtime with the same pre- and
 post-processing as `pipeline("image-segmentation")` on the model folder: `OffSegImageProcessor` (the folder's
 `preprocessor_config.json`) and its `post_process_semantic_segmentation` (bilinear resize of the logits to the image
-size, argmax). Whole-image inference only: sliding-window evaluation (`offseg_hf.inference.slide_inference`) is not
-part of the exported graph.
+size, argmax). Whole-image inference only: sliding-window evaluation
+(`offseg_hf.evaluation.inference.slide_inference`) is not part of the exported graph.
 
 What the exporter needs, done here without touching the models (all undone after the export):
 
@@ -25,16 +25,17 @@ What the exporter needs, done here without touching the models (all undone after
 * `torch.linspace` with a symbolic number of steps (transformers' Mask2Former pixel decoder builds its reference
   points with it) is traced as arange arithmetic; the decomposition would otherwise bake the example's step count in;
 * FreqFusion's CARAFE and its resampler's neighbour similarities and bilinear sampling run their gather forms
-  (`offseg_hf.freqfusion.gather_formulations`): ONNX Runtime runs them 2-3x faster than the tap loops and
+  (`offseg_hf.models.freqfusion.gather_formulations`): ONNX Runtime runs them 2-3x faster than the tap loops and
   GridSample (same values up to float rounding); the fusion keeps its kernels in the gathers' layout throughout
   (`FreqFusion._fuse_by_gather`: last-axis softmaxes, no pixel shuffles, no full-map crops);
 * offset learning, under `torch.export`, normalises its class scores along the last axis and does not pad the class
-  rows (`offseg_hf.offset_learning`): ORT transposes around a non-last-axis Softmax, and the padding only helps MKL;
+  rows (`offseg_hf.models.offset_learning`): ORT transposes around a non-last-axis Softmax, and the padding only
+  helps MKL;
 * SegFormer's Mix-FFN (MiT encoder) runs channels-first, its two Linear layers as 1x1 convolutions, so its 4C-wide
-  hidden map needs no transpose (`offseg_hf.segformer_export.channels_first_mix_ffn`; same values up to float
+  hidden map needs no transpose (`offseg_hf.export.segformer.channels_first_mix_ffn`; same values up to float
   rounding, 12-15% faster in ONNX Runtime on SegFormer-B0-offset);
 * Mask2Former's Swin runs eager attention (the sdpa path's decomposition fails on a non-contiguous view);
-* Mask2Former: transformers' Swin pads without branches on the sizes (`offseg_hf.swin_export.branch_free_swin`),
+* Mask2Former: transformers' Swin pads without branches on the sizes (`offseg_hf.export.swin.branch_free_swin`),
   `torch.as_tensor` of a list of symbolic sizes (its pixel decoder's level shapes) stays symbolic, and the model
   is captured by `torch.export` directly (the ONNX exporter's own capture assumes sizes of at least 2 and fails on
   the pixel decoder). The graph holds for inputs of at least `minimum_input_size(model)` pixels a side (225 for
@@ -58,11 +59,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .configuration_offseg import OffSegConfig, unknown_variant_message
-from .freqfusion import gather_formulations
-from .local_paths import missing_folder_message
-from .segformer_export import channels_first_mix_ffn
-from .swin_export import branch_free_swin
+from ..models.configuration_offseg import OffSegConfig, unknown_variant_message
+from ..models.freqfusion import gather_formulations
+from ..models.local_paths import missing_folder_message
+from .segformer import channels_first_mix_ffn
+from .swin import branch_free_swin
 
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
@@ -369,7 +370,7 @@ def compare_with_pytorch(
 
 
 def _load_processor(image_processor):
-    from .image_processing_offseg import OffSegImageProcessor
+    from ..models.image_processing_offseg import OffSegImageProcessor
 
     if image_processor is None:
         return OffSegImageProcessor()
@@ -492,8 +493,8 @@ class _CalibrationReader:
 
 
 def calibration_batches(image_processor=None, count: int = 8, seed: int = 0) -> list[np.ndarray]:
-    """`count` prepared demo-set images (offseg_hf.demo_data) for static quantisation, one per batch."""
-    from .demo_data import make_demo_splits
+    """`count` prepared demo-set images (offseg_hf.data.demo) for static quantisation, one per batch."""
+    from ..data.demo import make_demo_splits
 
     processor = _load_processor(image_processor)
     splits = make_demo_splits(seed=seed, num_train=count, num_validation=0)
@@ -547,7 +548,7 @@ def quantize_int8(
 
 def load_model(model_name_or_path: str | None = None, variant: str | None = None, num_labels: int = 150):
     """A model in eval mode: from a folder / Hub repo, or a randomly initialised preset."""
-    from . import presets
+    from .. import presets
 
     if variant:
         torch.manual_seed(0)
@@ -558,7 +559,7 @@ def load_model(model_name_or_path: str | None = None, variant: str | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m offseg_hf.onnx")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m offseg_hf.export")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model_name_or_path", help="A saved model folder or Hub repo.")
     source.add_argument("--variant", help="A preset (offseg_hf.presets.all_variant_names()); needs --random_init.")

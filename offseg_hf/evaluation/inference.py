@@ -18,9 +18,9 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from ..data.transforms import rescale_size  # mmcv's keep-ratio rule, shared with training-time evaluation
+from ..models.resize_bands import resize_argmax
 from .metrics import SegmentationMetrics
-from .resize_bands import resize_argmax
-from .transforms import rescale_size  # mmcv's keep-ratio rule, shared with training-time evaluation
 
 # mmseg's ADE20K / COCO-Stuff test settings (the paper's): Resize(scale=(2048, 512), keep_ratio=True),
 # slide crop 512, stride 480.
@@ -120,7 +120,7 @@ def predict_labels(
 
     pixel_values (B, 3, h, w) -> logits (B, K, h, w) in one pass (slide or whole) -> per image: bilinear resize
     to `original_sizes[i]` and argmax, as mmseg's post-processing, in row bands within $OFFSEG_RESIZE_BUDGET_MB
-    (default 256 MiB; `offseg_hf.resize_bands`: the same label maps without the (K, H_i, W_i) resized logits).
+    (default 256 MiB; `offseg_hf.models.resize_bands`: the same label maps without the (K, H_i, W_i) resized logits).
     Returns B tensors (H_i, W_i) of class ids.
     """
     if len(original_sizes) != pixel_values.shape[0]:
@@ -175,7 +175,8 @@ def evaluate_dataset(
 
     Args:
         dataset: yields {"pixel_values": (3, h, w) keep-ratio resized and normalised, "labels": (H, W) at the
-            original size}, e.g. `offseg_hf.data.SegmentationDataset` with `offseg_hf.transforms.EvalTransform`.
+            original size}, e.g. `offseg_hf.data.datasets.SegmentationDataset` with
+            `offseg_hf.data.transforms.EvalTransform`.
         mode, crop_size, stride: `predict_labels`'s: logits of the whole image or of sliding windows, resized to
             each image's original size, argmax.
         batch_size: consecutive samples of equal resized size run in one forward pass, up to this many.

@@ -1,0 +1,3 @@
+from .official import main
+
+main()

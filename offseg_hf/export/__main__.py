@@ -1,0 +1,3 @@
+from .onnx import main
+
+main()
