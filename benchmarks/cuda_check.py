@@ -47,8 +47,9 @@ from speed import build, throughput, timed_group
 from torch.nn import functional as F
 from train_step import _worker, random_batches
 
-from offseg_hf.models import freqfusion, losses
-from offseg_hf.models.freqfusion import FreqFusion, carafe, neighbour_cosine_similarity
+from offseg_hf.models import fast_freqfusion, fast_losses
+from offseg_hf.models.fast_freqfusion import carafe
+from offseg_hf.models.freqfusion import FreqFusion, neighbour_cosine_similarity
 from offseg_hf.models.losses import upsampled_cross_entropy
 
 START = time.perf_counter()
@@ -93,7 +94,7 @@ def over_budget(args, reserve: float = 0.0) -> bool:
 def plain_forms():
     """Within the block CARAFE and the neighbour similarities run their plain tap loops even with gradients (autograd
     records them): the reference the hand-written backwards replace."""
-    with mock.patch.object(freqfusion, "_takes_hand_written_backward", lambda *inputs: False):
+    with mock.patch.object(fast_freqfusion, "hand_written_backward", lambda *inputs: False):
         yield
 
 
@@ -158,8 +159,8 @@ def similarity_case(batch, channels, height, width, channels_last) -> Case:
     return Case(
         f"neighbour cosine 3x3 d2 {batch}x{channels}x{height}x{width}{layout}",
         make,
-        lambda x, _: neighbour_cosine_similarity(x),
-        lambda x, _: neighbour_cosine_similarity(x),  # run within plain_forms()
+        lambda x, _: neighbour_cosine_similarity(x, form="fast"),
+        lambda x, _: neighbour_cosine_similarity(x, form="fast"),  # run within plain_forms()
         [torch.bfloat16],
         "NeighbourDots",
     )
@@ -176,8 +177,8 @@ def loss_case(batch, classes, logits_size, label_size, band_rows: int | None) ->
         return [logits, labels], None
 
     def forward(logits, labels, _):
-        band = batch * classes * label_size[1] * band_rows if band_rows else losses.BAND_ELEMENTS
-        with mock.patch.object(losses, "BAND_ELEMENTS", band):
+        band = batch * classes * label_size[1] * band_rows if band_rows else fast_losses.BAND_ELEMENTS
+        with mock.patch.object(fast_losses, "BAND_ELEMENTS", band):
             return upsampled_cross_entropy(logits, labels)
 
     bands = f", {band_rows}-row bands" if band_rows else ""

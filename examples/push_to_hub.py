@@ -50,9 +50,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers import PreTrainedModel
+from transformers import AutoModelForSemanticSegmentation, PreTrainedModel
 
-from offseg_hf import OffSegImageProcessor
+from offseg_hf import OffSegConfig, OffSegImageProcessor
 from offseg_hf.data.demo import generate_scene
 from offseg_hf.hub.examples import EXAMPLES_DIR, render_examples
 from offseg_hf.hub.repos import (
@@ -66,7 +66,7 @@ from offseg_hf.hub.repos import (
     space_requirements,
     write_endpoint_files,
 )
-from offseg_hf.presets import all_variant_names, config_for_variant, model_class_for, variant_family
+from offseg_hf.presets import all_variant_names, model_for_variant, variant_family
 
 RESULTS_FILE = "eval_results.json"  # what train.py and evaluate_segmentation.py write into their --output_dir
 CONFIG_FILE = "config.json"
@@ -299,7 +299,7 @@ def _check_model_folder(parser, folder: Path, variant: str) -> None:
                 "offseg_hf.convert.official --output_dir write both files)."
             )
     config = _read_json(folder / CONFIG_FILE, parser)
-    preset = config_for_variant(variant).to_dict()
+    preset = OffSegConfig.from_variant(variant).to_dict()
     differing = [key for key in KIND_KEYS if preset.get(key) is not None and config.get(key) != preset[key]]
     if differing:
         key = differing[0]
@@ -326,7 +326,7 @@ def _find_data_set(parser, source: Source, args) -> None:
         id2label = _read_json(source.folder / CONFIG_FILE, parser).get("id2label", {})
     else:
         overrides = args.config_overrides.get(variant_family(source.variant), {})
-        id2label = config_for_variant(source.variant, **overrides).id2label
+        id2label = OffSegConfig.from_variant(source.variant, **overrides).id2label
     source.dataset = default_data_set(id2label)
     recipe = _read_json(source.results, parser).get("recipe") if source.results else None
     if source.dataset == ADE20K_DATA_SET and recipe not in ADE20K_RECIPES:
@@ -348,11 +348,10 @@ def _read_json(path: Path, parser: argparse.ArgumentParser) -> dict:
 def build_model(args, source: Source) -> tuple[PreTrainedModel, str]:
     """The model and the card's line about where its weights come from."""
     if source.folder is None:
-        config = config_for_variant(source.variant, **args.config_overrides.get(variant_family(source.variant), {}))
+        overrides = args.config_overrides.get(variant_family(source.variant), {})
         torch.manual_seed(args.seed)
-        return model_class_for(config)(config).eval(), "random initialisation (for testing; not trained)"
-    config = config_for_variant(source.variant)
-    model = model_class_for(config).from_pretrained(source.folder).eval()
+        return model_for_variant(source.variant, **overrides).eval(), "random initialisation (for testing; not trained)"
+    model = AutoModelForSemanticSegmentation.from_pretrained(source.folder).eval()
     result = json.loads(source.results.read_text()) if source.results else {}
     if result.get("measured_by", "").startswith("examples/train.py"):
         return model, (

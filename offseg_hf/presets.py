@@ -1,9 +1,9 @@
 """Every named preset, whatever its model class: one place that turns a variant name into a config and a model.
 
 Two config classes carry the presets: `OffSegConfig` (SegFormer-offset, OffSeg, SegNeXt: `VARIANTS`) and
-`OffSegMask2FormerConfig` (Mask2Former: `MASK2FORMER_VARIANTS`). Scripts and tools that take `--variant` go through
-`config_for_variant` / `model_for_variant`, and group presets by `variant_family` (the decode head; "mask2former"
-for Mask2Former).
+`OffSegMask2FormerConfig` (Mask2Former: `MASK2FORMER_VARIANTS`); `OffSegConfig.from_variant` builds either. Scripts
+and tools that take `--variant` build models with `model_for_variant`, and group presets by `variant_family` (the
+decode head; "mask2former" for Mask2Former).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from transformers import PreTrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
 from .models.configuration_mask2former import MASK2FORMER_PAPER_FIGURES, MASK2FORMER_VARIANTS, OffSegMask2FormerConfig
 from .models.configuration_offseg import PAPER_FIGURES, VARIANTS, OffSegConfig, unknown_variant_message
@@ -53,22 +53,14 @@ def has_offset_learning(name: str) -> bool:
     return VARIANTS[name]["classifier"] == "offset"
 
 
-def config_for_variant(name: str, **overrides) -> PreTrainedConfig:
-    """The config of a preset (`from_variant` of its config class), with overrides."""
-    return OffSegConfig.from_variant(name, **overrides)
-
-
-def model_class_for(config: PreTrainedConfig) -> type[PreTrainedModel]:
-    """The semantic-segmentation model class of a config."""
-    if isinstance(config, OffSegMask2FormerConfig):
-        return OffSegMask2FormerForSemanticSegmentation
-    return OffSegForSemanticSegmentation
-
-
 def model_for_variant(name: str, **overrides) -> PreTrainedModel:
-    """A fresh (randomly initialised) model of a preset."""
-    config = config_for_variant(name, **overrides)
-    return model_class_for(config)(config)
+    """A fresh (randomly initialised) model of a preset: its config from `OffSegConfig.from_variant` (the one door to
+    a preset's config), with overrides. `offseg_hf.convert.from_pretrained_encoder` starts one from ImageNet
+    weights."""
+    config = OffSegConfig.from_variant(name, **overrides)
+    if isinstance(config, OffSegMask2FormerConfig):
+        return OffSegMask2FormerForSemanticSegmentation(config)
+    return OffSegForSemanticSegmentation(config)
 
 
 # What `offseg_hf.convert.official.from_pretrained_encoder` takes for Mask2Former's Swin (`convert.load_swin_imagenet`).
@@ -87,10 +79,8 @@ __all__ = [
     "ALL_VARIANTS",
     "MASK2FORMER_FAMILY",
     "all_variant_names",
-    "config_for_variant",
     "encoder_sources",
     "has_offset_learning",
-    "model_class_for",
     "model_for_variant",
     "paper_figures",
     "variant_family",

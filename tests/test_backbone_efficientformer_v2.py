@@ -7,6 +7,7 @@ from safetensors.torch import save_file
 from torch.nn import functional as F
 
 from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation
+from offseg_hf.convert import from_pretrained_encoder
 from offseg_hf.models.backbone_efficientformer_v2 import BIAS_INPUT_SIZE, EfficientFormerV2Backbone, _resized_bias
 
 
@@ -116,7 +117,7 @@ def test_from_pretrained_encoder_with_a_local_timm_file(tmp_path):
     reference = make_timm_reference()
     path = tmp_path / "s1.pth"
     torch.save(reference.state_dict(), path)
-    model = OffSegForSemanticSegmentation.from_pretrained_encoder(str(path), "offseg-t", num_labels=3)
+    model = from_pretrained_encoder(str(path), "offseg-t", num_labels=3)
     ours = model.offseg.encoder.state_dict()
     for key, value in reference.state_dict().items():
         if key in ours and not key.endswith("attention_bias_idxs"):

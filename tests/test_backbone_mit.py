@@ -5,6 +5,7 @@ import torch
 from transformers import SegformerConfig, SegformerModel
 
 from offseg_hf import OffSegForSemanticSegmentation
+from offseg_hf.convert import from_pretrained_encoder
 from offseg_hf.models.backbone_mit import MixTransformerEncoder
 
 from .conftest import TINY_ENCODER, tiny_config
@@ -21,7 +22,7 @@ def test_start_from_a_saved_transformers_mit_checkpoint(tmp_path):
     torch.manual_seed(1)
     mit = SegformerModel(SegformerConfig(**TINY_ENCODER)).eval()
     mit.save_pretrained(tmp_path)
-    model = OffSegForSemanticSegmentation.from_pretrained_encoder(
+    model = from_pretrained_encoder(
         str(tmp_path), "segformer-b0-offset", num_labels=4, decoder_hidden_size=32, encoder_config=TINY_ENCODER
     )
     ours, theirs = model.offseg.encoder.state_dict(), mit.state_dict()
@@ -29,7 +30,7 @@ def test_start_from_a_saved_transformers_mit_checkpoint(tmp_path):
     for name in ours:
         assert torch.equal(ours[name], theirs[name]), name
     with pytest.raises(ValueError, match="hidden_sizes"):
-        OffSegForSemanticSegmentation.from_pretrained_encoder(str(tmp_path), "segformer-b0-offset")
+        from_pretrained_encoder(str(tmp_path), "segformer-b0-offset")
 
 
 def test_features_are_transformers_hidden_states_with_the_official_eps():

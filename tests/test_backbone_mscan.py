@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation
+from offseg_hf.convert import from_pretrained_encoder
 from offseg_hf.models.backbone_mscan import MSCANConfig, MSCANEncoder
 
 from .conftest import randomize_norms
@@ -135,9 +136,7 @@ def test_from_pretrained_encoder_loads_mscan_weights(tmp_path):
     reference = small_encoder(seed=0)
     path = tmp_path / "mscan_t.pth"
     torch.save(official_checkpoint(reference), path)
-    model = OffSegForSemanticSegmentation.from_pretrained_encoder(
-        str(path), "segnext-t-offset", num_labels=4, encoder_config=dict(SMALL_MSCAN)
-    )
+    model = from_pretrained_encoder(str(path), "segnext-t-offset", num_labels=4, encoder_config=dict(SMALL_MSCAN))
     assert model.config.num_labels == 4 and model.config.decode_head == "lightham"
     assert_same_weights(model.offseg.encoder, reference)
 

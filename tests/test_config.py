@@ -13,7 +13,7 @@ from offseg_hf import (
     OffSegMask2FormerForSemanticSegmentation,
 )
 from offseg_hf.models.configuration_mask2former import MASK2FORMER_AUTO_MAP
-from offseg_hf.presets import all_variant_names, config_for_variant
+from offseg_hf.presets import all_variant_names
 
 # The paper's parameter counts at 150 classes (M): Table 4 (SegFormer with offset learning), Table 2 (OffSeg),
 # Table 3 (SegNeXt with offset learning and the per-pixel SegNeXt).
@@ -83,7 +83,7 @@ def test_an_unknown_variant_suggests_the_closest_names():
     with pytest.raises(
         ValueError, match="Unknown variant 'mask2former-swin-s-offset'. Did you mean mask2former-swin-t"
     ):
-        config_for_variant("mask2former-swin-s-offset")
+        OffSegConfig.from_variant("mask2former-swin-s-offset")
 
 
 def test_presets_hold_the_official_values():
@@ -137,7 +137,7 @@ def test_offseg_presets_hold_the_official_values():
     for variant, (backbone, drop_path, stage_channels, in_channels) in expected.items():
         config = OffSegConfig.from_variant(variant)
         assert config.encoder_config.backbone == backbone and config.encoder_config.drop_path_rate == drop_path
-        assert config.decoder_stage_channels == stage_channels and config.decoder_hidden_size == 256
+        assert config.decode_head_config == {"stage_channels": stage_channels} and config.decoder_hidden_size == 256
         assert not config.decoder_max_pool and config.classifier == "offset"
         with torch.device("meta"):
             model = OffSegForSemanticSegmentation(config)

@@ -7,6 +7,7 @@ import torch
 from torch.nn import functional as F
 
 from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation
+from offseg_hf.models.configuration_offseg import DECODE_HEAD_OPTIONS
 from offseg_hf.models.decode_head_lightham import EVAL_BASES, MatrixFactorization
 
 from .conftest import randomize_norms
@@ -74,7 +75,7 @@ def test_eval_bases_come_from_the_config_seed_not_the_state_dict():
     assert torch.equal(twin.get_buffer(NMF_BUFFER), model.get_buffer(NMF_BUFFER))
     assert torch.equal(logits_of(twin, pixels), logits_of(model, pixels))
 
-    other_seed = segnext(seed=0, nmf_seed=1)
+    other_seed = segnext(seed=0, decode_head_config={"seed": 1})
     other_seed.load_state_dict(model.state_dict())
     assert not torch.equal(other_seed.get_buffer(NMF_BUFFER), model.get_buffer(NMF_BUFFER))
     assert not torch.allclose(logits_of(other_seed, pixels), logits_of(model, pixels))
@@ -85,7 +86,7 @@ def test_save_and_from_pretrained_keep_the_eval_bases_and_logits(tmp_path):
     model.save_pretrained(tmp_path)
     torch.manual_seed(99)
     loaded = OffSegForSemanticSegmentation.from_pretrained(tmp_path).eval()
-    assert loaded.config.nmf_eval_bases == "seeded" and loaded.config.nmf_seed == 0
+    assert loaded.config.decode_head_config == {**DECODE_HEAD_OPTIONS["lightham"], "seed": 0, "eval_bases": "seeded"}
     assert torch.equal(loaded.get_buffer(NMF_BUFFER), model.get_buffer(NMF_BUFFER))
     assert torch.equal(logits_of(loaded, pixels), logits_of(model, pixels))
 
@@ -103,7 +104,7 @@ def test_fresh_eval_bases_are_non_negative_with_unit_columns():
 
 
 def test_global_rng_eval_bases_follow_the_global_rng():
-    model, pixels = segnext(nmf_eval_bases="global_rng"), images()
+    model, pixels = segnext(decode_head_config={"eval_bases": "global_rng"}), images()
     assert not torch.allclose(logits_of(model, pixels), logits_of(model, pixels))
     torch.manual_seed(0)
     first = logits_of(model, pixels)
@@ -201,8 +202,8 @@ def test_gradients_flow_through_the_updates_to_the_input():
 
 
 def test_unknown_eval_bases_value_lists_the_known_ones():
-    with pytest.raises(ValueError, match="nmf_eval_bases") as info:
-        OffSegConfig.from_variant("segnext-t-offset", nmf_eval_bases="x")
+    with pytest.raises(ValueError, match="eval_bases") as info:
+        OffSegConfig.from_variant("segnext-t-offset", decode_head_config={"eval_bases": "x"})
     assert set(EVAL_BASES) == {"seeded", "global_rng"}
     for known in EVAL_BASES:
         assert known in str(info.value)
@@ -251,3 +252,26 @@ def test_mscan_features_come_out_channels_last_and_equal_the_default_layout():
             reference.append(x)
     for fast, slow in zip(features, reference, strict=True):
         torch.testing.assert_close(fast, slow, rtol=0, atol=1e-4)
+
+
+def test_configs_saved_with_the_flat_head_keys_load_into_the_head_section(tmp_path):
+    """Configs written before the head options had their own section (`nmf_*`, `decoder_stage_channels`) load with
+    the same values; a key no head has is refused with the head's options named."""
+    saved = OffSegConfig.from_variant("segnext-t-offset").to_dict()
+    del saved["decode_head_config"]
+    saved.update(nmf_rank=8, nmf_eval_steps=3, nmf_eval_bases="global_rng", nmf_seed=5)
+    config = OffSegConfig.from_dict(saved)
+    assert config.decode_head_config == {
+        "rank": 8,
+        "train_steps": 6,
+        "eval_steps": 3,
+        "eval_bases": "global_rng",
+        "seed": 5,
+    }
+    assert not any(key.startswith("nmf_") for key in config.to_dict())
+    offseg = OffSegConfig.from_variant("offseg-t").to_dict()
+    del offseg["decode_head_config"]
+    offseg["decoder_stage_channels"] = [8, 8, 16, 32]
+    assert OffSegConfig.from_dict(offseg).decode_head_config == {"stage_channels": [8, 8, 16, 32]}
+    with pytest.raises(ValueError, match=r"no option\(s\) \['rank'\]; its options: \['stage_channels'\]"):
+        OffSegConfig.from_variant("offseg-t", decode_head_config={"rank": 4})

@@ -4,19 +4,17 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from offseg_hf.models.freqfusion import (
-    FreqFusion,
-    SimilarityGuidedResampler,
-    _carafe,
-    _carafe_by_gather,
-    _CarafeFunction,
-    _grid_sample_by_gather,
-    _neighbour_dots,
-    _neighbour_dots_by_gather,
-    carafe,
-    gather_formulations,
-    neighbour_cosine_similarity,
+from offseg_hf.models import fast_freqfusion
+from offseg_hf.models.fast_freqfusion import (
+    CarafeFunction,
+    carafe_by_gather,
+    carafe_by_taps,
+    grid_sample_by_gather,
+    neighbour_dots_by_gather,
+    neighbour_dots_by_shifts,
 )
+from offseg_hf.models.forms import using_form
+from offseg_hf.models.freqfusion import FreqFusion, SimilarityGuidedResampler, carafe, neighbour_cosine_similarity
 
 
 def naive_carafe(features, masks, kernel_size, scale):
@@ -43,6 +41,9 @@ def test_carafe_matches_naive_reference(kernel_size, scale):
     masks = torch.randn(2, kernel_size**2, 5 * scale, 6 * scale).softmax(dim=1)
     expected = naive_carafe(features, masks, kernel_size, scale)
     torch.testing.assert_close(carafe(features, masks, kernel_size, scale), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        fast_freqfusion.carafe(features, masks, kernel_size, scale), expected, rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.slow
@@ -59,16 +60,18 @@ def test_carafe_backward_matches_the_recorded_tap_loop(kernel_size, scale, chann
     features.requires_grad_()
     masks = torch.randn(2, kernel_size**2, 5 * scale, 6 * scale, dtype=torch.float64).softmax(dim=1)
     masks.requires_grad_()
-    out = carafe(features, masks, kernel_size, scale)
+    out = fast_freqfusion.carafe(features, masks, kernel_size, scale)
     assert out.grad_fn is not None and "CarafeFunction" in type(out.grad_fn).__name__
-    assert torch.autograd.gradcheck(lambda f, m: carafe(f, m, kernel_size, scale), (features, masks))
+    assert torch.autograd.gradcheck(lambda f, m: fast_freqfusion.carafe(f, m, kernel_size, scale), (features, masks))
     weights = torch.randn_like(out)
     ours = torch.autograd.grad((out * weights).sum(), [features, masks])
-    recorded = torch.autograd.grad((_carafe(features, masks, kernel_size, scale) * weights).sum(), [features, masks])
+    recorded = torch.autograd.grad(
+        (carafe_by_taps(features, masks, kernel_size, scale) * weights).sum(), [features, masks]
+    )
     for a, b in zip(ours, recorded, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     # One input needing gradient only: the other's gradient is not computed.
-    frozen = _CarafeFunction.apply(features.detach(), masks, kernel_size, scale)
+    frozen = CarafeFunction.apply(features.detach(), masks, kernel_size, scale)
     (grad_masks,) = torch.autograd.grad((frozen * weights).sum(), [masks])
     torch.testing.assert_close(grad_masks, ours[1], rtol=0, atol=1e-12)
 
@@ -76,13 +79,16 @@ def test_carafe_backward_matches_the_recorded_tap_loop(kernel_size, scale, chann
 def test_carafe_without_gradients_is_the_plain_tap_loop():
     features, masks = torch.randn(1, 4, 6, 6, requires_grad=True), torch.rand(1, 9, 6, 6)
     with torch.no_grad():
-        assert carafe(features, masks, 3, 1).grad_fn is None
-    assert torch.equal(carafe(features, masks, 3, 1).detach(), _carafe(features, masks, 3, 1).detach())
+        assert fast_freqfusion.carafe(features, masks, 3, 1).grad_fn is None
+    fast = fast_freqfusion.carafe(features, masks, 3, 1).detach()
+    assert torch.equal(fast, carafe_by_taps(features, masks, 3, 1).detach())
 
 
 def test_carafe_rejects_mismatched_masks():
     with pytest.raises(ValueError, match="masks must have shape"):
         carafe(torch.randn(1, 2, 4, 4), torch.randn(1, 25, 7, 8), 5, 2)
+    with pytest.raises(ValueError, match="masks must have shape"):
+        fast_freqfusion.carafe(torch.randn(1, 2, 4, 4), torch.randn(1, 25, 7, 8), 5, 2)
 
 
 @pytest.mark.parametrize("kernel_size", [3, 5])
@@ -90,18 +96,16 @@ def test_carafe_rejects_mismatched_masks():
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_carafe_gather_form_matches_the_tap_loop(kernel_size, scale, channels_last):
     """The export form (window gather + batched product) equals the tap loop to float64 rounding, at a non-square
-    size, batch 2, both memory layouts; `gather_formulations()` routes `carafe` to it and is undone on exit."""
+    size, batch 2, both memory layouts, and the reference form to the same rounding."""
     torch.manual_seed(0)
     features = torch.randn(2, 6, 5, 7, dtype=torch.float64)
     if channels_last:
         features = features.contiguous(memory_format=torch.channels_last)
     masks = torch.randn(2, kernel_size**2, 5 * scale, 7 * scale, dtype=torch.float64).softmax(dim=1)
-    expected = _carafe(features, masks, kernel_size, scale)
-    gathered = _carafe_by_gather(features, masks, kernel_size, scale)
+    expected = carafe_by_taps(features, masks, kernel_size, scale)
+    gathered = carafe_by_gather(features, masks, kernel_size, scale)
     torch.testing.assert_close(gathered, expected, rtol=0, atol=1e-13)
-    with gather_formulations():
-        assert torch.equal(carafe(features, masks, kernel_size, scale), gathered)
-    assert torch.equal(carafe(features, masks, kernel_size, scale), expected)
+    torch.testing.assert_close(carafe(features, masks, kernel_size, scale), expected, rtol=0, atol=1e-13)
 
 
 @pytest.mark.parametrize("out_size", [(9, 11), (4, 3)])
@@ -117,7 +121,7 @@ def test_grid_sample_gather_form_matches_grid_sample(out_size):
     grid[4, 0, 0] = torch.tensor([7 / 8, 5 / 6])  # exactly the last pixel centre: the clamped neighbour has weight 0
     expected = F.grid_sample(planes, grid, mode="bilinear", padding_mode="border", align_corners=False)
     rows = planes.reshape(2, 15, 6, 8).permute(0, 2, 3, 1)  # (B, H, W, C), group g = channels 5g .. 5g + 4
-    sampled = _grid_sample_by_gather(rows, grid, groups=3)  # (B, oh, ow, C)
+    sampled = grid_sample_by_gather(rows, grid, groups=3)  # (B, oh, ow, C)
     torch.testing.assert_close(sampled.permute(0, 3, 1, 2).reshape(6, 5, *out_size), expected, rtol=0, atol=1e-13)
 
 
@@ -125,8 +129,8 @@ def test_grid_sample_gather_form_matches_grid_sample(out_size):
 def test_neighbour_dots_gather_form_matches_the_loop(dilation):
     torch.manual_seed(0)
     unit = torch.randn(2, 5, 7, 9, dtype=torch.float64)
-    expected = _neighbour_dots(unit, 3, dilation)
-    torch.testing.assert_close(_neighbour_dots_by_gather(unit, 3, dilation), expected, rtol=0, atol=1e-13)
+    expected = neighbour_dots_by_shifts(unit, 3, dilation)
+    torch.testing.assert_close(neighbour_dots_by_gather(unit, 3, dilation), expected, rtol=0, atol=1e-13)
 
 
 def test_freqfusion_gather_forms_match_eager():
@@ -137,8 +141,9 @@ def test_freqfusion_gather_forms_match_eager():
     hr, lr = torch.randn(2, 32, 15, 18, dtype=torch.float64), torch.randn(2, 64, 8, 9, dtype=torch.float64)
     with torch.no_grad():
         expected = fusion(hr, lr)
-        with gather_formulations():
+        with using_form(fusion, "export"):
             gathered = fusion(hr, lr)
+        assert fusion.form == "fast" and fusion.resampler.form == "fast"  # restored
     for ours, reference in zip(gathered, expected, strict=True):
         torch.testing.assert_close(ours, reference, rtol=0, atol=1e-12)
 
@@ -149,7 +154,8 @@ def test_neighbour_similarity_matches_unfold_definition():
     unfolded = F.unfold(x, 3, padding=2, dilation=2).view(2, 8, 9, 7, 9)
     reference = F.cosine_similarity(unfolded[:, :, 4:5], unfolded, dim=1)  # (B, 9, H, W)
     reference = torch.cat([reference[:, :4], reference[:, 5:]], dim=1)
-    torch.testing.assert_close(neighbour_cosine_similarity(x), reference, rtol=1e-5, atol=1e-6)
+    for form in ("reference", "fast", "export"):
+        torch.testing.assert_close(neighbour_cosine_similarity(x, form=form), reference, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -161,13 +167,13 @@ def test_neighbour_similarity_backward_matches_the_recorded_loop(channels_last):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
-    out = neighbour_cosine_similarity(x)
+    out = neighbour_cosine_similarity(x, form="fast")
     assert "NeighbourDots" in type(out.grad_fn).__name__
-    assert torch.autograd.gradcheck(neighbour_cosine_similarity, (x,))
+    assert torch.autograd.gradcheck(lambda y: neighbour_cosine_similarity(y, form="fast"), (x,))
     weights = torch.randn_like(out)
     (ours,) = torch.autograd.grad((out * weights).sum(), x)
     unit = x / x.square().sum(dim=1, keepdim=True).sqrt().clamp_min(1e-8)
-    (recorded,) = torch.autograd.grad((_neighbour_dots(unit, 3, 2) * weights).sum(), x)
+    (recorded,) = torch.autograd.grad((neighbour_dots_by_shifts(unit, 3, 2) * weights).sum(), x)
     torch.testing.assert_close(ours, recorded, rtol=0, atol=1e-12)
 
 
@@ -237,7 +243,7 @@ def test_resampler_samples_like_grid_sample_on_nchw_planes():
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-12)
     channels_last = x.detach().permute(0, 2, 3, 1)  # (B, H, W, C), as the export form passes the upsampled map
     torch.testing.assert_close(resampler.sample(channels_last, offsets, channels_last=True), ours, rtol=0, atol=0)
-    with gather_formulations():
+    with using_form(resampler, "export"):
         torch.testing.assert_close(
             resampler.sample(channels_last, offsets, channels_last=True), ours, rtol=0, atol=1e-12
         )

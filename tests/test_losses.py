@@ -1,17 +1,23 @@
-"""The banded, GEMM-upsampled segmentation loss (offseg_hf/models/losses.py) against the plain formula it replaces."""
+"""The banded, GEMM-upsampled segmentation loss (offseg_hf/models/fast_losses.py, the default form of
+`losses.upsampled_cross_entropy`) against the plain formula (its reference form)."""
 
 import pytest
 import torch
 from torch.nn import functional as F
 
 from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation
-from offseg_hf.models import losses
-from offseg_hf.models.losses import interpolation_matrix, upsampled_cross_entropy
+from offseg_hf.models import fast_losses
+from offseg_hf.models.fast_losses import interpolation_matrix
+from offseg_hf.models.losses import upsampled_cross_entropy
 
 
 def plain_loss(logits, labels, ignore_index=255):
     upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    return F.cross_entropy(upsampled, labels, ignore_index=ignore_index)
+    loss = F.cross_entropy(upsampled, labels, ignore_index=ignore_index)
+    # The package's reference form is this formula, term for term.
+    reference = upsampled_cross_entropy(logits, labels, ignore_index, form="reference")
+    torch.testing.assert_close(reference, loss, rtol=0, atol=0, equal_nan=True)
+    return loss
 
 
 def labelled(batch, classes, height, width, seed=0):
@@ -30,7 +36,7 @@ def labelled(batch, classes, height, width, seed=0):
 def test_loss_and_gradient_equal_the_plain_formula(logits_size, label_size, monkeypatch):
     """float64, so any difference beyond rounding would show; bands of a few rows (the margin rows at every band
     edge are exercised)."""
-    monkeypatch.setattr(losses, "BAND_ELEMENTS", 2 * 5 * label_size[1] * 3)  # 3 label rows per band
+    monkeypatch.setattr(fast_losses, "BAND_ELEMENTS", 2 * 5 * label_size[1] * 3)  # 3 label rows per band
     torch.manual_seed(0)
     logits = torch.randn(2, 5, *logits_size, dtype=torch.float64, requires_grad=True)
     labels = labelled(2, 5, *label_size)

@@ -6,8 +6,8 @@ import torch
 from torch.nn import functional as F
 
 from offseg_hf import MaskOffsetLearning, OffsetLearning
-from offseg_hf.models import offset_learning
-from offseg_hf.models.offset_learning import pad_class_rows
+from offseg_hf.models import fast_offset_learning
+from offseg_hf.models.fast_offset_learning import pad_class_rows
 
 
 def reference(module: OffsetLearning, features: torch.Tensor) -> torch.Tensor:
@@ -118,8 +118,8 @@ def test_bf16_autocast_with_float32_softmax(monkeypatch):
     module = make_module(num_classes=13, dtype=torch.float32)
     features = torch.randn(2, 16, 6, 7, requires_grad=True)
     expected = module(features)
-    softmax_over_classes = offset_learning._softmax_over_classes
-    monkeypatch.setattr(offset_learning, "_softmax_over_classes", lambda a: softmax_over_classes(a.float()))
+    softmax_over_classes = fast_offset_learning.softmax_over_classes
+    monkeypatch.setattr(fast_offset_learning, "softmax_over_classes", lambda a: softmax_over_classes(a.float()))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         scores = module(features)
     torch.testing.assert_close(scores.float(), expected, rtol=0, atol=0.1)  # bf16: 0.03 off at scores up to 3

@@ -56,14 +56,11 @@ from transformers import PreTrainedModel
 from ..data.datasets import ADE20K_CLASSES
 from ..models import safe_pickle
 from ..models.image_processing_offseg import OffSegImageProcessor
-from ..models.modeling_offseg import OffSegForSemanticSegmentation
 from ..models.state_dict_checks import read_state_dict_file, require_fit, unwrap_state_dict
 from ..presets import (
     ALL_VARIANTS,
     MASK2FORMER_FAMILY,
-    config_for_variant,
     has_offset_learning,
-    model_class_for,
     model_for_variant,
     variant_family,
 )
@@ -730,8 +727,7 @@ def load_official_checkpoint(path: str, variant: str, **config_overrides) -> Pre
             class_names = list(ADE20K_CLASSES)
         if class_names is not None and len(class_names) == num_labels:
             config_overrides["id2label"] = dict(enumerate(class_names))
-    config = config_for_variant(variant, **{"num_labels": num_labels, **config_overrides})
-    model = model_class_for(config)(config)
+    model = model_for_variant(variant, **{"num_labels": num_labels, **config_overrides})
     require_fit(
         model.state_dict(),
         converted,
@@ -861,7 +857,9 @@ def from_pretrained_encoder(encoder_name_or_path: str, name: str, **overrides) -
         model = model_for_variant(name, **overrides)
         load_swin_imagenet(model, encoder_name_or_path)
         return model
-    return OffSegForSemanticSegmentation.from_pretrained_encoder(encoder_name_or_path, name, **overrides)
+    model = model_for_variant(name, **overrides)
+    model.offseg.encoder.load_pretrained(encoder_name_or_path)
+    return model
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,7 +26,28 @@ EFFICIENTFORMER_V2_MODELS = (
 
 def check_eval_bases(value: str) -> None:
     if value not in EVAL_BASES:
-        raise ValueError(f"Unknown nmf_eval_bases {value!r}; known: {', '.join(EVAL_BASES)}.")
+        raise ValueError(f"Unknown LightHam eval_bases {value!r}; known: {', '.join(EVAL_BASES)}.")
+
+
+# Each decode head's own options (`OffSegConfig.decode_head_config`) and their defaults: what the head takes besides
+# the encoder's channels and `decoder_hidden_size`.
+DECODE_HEAD_OPTIONS: dict[str, dict[str, Any]] = {
+    "segformer": {},
+    # Per-stage widths of the OffSeg head (`new_channels` of the official config).
+    "offseg": {"stage_channels": None},
+    # LightHam's NMF: rank, multiplicative-update steps in training and evaluation, how evaluation's starting bases
+    # are drawn (`EVAL_BASES`) and their seed.
+    "lightham": {"rank": 16, "train_steps": 6, "eval_steps": 7, "eval_bases": "seeded", "seed": 0},
+}
+# Flat keys of configs saved before the head options had their own section, and the option each one is.
+_LEGACY_HEAD_KEYS = {
+    "decoder_stage_channels": "stage_channels",
+    "nmf_rank": "rank",
+    "nmf_train_steps": "train_steps",
+    "nmf_eval_steps": "eval_steps",
+    "nmf_eval_bases": "eval_bases",
+    "nmf_seed": "seed",
+}
 
 
 # MiT encoder sizes of SegFormer B0..B5 (Xie et al. 2021, Table 6), shared by every size:
@@ -110,7 +131,7 @@ VARIANTS: dict[str, dict[str, Any]] = (
                 "norm_eval": False,
             },
             "decode_head": "offseg",
-            "decoder_stage_channels": values["stage_channels"],
+            "decode_head_config": {"stage_channels": values["stage_channels"]},
             "decoder_hidden_size": 256,
             "decoder_max_pool": False,
             "classifier": "offset",
@@ -164,7 +185,6 @@ PAPER_FIGURES: dict[str, dict[str, float]] = {
     }.items()
 }
 
-_DECODE_HEADS = ("segformer", "offseg", "lightham")
 _CLASSIFIERS = ("offset", "per_pixel")
 
 # What a saved folder's config.json names for `trust_remote_code=True` loading where offseg-hf is not installed.
@@ -195,8 +215,11 @@ class OffSegConfig(PreTrainedConfig):
             `decoder_hidden_size`, bilinear resize to 1/4, 1x1 fusion conv + BN + ReLU); `"offseg"` is the OffSeg
             head (per stage 1x1 conv + GN + ReLU to `decoder_stage_channels`, FreqFusion cascade 1/32 -> 1/4,
             1x1 align to `decoder_hidden_size`).
-        decoder_stage_channels (`list[int]`, *optional*):
-            Per-stage widths of the OffSeg head (`new_channels` of the official config).
+        decode_head_config (`dict`, *optional*):
+            The decode head's own options, defaults in `DECODE_HEAD_OPTIONS`: `stage_channels` of the OffSeg head
+            (per-stage widths, `new_channels` of the official config); `rank`, `train_steps`, `eval_steps`,
+            `eval_bases` and `seed` of LightHam's NMF. Configs saved with the earlier flat keys
+            (`decoder_stage_channels`, `nmf_*`) load into this section.
         decoder_hidden_size (`int`, *optional*, defaults to 256):
             Channels of the decoder output (the `C` of the pixel embeddings E).
         decoder_max_pool (`bool`, *optional*, defaults to `True`):
@@ -236,7 +259,7 @@ class OffSegConfig(PreTrainedConfig):
 
     encoder_config: dict | PreTrainedConfig | None = None
     decode_head: str = "segformer"
-    decoder_stage_channels: list[int] | None = None
+    decode_head_config: dict | None = None
     decoder_hidden_size: int = 256
     decoder_max_pool: bool = True
     classifier: str = "offset"
@@ -245,13 +268,9 @@ class OffSegConfig(PreTrainedConfig):
     classifier_dropout_prob: float = 0.1
     initializer_range: float = 0.02
     semantic_loss_ignore_index: int = 255
-    nmf_rank: int = 16
-    nmf_train_steps: int = 6
-    nmf_eval_steps: int = 7
-    nmf_eval_bases: str = "seeded"
-    nmf_seed: int = 0
 
     def __post_init__(self, **kwargs):
+        legacy = {_LEGACY_HEAD_KEYS[key]: kwargs.pop(key) for key in list(kwargs) if key in _LEGACY_HEAD_KEYS}
         if isinstance(self.encoder_config, dict) and self.encoder_config.get("model_type") == MSCANConfig.model_type:
             # MSCAN is not a transformers model type; build its config here rather than through AutoConfig, so
             # that a saved folder loads with remote code too (where no registration has run).
@@ -261,8 +280,15 @@ class OffSegConfig(PreTrainedConfig):
         self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
         if self.id2label is not None and self.label2id is None:
             self.label2id = {label: index for index, label in self.id2label.items()}
-        if self.decode_head not in _DECODE_HEADS:
-            raise ValueError(f"Unknown decode_head {self.decode_head!r}; known: {', '.join(_DECODE_HEADS)}.")
+        if self.decode_head not in DECODE_HEAD_OPTIONS:
+            raise ValueError(f"Unknown decode_head {self.decode_head!r}; known: {', '.join(DECODE_HEAD_OPTIONS)}.")
+        options = DECODE_HEAD_OPTIONS[self.decode_head]
+        given = {**legacy, **(self.decode_head_config or {})}
+        unknown = sorted(set(given) - set(options))
+        if unknown:
+            known = sorted(options) or "none"
+            raise ValueError(f"decode_head {self.decode_head!r} has no option(s) {unknown}; its options: {known}.")
+        self.decode_head_config = {**options, **given}
         if self.classifier not in _CLASSIFIERS:
             raise ValueError(f"Unknown classifier {self.classifier!r}; known: {', '.join(_CLASSIFIERS)}.")
         if self.encoder_config.model_type == "timm_backbone":
@@ -271,9 +297,10 @@ class OffSegConfig(PreTrainedConfig):
                     f"Unsupported timm encoder {self.encoder_config.backbone!r}; supported: "
                     f"{', '.join(EFFICIENTFORMER_V2_MODELS)}."
                 )
-        check_eval_bases(self.nmf_eval_bases)
-        if self.decode_head == "offseg" and not self.decoder_stage_channels:
-            raise ValueError("decode_head='offseg' needs decoder_stage_channels (one width per backbone stage).")
+        if self.decode_head == "lightham":
+            check_eval_bases(self.decode_head_config["eval_bases"])
+        if self.decode_head == "offseg" and not self.decode_head_config["stage_channels"]:
+            raise ValueError("decode_head='offseg' needs decode_head_config['stage_channels'] (a width per stage).")
         if self.num_labels < 2:
             # With one class the LayerNorm over class scores (offset learning) is constant, and the loss is a
             # K-way cross entropy: a foreground/background task is num_labels=2.
@@ -295,15 +322,17 @@ class OffSegConfig(PreTrainedConfig):
         Mask2Former's come back as `OffSegMask2FormerConfig`.
 
         Keyword overrides replace preset values (`num_labels`, `id2label`, `classifier`, ...). An
-        `encoder_config` dict is merged into the preset's encoder values rather than replacing them.
+        `encoder_config` or `decode_head_config` dict is merged into the preset's values rather than replacing them.
         """
         if name in MASK2FORMER_VARIANTS:
             return OffSegMask2FormerConfig.from_variant(name, **overrides)
         if name not in VARIANTS:
             raise ValueError(unknown_variant_message(name))
         values = copy.deepcopy(VARIANTS[name])
-        encoder_overrides = overrides.pop("encoder_config", None) or {}
-        values["encoder_config"].update(encoder_overrides)
+        values["encoder_config"].update(overrides.pop("encoder_config", None) or {})
+        head_overrides = overrides.pop("decode_head_config", None)
+        if head_overrides is not None:
+            values["decode_head_config"] = {**values.get("decode_head_config", {}), **head_overrides}
         values.update(overrides)
         if "id2label" in values and "num_labels" not in overrides:
             values["num_labels"] = len(values["id2label"])
@@ -323,6 +352,7 @@ def unknown_variant_message(name: str) -> str:
 __all__ = [
     "AUTO_MAP",
     "EFFICIENTFORMER_V2_MODELS",
+    "DECODE_HEAD_OPTIONS",
     "EVAL_BASES",
     "OffSegConfig",
     "PAPER_FIGURES",

@@ -8,13 +8,13 @@ NMF (Geng et al., "Is Attention Better Than Matrix Decomposition?", ICLR 2021) a
 (D, N) feature matrix X of each image (D channels, N = H*W positions) by bases (D, R) times coefficients (R, N),
 starting from random bases and running multiplicative updates, with gradients through every step.
 
-Where the starting bases come from (`bases` argument, `OffSegConfig.nmf_eval_bases`):
+Where the starting bases come from (`bases` argument, `OffSegConfig.decode_head_config["eval_bases"]`):
 
 * training: a fresh draw from torch's global RNG on every forward, as the official code does (so `set_seed`
   governs it), one draw per image of the batch;
-* evaluation, `"seeded"` (default): one fixed draw made from a generator seeded with `OffSegConfig.nmf_seed`, shared
-  by every image. `model.eval()` then gives the same logits on every call, in every process and whatever else used
-  the global RNG, and a batch of N images gives what the N images give one by one;
+* evaluation, `"seeded"` (default): one fixed draw made from a generator seeded with `decode_head_config["seed"]`,
+  shared by every image. `model.eval()` then gives the same logits on every call, in every process and whatever else
+  used the global RNG, and a batch of N images gives what the N images give one by one;
 * evaluation, `"global_rng"`: the official behaviour, a fresh draw from the global RNG on every forward (two calls on
   the same image differ). Use it, after `torch.manual_seed`, to reproduce the official code's outputs.
 """

@@ -24,8 +24,9 @@ class OffSegPixelDecoder(nn.Module):
     outputs are concatenated (interleaved, as the official head); a 1x1 conv + GN + ReLU aligns the 1/4 map to
     `channels`."""
 
-    def __init__(self, in_channels: list[int], stage_channels: list[int], channels: int):
+    def __init__(self, in_channels: list[int], channels: int, stage_channels: list[int]):
         super().__init__()
+        stage_channels = list(stage_channels)
         if len(in_channels) != len(stage_channels):
             raise ValueError(f"{len(in_channels)} backbone stages but {len(stage_channels)} decoder stage widths.")
         self.stage_projections = nn.ModuleList(

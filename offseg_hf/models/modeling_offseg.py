@@ -18,7 +18,7 @@ from .configuration_offseg import OffSegConfig
 from .decode_head_lightham import LightHamPixelDecoder
 from .decode_head_offseg import OffSegPixelDecoder
 from .decode_head_segformer import SegformerPixelDecoder
-from .fusion import FuseForInferenceMixin
+from .forms import HasForms
 from .image_processing_offseg import OffSegImageProcessor  # noqa: F401  (copied into saved folders: see AUTO_MAP)
 from .layers import INIT_RULE
 from .local_paths import check_local_folder
@@ -31,6 +31,15 @@ ENCODERS: dict[str, type[nn.Module]] = {
     "segformer": MixTransformerEncoder,
     "timm_backbone": EfficientFormerV2Backbone,
     "mscan": MSCANEncoder,
+}
+
+# Pixel decoders by `config.decode_head`, each built as `Decoder(encoder channels, config.decoder_hidden_size,
+# **config.decode_head_config)`. A new decode head is one entry here and its options in the config's
+# `DECODE_HEAD_OPTIONS`.
+DECODE_HEADS: dict[str, type[nn.Module]] = {
+    "segformer": SegformerPixelDecoder,
+    "offseg": OffSegPixelDecoder,
+    "lightham": LightHamPixelDecoder,
 }
 
 
@@ -70,7 +79,7 @@ class OffSegSemanticSegmenterOutput(SemanticSegmenterOutput):
     class_attention: torch.FloatTensor | None = None
 
 
-class OffSegPreTrainedModel(FuseForInferenceMixin, PreTrainedModel):
+class OffSegPreTrainedModel(PreTrainedModel):
     config: OffSegConfig
     config_class = OffSegConfig
     base_model_prefix = "offseg"
@@ -140,23 +149,8 @@ class OffSegModel(OffSegPreTrainedModel):
     def __init__(self, config: OffSegConfig):
         super().__init__(config)
         self.encoder = build_encoder(config)
-        encoder_channels = self.encoder.channels
-        if config.decode_head == "offseg":
-            self.decode_head = OffSegPixelDecoder(
-                encoder_channels, list(config.decoder_stage_channels), config.decoder_hidden_size
-            )
-        elif config.decode_head == "lightham":
-            self.decode_head = LightHamPixelDecoder(
-                encoder_channels,
-                config.decoder_hidden_size,
-                rank=config.nmf_rank,
-                train_steps=config.nmf_train_steps,
-                eval_steps=config.nmf_eval_steps,
-                eval_bases=config.nmf_eval_bases,
-                seed=config.nmf_seed,
-            )
-        else:
-            self.decode_head = SegformerPixelDecoder(encoder_channels, config.decoder_hidden_size)
+        decoder = DECODE_HEADS[config.decode_head]
+        self.decode_head = decoder(self.encoder.channels, config.decoder_hidden_size, **config.decode_head_config)
         self.pool = nn.MaxPool2d(kernel_size=2, stride=2) if config.decoder_max_pool else nn.Identity()
         self.post_init()
 
@@ -166,7 +160,6 @@ class OffSegModel(OffSegPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> OffSegModelOutput | tuple:
         if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.num_channels:
             raise ValueError(
@@ -191,8 +184,9 @@ class OffSegModel(OffSegPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-class OffSegForSemanticSegmentation(OffSegPreTrainedModel):
-    """OffSeg with its classifier: offset learning (the paper) or the per-pixel baseline."""
+class OffSegForSemanticSegmentation(HasForms, OffSegPreTrainedModel):
+    """OffSeg with its classifier: offset learning (the paper) or the per-pixel baseline. Its loss, offset learning
+    and FreqFusion run their fast forms unless another is set (`forms.set_form`)."""
 
     def __init__(self, config: OffSegConfig):
         super().__init__(config)
@@ -210,23 +204,6 @@ class OffSegForSemanticSegmentation(OffSegPreTrainedModel):
                 config.num_labels, config.decoder_hidden_size, dropout=config.classifier_dropout_prob
             )
         self.post_init()
-
-    @classmethod
-    def from_pretrained_encoder(
-        cls, encoder_name_or_path: str, variant: str, **config_overrides
-    ) -> OffSegForSemanticSegmentation:
-        """A fresh model of `variant` whose backbone starts from pretrained (e.g. ImageNet) weights.
-
-        - MiT variants (`segformer-b*-offset`): anything `SegformerModel.from_pretrained` takes, a Hub id such as
-          `"nvidia/mit-b0"` or a folder saved from it; the encoder sizes must match the variant's.
-        - EfficientFormerV2 variants (`offseg-*`): a local timm state-dict file (`.safetensors`, `.pth`, `.bin`),
-          or a timm model name such as `"efficientformerv2_s1.snap_dist_in1k"` that timm downloads. Attention
-          biases sized for another input are skipped, as the official backbone does (see
-          `EfficientFormerV2Backbone.load_timm_state_dict`).
-        """
-        model = cls(OffSegConfig.from_variant(variant, **config_overrides))
-        model.offseg.encoder.load_pretrained(encoder_name_or_path)
-        return model
 
     def _check_labels(self, labels: torch.Tensor) -> None:
         ignore_index = self.config.semantic_loss_ignore_index
@@ -246,7 +223,6 @@ class OffSegForSemanticSegmentation(OffSegPreTrainedModel):
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
         output_class_attention: bool = False,
-        **kwargs,
     ) -> OffSegSemanticSegmenterOutput | tuple:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
@@ -277,7 +253,9 @@ class OffSegForSemanticSegmentation(OffSegPreTrainedModel):
             if labels.ndim != 3 or labels.shape[0] != logits.shape[0]:
                 raise ValueError(f"labels must have shape (batch, height, width); got {tuple(labels.shape)}.")
             self._check_labels(labels)
-            loss = upsampled_cross_entropy(logits, labels.long(), ignore_index=self.config.semantic_loss_ignore_index)
+            loss = upsampled_cross_entropy(
+                logits, labels.long(), ignore_index=self.config.semantic_loss_ignore_index, form=self.form
+            )
 
         output = OffSegSemanticSegmenterOutput(
             loss=loss,

@@ -1,0 +1,84 @@
+"""Which form of an operation a module runs: the one place that says how the choice is made.
+
+The model files (`offset_learning.py`, `freqfusion.py`, `losses.py`) hold each operation in its reference form, the
+math of the paper and of the official code written as directly as PyTorch allows. Some operations also have forms
+that compute the same values (up to float rounding) faster in a given setting; those live in the `fast_*.py` files
+beside them, each with a test against the reference form:
+
+* CARAFE and the neighbour similarities (`fast_freqfusion.py`). Fast: a loop over the k*k taps accumulating in
+  place, and with a gradient one autograd node with a hand-written backward. Export: one gather of every window and
+  a batched product.
+* FreqFusion's resampler sampling. Fast: `F.grid_sample` (the reference). Export: a gather of the four neighbours'
+  channel rows.
+* FreqFusion as a whole. Fast: the reference order through the fast ops. Export: the kernels kept in the gathers'
+  layout, one crop at the end (`fast_freqfusion.fuse_by_gather`).
+* Offset learning (`fast_offset_learning.py`). Fast: the feature-offset term right to left through a (K, K) factor,
+  the class rows padded for the GEMMs. Export: the same products without the padding, a last-axis softmax.
+* Mask2Former's offset learning. Fast (and export): the (Q, Q) factor first; masks wanted at the attention-mask size
+  computed at that size.
+* The loss (`fast_losses.py`). Fast: band by band, the upsampling as two small GEMMs (never exported).
+
+A module with more than one form subclasses `HasForms` and reads its own `form` attribute in `forward`: "fast" by
+default, "reference" or "export" when set on that instance with `set_form(model, ...)` or, for a block,
+`using_form(model, ...)`. The choice is per model instance: nothing global changes, so another model (or the same
+one in another thread, while no one switches it) is unaffected. Within the fast form, two rules depend on how the
+module is run and are decided here: `hand_written_backward` (the autograd nodes with hand-written backwards are used
+only when a gradient will be taken, and not under `torch.compile`, which traces the plain loops) and `exporting`
+(under `torch.export` the fast form leaves out what only helps eager CPU kernels, such as the class-row padding).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+FORMS = ("reference", "fast", "export")
+
+
+class HasForms:
+    """Mixin of the modules that have forms besides their reference form (see the module docstring)."""
+
+    form: str = "fast"
+
+
+def _modules_with_forms(model: nn.Module) -> list[nn.Module]:
+    return [module for module in model.modules() if isinstance(module, HasForms)]
+
+
+def set_form(model: nn.Module, form: str) -> None:
+    """Make every module of `model` that has forms run `form` ("reference", "fast" or "export")."""
+    if form not in FORMS:
+        raise ValueError(f"Unknown form {form!r}; the forms are {', '.join(FORMS)}.")
+    for module in _modules_with_forms(model):
+        module.form = form
+
+
+@contextlib.contextmanager
+def using_form(model: nn.Module, form: str) -> Iterator[nn.Module]:
+    """Within the block, `model`'s modules run `form`; each module's previous form is restored on exit."""
+    previous = [(module, module.form) for module in _modules_with_forms(model)]
+    set_form(model, form)
+    try:
+        yield model
+    finally:
+        for module, old in previous:
+            module.form = old
+
+
+def hand_written_backward(*inputs: torch.Tensor) -> bool:
+    """Whether a fast op runs as its autograd node with a hand-written backward: only when a gradient will be taken
+    and not under `torch.compile` (which traces the plain loop and derives its own backward)."""
+    needs_gradient = torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs)
+    return needs_gradient and not torch.compiler.is_compiling()
+
+
+def exporting() -> bool:
+    """Whether the module is being traced by `torch.export` (ONNX, ExecuTorch): the fast form then leaves out what
+    only helps eager kernels."""
+    return torch.compiler.is_exporting()
+
+
+__all__ = ["FORMS", "HasForms", "exporting", "hand_written_backward", "set_form", "using_form"]

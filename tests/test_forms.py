@@ -1,0 +1,158 @@
+"""Every fast and export form against the reference form it stands for (offseg_hf/models/forms.py), and the choice of
+form: per model instance, restored after a block, never global."""
+
+import pytest
+import torch
+
+from offseg_hf import MaskOffsetLearning, OffSegConfig, OffSegForSemanticSegmentation, OffsetLearning
+from offseg_hf.models import fast_freqfusion
+from offseg_hf.models.forms import FORMS, HasForms, set_form, using_form
+from offseg_hf.models.freqfusion import FreqFusion, carafe, neighbour_cosine_similarity
+from offseg_hf.models.losses import upsampled_cross_entropy
+
+from .conftest import randomize_norms, tiny_config
+
+F64 = torch.float64
+
+
+def gradients(output: torch.Tensor, inputs: list[torch.Tensor], seed: int = 1) -> list[torch.Tensor]:
+    weights = torch.randn(output.shape, generator=torch.Generator().manual_seed(seed), dtype=output.dtype)
+    return list(torch.autograd.grad((output * weights).sum(), inputs))
+
+
+@pytest.mark.parametrize("kernel_size, scale", [(3, 1), (5, 2)])
+def test_carafe_forms_match_the_reference_values_and_gradients(kernel_size, scale):
+    torch.manual_seed(0)
+    features = torch.randn(2, 6, 5, 7, dtype=F64, requires_grad=True)
+    masks = torch.randn(2, kernel_size**2, 5 * scale, 7 * scale, dtype=F64).softmax(dim=1).requires_grad_()
+    reference = carafe(features, masks, kernel_size, scale)
+    expected = gradients(reference, [features, masks])
+    for form in (fast_freqfusion.carafe, fast_freqfusion.carafe_by_taps, fast_freqfusion.carafe_by_gather):
+        out = form(features, masks, kernel_size, scale)
+        torch.testing.assert_close(out, reference, rtol=0, atol=1e-13)
+        for ours, theirs in zip(gradients(out, [features, masks]), expected, strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+
+
+def test_neighbour_similarity_forms_match_the_reference():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 7, 9, dtype=F64, requires_grad=True)
+    reference = neighbour_cosine_similarity(x, form="reference")
+    expected = gradients(reference, [x])
+    for form in ("fast", "export"):
+        out = neighbour_cosine_similarity(x, form=form)
+        torch.testing.assert_close(out, reference, rtol=0, atol=1e-13)
+        torch.testing.assert_close(gradients(out, [x])[0], expected[0], rtol=0, atol=1e-12)
+
+
+def randomized(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * 0.3)
+    return module
+
+
+def test_freqfusion_forms_match_the_reference():
+    fusion = randomized(FreqFusion(hr_channels=16, lr_channels=32, compressed_channels=16).double())
+    hr = torch.randn(2, 16, 11, 14, dtype=F64, requires_grad=True)
+    lr = torch.randn(2, 32, 6, 7, dtype=F64, requires_grad=True)
+    with using_form(fusion, "reference"):
+        reference = torch.cat([out.flatten(1) for out in fusion(hr, lr)], dim=1)
+    expected = gradients(reference, [hr, lr])
+    for form in ("fast", "export"):
+        with using_form(fusion, form):
+            out = torch.cat([out.flatten(1) for out in fusion(hr, lr)], dim=1)
+        torch.testing.assert_close(out, reference, rtol=0, atol=1e-11)
+        for ours, theirs in zip(gradients(out, [hr, lr]), expected, strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("class_offset, feature_offset", [(True, True), (True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("num_classes", [7, 16])
+def test_offset_learning_forms_match_the_reference(class_offset, feature_offset, num_classes):
+    module = randomized(OffsetLearning(num_classes, 12, class_offset, feature_offset).double())
+    features = torch.randn(2, 12, 5, 6, dtype=F64, requires_grad=True)
+    module.form = "reference"
+    reference, reference_attention = module(features, output_class_attention=True)
+    expected = gradients(reference, [features, *module.parameters()])
+    for form in ("fast", "export"):
+        module.form = form
+        scores, attention = module(features, output_class_attention=True)
+        torch.testing.assert_close(scores, reference, rtol=0, atol=1e-12)
+        torch.testing.assert_close(attention, reference_attention, rtol=0, atol=1e-14)
+        for ours, theirs in zip(gradients(scores, [features, *module.parameters()]), expected, strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-11)
+
+
+@pytest.mark.parametrize("size", [None, (6, 8), (3, 4), (5, 7)], ids=["full", "half", "quarter", "odd"])
+def test_mask_offset_learning_forms_match_the_reference(size):
+    module = randomized(MaskOffsetLearning(12).double())
+    embeddings = torch.randn(2, 5, 12, dtype=F64, requires_grad=True)
+    features = torch.randn(2, 12, 12, 16, dtype=F64, requires_grad=True)
+    module.form = "reference"
+    reference = module(embeddings, features, size=size)
+    expected = gradients(reference, [embeddings, features])
+    module.form = "fast"
+    masks = module(embeddings, features, size=size)
+    assert masks.shape == reference.shape
+    torch.testing.assert_close(masks, reference, rtol=0, atol=1e-12)
+    for ours, theirs in zip(gradients(masks, [embeddings, features]), expected, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-11)
+
+
+def test_loss_forms_match_the_reference():
+    logits = torch.randn(2, 5, 8, 10, dtype=F64, requires_grad=True)
+    labels = torch.randint(0, 5, (2, 29, 37), generator=torch.Generator().manual_seed(0))
+    labels[:, :4] = 255
+    reference = upsampled_cross_entropy(logits, labels, form="reference")
+    fast = upsampled_cross_entropy(logits, labels, form="fast")
+    torch.testing.assert_close(fast, reference, rtol=1e-13, atol=0)
+    torch.testing.assert_close(gradients(fast, [logits])[0], gradients(reference, [logits])[0], rtol=0, atol=1e-15)
+
+
+def offseg_t() -> OffSegForSemanticSegmentation:
+    torch.manual_seed(0)
+    config = OffSegConfig.from_variant("offseg-t", num_labels=5, decoder_hidden_size=32)
+    model = OffSegForSemanticSegmentation(config).double()
+    randomize_norms(model)
+    return model
+
+
+@pytest.mark.slow
+def test_whole_models_give_the_reference_logits_and_loss_in_every_form():
+    """OffSeg-T (FreqFusion, offset learning, the loss) and SegFormer-offset, float64, with gradients."""
+    pixels = torch.randn(2, 3, 64, 96, dtype=F64)
+    labels = torch.randint(0, 5, (2, 64, 96), generator=torch.Generator().manual_seed(0))
+    for model in (offseg_t(), OffSegForSemanticSegmentation(tiny_config(num_labels=5)).double()):
+        model.eval()
+        with using_form(model, "reference"):
+            reference = model(pixels, labels=labels)
+        expected = gradients(reference.loss, list(model.parameters()))
+        for form in ("fast", "export"):
+            with using_form(model, form):
+                output = model(pixels, labels=labels)
+            torch.testing.assert_close(output.logits, reference.logits, rtol=0, atol=1e-11)
+            torch.testing.assert_close(output.loss, reference.loss, rtol=1e-12, atol=0)
+            for ours, theirs in zip(gradients(output.loss, list(model.parameters())), expected, strict=True):
+                torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-10)
+
+
+def test_a_form_is_set_per_instance_and_restored():
+    model, other = offseg_t(), offseg_t()
+    modules = [module for module in model.modules() if isinstance(module, HasForms)]
+    # The top model (its loss), offset learning, and each FreqFusion with its resampler.
+    assert len(modules) == 2 + 2 * len(model.offseg.decode_head.fusions)
+    assert {module.form for module in modules} == {"fast"}
+    with pytest.raises(RuntimeError, match="inside"):
+        with using_form(model, "export"):
+            assert {module.form for module in modules} == {"export"}
+            assert {module.form for module in other.modules() if isinstance(module, HasForms)} == {"fast"}
+            assert "form" not in vars(type(model.classifier))  # the class default is never written
+            raise RuntimeError("inside")
+    assert {module.form for module in modules} == {"fast"}
+    set_form(model, "reference")
+    assert {module.form for module in modules} == {"reference"} and HasForms.form == "fast"
+    with pytest.raises(ValueError, match=r"Unknown form 'slow'; the forms are reference, fast, export"):
+        set_form(model, "slow")
+    assert FORMS == ("reference", "fast", "export")
