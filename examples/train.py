@@ -41,7 +41,7 @@ from transformers import AutoModelForSemanticSegmentation
 
 import offseg_hf  # noqa: F401  (registers OffSeg with the Auto classes)
 from offseg_hf import OffSegImageProcessor
-from offseg_hf.convert.official import from_pretrained_encoder
+from offseg_hf.convert import from_pretrained_encoder, official_key
 from offseg_hf.data.datasets import (
     IGNORE_INDEX,
     SegmentationDataError,
@@ -546,7 +546,7 @@ def main(argv: list[str] | None = None) -> dict:
     signature = model_signature(model, args.model_label)
     model = convert_sync_batchnorm(model, accelerator)
 
-    optimizer = build_optimizer(model, settings)
+    optimizer = build_optimizer(model, settings, official_key)
     scheduler = build_scheduler(optimizer, settings)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 

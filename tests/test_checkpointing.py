@@ -9,6 +9,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
 from offseg_hf import OffSegForSemanticSegmentation
+from offseg_hf.convert import official_key
 from offseg_hf.training.checkpointing import (
     CheckpointMismatchError,
     check_output_dir,
@@ -39,7 +40,7 @@ def accelerator():
 def test_checkpoint_interrupted_mid_write_never_replaces_the_last_good_one(tmp_path, monkeypatch, accelerator):
     model = OffSegForSemanticSegmentation(tiny_config())
     settings = {**get_recipe("demo"), "max_train_steps": 10}
-    optimizer = build_optimizer(model, settings)
+    optimizer = build_optimizer(model, settings, official_key)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, build_scheduler(optimizer, settings))
     good = save_checkpoint(accelerator, tmp_path, 2, {"note": "good"})
     good_files = {path.name: path.read_bytes() for path in good.iterdir()}

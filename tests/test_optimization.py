@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation
+from offseg_hf.convert import official_key
 from offseg_hf.training import (
     WarmupPolyFactor,
     build_optimizer,
@@ -24,7 +25,9 @@ def treatment(model: nn.Module, rule: str, learning_rate=1.0, weight_decay=0.01)
     exactly once."""
     names = {id(param): name for name, param in model.named_parameters() if param.requires_grad}
     found = {}
-    for group in param_groups(model, learning_rate, weight_decay, head_lr_mult=10.0, rule=rule):
+    for group in param_groups(
+        model, learning_rate, weight_decay, head_lr_mult=10.0, rule=rule, official_key=official_key
+    ):
         for param in group["params"]:
             assert names[id(param)] not in found
             found[names[id(param)]] = (group["lr"] / learning_rate, group["weight_decay"] > 0)
@@ -121,7 +124,9 @@ def test_official_groups_of_mask2former():
     model = model_for_variant("mask2former-swin-t-offset", num_labels=4, **small)
     names = {id(param): name for name, param in model.named_parameters()}
     found = {}
-    for group in param_groups(model, 1.0, 0.05, head_lr_mult=1.0, rule="official", backbone_lr_mult=0.1):
+    for group in param_groups(
+        model, 1.0, 0.05, head_lr_mult=1.0, rule="official", backbone_lr_mult=0.1, official_key=official_key
+    ):
         for param in group["params"]:
             found[names[id(param)]] = (group["lr"], group["weight_decay"] > 0)
     swin, decoder = "model.pixel_level_module.encoder", "model.transformer_module.decoder"
@@ -150,7 +155,9 @@ def test_official_groups_of_mask2former():
         full = model_for_variant("mask2former-swin-t-offset")
     sizes = {
         group["name"]: sum(p.numel() for p in group["params"])
-        for group in param_groups(full, 1e-4, 0.05, head_lr_mult=1.0, rule="official", backbone_lr_mult=0.1)
+        for group in param_groups(
+            full, 1e-4, 0.05, head_lr_mult=1.0, rule="official", backbone_lr_mult=0.1, official_key=official_key
+        )
     }
     assert sizes == {
         "lr_x0.1_decay": 27_471_264 + 1536,
@@ -221,7 +228,7 @@ def test_warmup_then_poly_schedule():
 
     model = OffSegForSemanticSegmentation(tiny_config())
     settings = {**get_recipe("ade20k-160k"), "max_train_steps": 20, "warmup_steps": 5}
-    optimizer = build_optimizer(model, settings)
+    optimizer = build_optimizer(model, settings, official_key)
     assert optimizer.defaults["betas"] == (0.9, 0.999)
     assert sorted(group["name"] for group in optimizer.param_groups) == [
         "lr_x10_decay",
@@ -241,7 +248,15 @@ def test_warmup_then_poly_schedule():
     assert all(group["lr"] == 0 for group in optimizer.param_groups)
     # The schedule survives a state_dict round trip (resume).
     longer = {**settings, "max_train_steps": 999}
-    restored = build_scheduler(build_optimizer(model, longer), longer)
+    restored = build_scheduler(build_optimizer(model, longer, official_key), longer)
     restored.load_state_dict(scheduler.state_dict())
     assert restored.lr_lambdas[0].total_steps == 20 and restored.last_epoch == 20
     assert isinstance(optimizer, torch.optim.AdamW)
+
+
+def test_the_official_rule_needs_the_official_names():
+    """Without the converter's names the official rule would group by our names and silently train another recipe."""
+    model = OffSegForSemanticSegmentation(tiny_config())
+    with pytest.raises(ValueError, match="official_key=offseg_hf.convert.official_key"):
+        param_groups(model, 1.0, 0.01, rule="official")
+    assert param_groups(model, 1.0, 0.01, rule="all_norms")  # needs no names

@@ -2,6 +2,6 @@
 door to a preset that starts from ImageNet weights (`from_pretrained_encoder`). Command line: `python -m
 offseg_hf.convert`."""
 
-from .official import convert_state_dict, from_pretrained_encoder, load_official_checkpoint
+from .official import convert_state_dict, from_pretrained_encoder, load_official_checkpoint, official_key
 
-__all__ = ["convert_state_dict", "from_pretrained_encoder", "load_official_checkpoint"]
+__all__ = ["convert_state_dict", "from_pretrained_encoder", "load_official_checkpoint", "official_key"]

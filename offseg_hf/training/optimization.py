@@ -90,8 +90,16 @@ def _in_encoder(name: str, encoder_prefix: str) -> bool:
     return name == encoder_prefix or name.startswith(encoder_prefix + ".")
 
 
-def official_names(model: nn.Module, encoder_prefix: str | None = None) -> dict[str, str]:
-    """Each trainable parameter's name in the official mmseg model (`offseg_hf.convert.official.official_key`).
+# The official (mmseg) name of one of our parameter names in a model family, or None: `offseg_hf.convert.official_key`.
+# Training takes it as an argument rather than importing the converter (the CLI, examples/train.py, passes it).
+OfficialKey = Callable[[str, str], "str | None"]
+
+
+def official_names(
+    model: nn.Module, encoder_prefix: str | None = None, official_key: OfficialKey | None = None
+) -> dict[str, str]:
+    """Each trainable parameter's name in the official mmseg model, by `official_key(name, family)` (for OffSeg
+    models it is required: `offseg_hf.convert.official_key`).
 
     A parameter the official model does not have (or a model that is not an `OffSegForSemanticSegmentation`)
     keeps its own name under the official top-level module of its part: `backbone.<name inside the encoder>` for
@@ -102,8 +110,11 @@ def official_names(model: nn.Module, encoder_prefix: str | None = None) -> dict[
     family = _family(model)
     lookup = None
     if family is not None:
-        from ..convert.official import official_key
-
+        if official_key is None:
+            raise ValueError(
+                "The official parameter-group rule needs each parameter's official name: pass "
+                "official_key=offseg_hf.convert.official_key (or rule='all_norms')."
+            )
         lookup = partial(official_key, family=family)
     names = {}
     for name, _, _ in _trainable_parameters(model):
@@ -116,7 +127,11 @@ def official_names(model: nn.Module, encoder_prefix: str | None = None) -> dict[
 
 
 def official_rule(
-    model: nn.Module, head_lr_mult: float = 10.0, encoder_prefix: str | None = None, backbone_lr_mult: float = 1.0
+    model: nn.Module,
+    head_lr_mult: float = 10.0,
+    encoder_prefix: str | None = None,
+    backbone_lr_mult: float = 1.0,
+    official_key: OfficialKey | None = None,
 ):
     """The official runs' parameter treatment: `first_matching_key` over the family's custom keys, applied to each
     parameter's official name (`official_names`).
@@ -138,7 +153,7 @@ def official_rule(
         keys, norm_decay_mult = mask2former_custom_keys(backbone_lr_mult, depths), 0.0
     else:
         keys, norm_decay_mult = official_custom_keys(head_lr_mult), None
-    names = official_names(model, encoder_prefix)
+    names = official_names(model, encoder_prefix, official_key)
 
     def multipliers(name: str, module: nn.Module) -> Multipliers:
         key = first_matching_key(names[name], keys)
@@ -152,7 +167,11 @@ def official_rule(
 
 
 def all_norms_rule(
-    model: nn.Module, head_lr_mult: float = 10.0, encoder_prefix: str | None = None, backbone_lr_mult: float = 1.0
+    model: nn.Module,
+    head_lr_mult: float = 10.0,
+    encoder_prefix: str | None = None,
+    backbone_lr_mult: float = 1.0,
+    official_key: OfficialKey | None = None,
 ):
     """The paper's recipe as written rather than as run: no weight decay for the parameters of every norm layer
     (LayerNorm, BatchNorm/SyncBatchNorm, GroupNorm, ..., found by module type) and for names containing
@@ -182,6 +201,7 @@ def param_groups(
     rule: str = "official",
     encoder_prefix: str | None = None,
     backbone_lr_mult: float = 1.0,
+    official_key: OfficialKey | None = None,
 ) -> list[dict[str, Any]]:
     """AdamW parameter groups: parameters grouped by their (lr multiplier, decay multiplier) under `rule`
     ("official": `official_rule`, "all_norms": `all_norms_rule`), each group with lr = `learning_rate` x lr
@@ -189,7 +209,7 @@ def param_groups(
     carries its "lr_mult", "decay_mult" and a "name" such as "lr_x10_decay" (for logging)."""
     if rule not in PARAM_GROUP_RULES:
         raise ValueError(f"Unknown parameter-group rule {rule!r}; known: {', '.join(PARAM_GROUP_RULES)}.")
-    multipliers_of = PARAM_GROUP_RULES[rule](model, head_lr_mult, encoder_prefix, backbone_lr_mult)
+    multipliers_of = PARAM_GROUP_RULES[rule](model, head_lr_mult, encoder_prefix, backbone_lr_mult, official_key)
     grouped: dict[Multipliers, list[nn.Parameter]] = {}
     for name, module, param in _trainable_parameters(model):
         grouped.setdefault(multipliers_of(name, module), []).append(param)
@@ -206,8 +226,11 @@ def param_groups(
     ]
 
 
-def build_optimizer(model: nn.Module, settings: dict[str, Any]) -> torch.optim.AdamW:
-    """AdamW over `param_groups` with the recipe's learning rate, betas, weight decay and parameter-group rule."""
+def build_optimizer(
+    model: nn.Module, settings: dict[str, Any], official_key: OfficialKey | None = None
+) -> torch.optim.AdamW:
+    """AdamW over `param_groups` with the recipe's learning rate, betas, weight decay and parameter-group rule
+    (`official_key`: see `official_names`)."""
     groups = param_groups(
         model,
         settings["learning_rate"],
@@ -215,6 +238,7 @@ def build_optimizer(model: nn.Module, settings: dict[str, Any]) -> torch.optim.A
         settings["head_lr_mult"],
         rule=settings.get("param_group_rule", "official"),
         backbone_lr_mult=settings.get("backbone_lr_mult", 1.0),
+        official_key=official_key,
     )
     return torch.optim.AdamW(
         groups,
