@@ -59,8 +59,8 @@ def _resized_bias(module: nn.Module, queries: int, keys: int) -> torch.Tensor:
     bias = table[:, module.attention_bias_idxs]  # (heads, N, N)
     tracing = torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.compiler.is_exporting()
     if tracing or bias.shape[-2:] != (queries, keys):
-        # Skipped in plain eager at the table's own size, where it is the identity: in training (no memo) it cost
-        # 11 ms a call forward (4 calls a step at 512x512) and as much backward.
+        # Skipped in plain eager at the table's own size, where it is the identity: in training (no memo) it would
+        # run forward and backward in every attention call for nothing.
         bias = F.interpolate(bias.unsqueeze(0), size=(queries, keys), mode="bicubic", align_corners=False)[0]
     if memoise:
         module.__dict__["_resized_bias"] = (key, bias)
@@ -97,7 +97,7 @@ class ResizableAttention2d(Attention2d):
         if self.upsample is not None:
             # Back to the input grid; equals timm's scale-2 upsample when the input size is even. Channels-last
             # input: ATen's CPU bilinear kernel on this wide, small NCHW map (e.g. 1024 x 16 x 16) takes a slow
-            # layout round trip, about 40 ms against 0.2 ms (same values), 12% of OffSeg-T's forward pass.
+            # layout round trip (same values either way; docs/speed.md has the measured cost).
             x = F.interpolate(
                 x.contiguous(memory_format=torch.channels_last),
                 size=(height, width),
@@ -185,7 +185,7 @@ class EfficientFormerV2Backbone(nn.Module):
         if output_attentions:
             raise no_attentions_error("EfficientFormerV2")
         # Channels-last throughout: oneDNN's depthwise convolutions and ATen's bilinear upsampling are faster on it
-        # (backbone about 16% faster on one CPU core at 512x512); the stage outputs are channels-last too.
+        # (docs/speed.md); the stage outputs are channels-last too.
         x = self.stem(pixel_values.contiguous(memory_format=torch.channels_last))  # (B, C0, H/4, W/4)
         features = []
         for stage in self.stages:

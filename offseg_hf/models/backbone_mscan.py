@@ -230,7 +230,7 @@ class MSCANEncoder(nn.Module):
         if output_attentions:
             raise no_attentions_error("MSCAN")
         # Channels-last memory throughout: oneDNN's depthwise and strip convolutions and the decoder's bilinear
-        # upsampling run much faster on it (1.5x for the whole SegNeXt-T on a CPU), and each stage's LayerNorm over
+        # upsampling run much faster on it (docs/speed.md), and each stage's LayerNorm over
         # channels then reads and writes contiguous rows, with no layout copies between stages.
         x = pixel_values.contiguous(memory_format=torch.channels_last)
         features = []

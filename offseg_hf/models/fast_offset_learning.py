@@ -37,14 +37,12 @@ def pad_class_rows(rows: torch.Tensor) -> torch.Tensor:
     """(..., K, C) -> (..., K8, C): zero rows appended up to a multiple of `CLASS_ROW_MULTIPLE`.
 
     Why: MKL's single-precision GEMM on a class count like ADE20K's 150 (not a multiple of its register tile) runs
-    the (HW x C) x (C x K) products at about half speed; at K = 152 the same products take 0.4-0.6x the time (measured
-    at HW = 128 x 128, C = 256 on an AVX2 CPU, one thread; this module: 0.77x at K = 150). The padded
-    outputs are sliced off before anything reads them, so only the real rows' values leave; they equal the unpadded
-    products up to float rounding. K is a config constant, so the padding is a fixed op in traced graphs.
+    the (HW x C) x (C x K) products well below its speed at K = 152 (docs/speed.md has the figures, per CPU). The
+    padded outputs are sliced off before anything reads them, so only the real rows' values leave; they equal the
+    unpadded products up to float rounding. K is a config constant, so the padding is a fixed op in traced graphs.
 
     Exported graphs (`torch.export`, ONNX) are not padded: ONNX Runtime's GEMMs take K = 150 as it is, and the
-    padding and the slices after it cost it more than they save (OffSeg-T's classifier, 512x512, 2 threads: 29 ms
-    padded, 24 ms not).
+    padding and the slices after it cost it more than they save.
     """
     if exporting():
         return rows
@@ -101,8 +99,8 @@ def softmax_over_classes(coupled_attention: torch.Tensor) -> torch.Tensor:
 
     Eager PyTorch normalises along the class dim of the (B, K, HW) tensor and the product reads the transposed view.
     In an exported graph that is a Softmax over a non-last axis, which ONNX Runtime runs by transposing in and out
-    (5.8 ms for OffSeg-T's 150 x 128 x 128 scores, 2 threads) before the product's own transpose; there the scores
-    are transposed once and normalised along the last axis (0.6 ms). Same values."""
+    before the product's own transpose; there the scores are transposed once and normalised along the last axis.
+    Same values."""
     if exporting():
         return coupled_attention.transpose(1, 2).softmax(dim=-1)
     return coupled_attention.softmax(dim=1).transpose(1, 2)
@@ -145,7 +143,8 @@ def mask_offset_learning(
 
 def resize_features(features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Mask2Former's attention-mask resize (bilinear, `align_corners=False`) of a (B, C, H, W) map; at even
-    reduction factors as the mean of the positions it reads (the same values, 2-4x faster on CPU)."""
+    reduction factors as the mean of the positions it reads (the same values, without the general resize kernel's
+    index arithmetic)."""
     steps = even_reduction(tuple(features.shape[-2:]), tuple(size))
     if steps is None:
         return F.interpolate(features, size=size, mode="bilinear", align_corners=False)

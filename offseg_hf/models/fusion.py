@@ -119,10 +119,10 @@ def _onednn_activation(module: nn.Module) -> tuple[str, str | None] | None:
 class ConvActivation2d(nn.Conv2d):
     """A BatchNorm-folded `nn.Conv2d` and the activation after it, as one oneDNN convolution with an element-wise
     post-op on CPU: the activation is applied while the output tile is still in cache, so the map is written once
-    and no second full-size buffer is allocated. EfficientFormerV2's 1/4-resolution MLP blocks are memory-bound: a
-    1x1 conv + GELU on a (1, 128, 128, 128) map took 6.6 ms as one op against 23.8 ms as two (2 threads, AVX2 CPU;
-    the whole-model effect is what `benchmarks/speed.py`'s fused column measures). The values are the convolution's
-    followed by the activation's, up to float rounding (oneDNN evaluates erf-GELU with its own polynomial; about 1e-7).
+    and no second full-size buffer is allocated. EfficientFormerV2's 1/4-resolution MLP blocks are memory-bound, so
+    this saves a full read and write of each map (`benchmarks/speed.py`'s fused column measures the effect). The
+    values are the convolution's followed by the activation's, up to float rounding (oneDNN evaluates erf-GELU with
+    its own polynomial; about 1e-7).
 
     Only fuse_for_inference makes these, by changing the class of a folded convolution and keeping the activation
     module as `fused_activation`. Where oneDNN's op does not apply (not CPU float32, autograd on, autocast,
