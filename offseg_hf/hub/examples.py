@@ -1,7 +1,7 @@
 """What a Hub model page shows: the predictions of the weights being published on photos shipped with offseg-hf.
 
 `render_examples(folder)` loads the model and image processor from a built repo folder (the very files that are
-uploaded), segments each photo of `offseg_hf/example_images/` (public domain or CC0, credited in its README.md) and
+uploaded), segments each photo of `offseg_hf/hub/example_images/` (public domain or CC0, credited in its README.md) and
 writes the photo and its prediction into `folder/examples/`; `widget_examples` pairs them in the card's `widget:`
 metadata (the Hub shows an example's `output.url` where no provider runs the model, which is the case for every
 custom-code model) and `examples_section` is the card's gallery. Nothing here draws a picture the model did not
@@ -31,9 +31,9 @@ LEGEND_PAD_PX = 8
 
 @dataclass(frozen=True)
 class ExamplePhoto:
-    name: str  # offseg_hf/example_images/<name>.jpg
+    name: str  # offseg_hf/hub/example_images/<name>.jpg
     title: str  # the widget's example title and the gallery's alt text
-    credit: str  # who made it and its licence (offseg_hf/example_images/README.md quotes the source)
+    credit: str  # who made it and its licence (offseg_hf/hub/example_images/README.md quotes the source)
 
 
 EXAMPLE_PHOTOS = (

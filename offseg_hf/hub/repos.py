@@ -168,7 +168,7 @@ HANDLER_FILE = "handler.py"
 
 
 def handler_source() -> str:
-    """The source of the Inference Endpoints handler (`offseg_hf/templates/handler.py`) that every repo carries."""
+    """The source of the Inference Endpoints handler (`offseg_hf/hub/templates/handler.py`) that every repo carries."""
     return resources.files("offseg_hf.hub").joinpath("templates", HANDLER_FILE).read_text()
 
 
