@@ -167,11 +167,7 @@ def official_rule(
 
 
 def all_norms_rule(
-    model: nn.Module,
-    head_lr_mult: float = 10.0,
-    encoder_prefix: str | None = None,
-    backbone_lr_mult: float = 1.0,
-    official_key: OfficialKey | None = None,
+    model: nn.Module, head_lr_mult: float = 10.0, encoder_prefix: str | None = None, backbone_lr_mult: float = 1.0
 ):
     """The paper's recipe as written rather than as run: no weight decay for the parameters of every norm layer
     (LayerNorm, BatchNorm/SyncBatchNorm, GroupNorm, ..., found by module type) and for names containing
@@ -209,7 +205,8 @@ def param_groups(
     carries its "lr_mult", "decay_mult" and a "name" such as "lr_x10_decay" (for logging)."""
     if rule not in PARAM_GROUP_RULES:
         raise ValueError(f"Unknown parameter-group rule {rule!r}; known: {', '.join(PARAM_GROUP_RULES)}.")
-    multipliers_of = PARAM_GROUP_RULES[rule](model, head_lr_mult, encoder_prefix, backbone_lr_mult, official_key)
+    names = {"official_key": official_key} if rule == "official" else {}  # the only rule that reads official names
+    multipliers_of = PARAM_GROUP_RULES[rule](model, head_lr_mult, encoder_prefix, backbone_lr_mult, **names)
     grouped: dict[Multipliers, list[nn.Parameter]] = {}
     for name, module, param in _trainable_parameters(model):
         grouped.setdefault(multipliers_of(name, module), []).append(param)
