@@ -182,9 +182,57 @@ def test_evaluation_takes_the_intermediate_masks_at_the_attention_mask_size_with
     assert shapes[:4] == [(2, 20, 2, 3), (2, 20, 4, 6), (2, 20, 8, 12), (2, 20, 16, 24)]
     assert shapes[4:] == [(2, 20, 16, 24)] * 4
     torch.testing.assert_close(fast.logits, full.logits, rtol=0, atol=1e-5)
-    predictor = model.model.transformer_module.decoder.mask_predictor
-    # No state left behind: calls count from 0 again and the resized features are dropped.
-    assert (predictor.attention_only_calls, predictor.calls, predictor.resized_features) == (0, 0, {})
+
+
+def module_attributes(model: torch.nn.Module) -> dict[str, dict[str, object]]:
+    return {name: dict(vars(module)) for name, module in model.named_modules()}
+
+
+def test_a_pass_leaves_no_state_on_the_modules():
+    """Nothing of a pass is kept on any module (what makes one instance safe to share between threads): every
+    module has the same attributes, holding the same objects, after passes of every kind as before."""
+    model = tiny_model(train_num_points=1024)
+    before = module_attributes(model)
+    pixel_values, labels = blocky_batch()
+    with torch.no_grad():
+        model(pixel_values)
+        model(pixel_values, output_auxiliary_logits=True)
+        model(pixel_values, labels=labels)
+    model.train()
+    model(pixel_values, labels=labels)
+    model.eval()
+    after = module_attributes(model)
+    assert after.keys() == before.keys()
+    for name, attributes in before.items():
+        assert after[name].keys() == attributes.keys(), name
+        changed = [key for key, value in attributes.items() if after[name][key] is not value]
+        assert not changed, (name, changed)
+
+
+def test_the_inference_pass_returns_what_transformers_pass_returns():
+    """Without labels or auxiliary outputs in evaluation the model runs its own pass (`inference_pass`); with
+    auxiliary outputs, transformers'. Both return the same fields, hidden states and attentions included, and the
+    same values up to the float rounding of the intermediate masks (exactly before the masked-attention decoder)."""
+    model = tiny_model(decoder_layers=4)
+    pixel_values = images(70, 90)
+    options = {"output_hidden_states": True, "output_attentions": True}
+    with torch.no_grad():
+        fast = model(pixel_values, **options)
+        full = model(pixel_values, output_auxiliary_logits=True, **options)
+        as_tuple = model(pixel_values, return_dict=False, **options)
+    assert set(full.keys()) - set(fast.keys()) == {"auxiliary_logits"}
+    assert len(as_tuple) == len(fast)
+    for key in ("encoder_last_hidden_state", "pixel_decoder_last_hidden_state"):
+        assert torch.equal(fast[key], full[key]), key
+    for key in ("encoder_hidden_states", "pixel_decoder_hidden_states"):
+        assert len(fast[key]) == len(full[key]) and all(map(torch.equal, fast[key], full[key])), key
+    assert len(fast.transformer_decoder_hidden_states) == len(full.transformer_decoder_hidden_states) == 4
+    assert len(fast.attentions) == len(full.attentions) == 3
+    for key in ("transformer_decoder_hidden_states", "attentions"):
+        for ours, theirs in zip(fast[key], full[key], strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    for key in ("transformer_decoder_last_hidden_state", "class_queries_logits", "masks_queries_logits", "logits"):
+        torch.testing.assert_close(fast[key], full[key], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,10 @@ adds one module, shared by every mask prediction (the initial one and one after 
 mask embeddings and the per-pixel mask features before their product gives the masks
 (`offseg_hf.models.offset_learning.MaskOffsetLearning`). Class logits use the queries without offset, and the next
 layer's attention mask comes from the offset masks, as in the official head. In `transformers` that place is
-`Mask2FormerMaskPredictor`, which this file subclasses.
+`Mask2FormerMaskPredictor`, which this file subclasses. In evaluation without labels or auxiliary outputs the
+intermediate mask predictions feed nothing but the next layers' attention masks, so the model runs `transformers`'
+forward through its own copy (`inference_pass`, the same modules in the same order) that asks for them at the
+attention-mask size only; training and the other passes run `transformers`' forward itself.
 
 `OffSegMask2FormerForSemanticSegmentation` adds semantic segmentation as the official model does it:
 
@@ -43,40 +46,34 @@ from .offset_learning import MaskOffsetLearning, resize_features
 class OffsetMaskPredictor(Mask2FormerMaskPredictor):
     """`transformers`' mask predictor with the paper's offset module between mask embeddings and mask features.
 
-    `attention_only_calls` (set by `OffSegMask2FormerForSemanticSegmentation.forward` for one pass, 0 otherwise): the
-    first that many calls of a pass return their masks at the next layer's attention-mask size. In evaluation
-    without auxiliary outputs those intermediate predictions feed nothing but the attention masks, which the parent
-    class derives by resizing the full masks; `MaskOffsetLearning(..., size=...)` computes the resized masks
-    directly (the same values up to float rounding) and skips most of the full-resolution products. The resized
-    mask features, the same for every call of a pass, are computed once per size and pass.
+    Called as the parent class is (by `transformers`' decoder), it returns the masks at the mask features' size and
+    the next decoder layer's attention mask made from them. With `attention_only=True` (the inference pass of
+    `OffSegMask2FormerForSemanticSegmentation`, for every prediction but the last) the masks come out at the
+    attention-mask size instead: those intermediate predictions feed nothing but the attention masks, which the parent
+    class derives by resizing the full masks, and `MaskOffsetLearning(..., size=...)` computes the resized masks
+    directly (the same values up to float rounding), skipping most of the full-resolution products.
+    `resized_features`, the mask features resized to that size, may be passed so that calls of one pass share them.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mask_feature_size: int, initializer_range: float = 0.02):
         super().__init__(hidden_size, num_heads, mask_feature_size)
         self.offset_learning = MaskOffsetLearning(mask_feature_size, initializer_range)
-        self.end_pass()
-
-    def end_pass(self):
-        """Forget the pass's state: evaluation calls count from 0 again and resized features are dropped."""
-        self.attention_only_calls = 0
-        self.calls = 0
-        self.resized_features = {}
 
     def forward(
-        self, outputs: torch.Tensor, pixel_embeddings: torch.Tensor, attention_mask_target_size: int | None = None
+        self,
+        outputs: torch.Tensor,
+        pixel_embeddings: torch.Tensor,
+        attention_mask_target_size: int | None = None,
+        attention_only: bool = False,
+        resized_features: torch.Tensor | None = None,
     ):
         mask_embeddings = self.mask_embedder(outputs.transpose(0, 1))  # (B, Q, C)
-        attention_only = self.calls < self.attention_only_calls
-        self.calls += 1
         if attention_only:
-            size = tuple(attention_mask_target_size)
-            key = str(size)  # by text: while tracing for export the sizes may be symbolic, which do not hash
-            cached = self.resized_features.get(key)
-            if cached is None or cached[0] is not pixel_embeddings:
-                cached = (pixel_embeddings, resize_features(pixel_embeddings, size))
-                self.resized_features[key] = cached
             outputs_mask = attention_mask = self.offset_learning(
-                mask_embeddings, pixel_embeddings, size=size, resized_features=cached[1]
+                mask_embeddings,
+                pixel_embeddings,
+                size=tuple(attention_mask_target_size),
+                resized_features=resized_features,
             )
         else:
             outputs_mask = self.offset_learning(mask_embeddings, pixel_embeddings)  # (B, Q, H/4, W/4)
@@ -140,6 +137,7 @@ class OffSegMask2FormerForSemanticSegmentation(FuseForInferenceMixin, Mask2Forme
         # `offset_initializer_range`), the rest as transformers initialises the plain predictor. Weights already
         # initialised or loaded are flagged and left alone, at construction as for the keys a checkpoint lacks.
         predictor = self.model.transformer_module.decoder.mask_predictor
+        # A loss (training, labels) or auxiliary outputs read the intermediate masks at full size: transformers' pass.
         if isinstance(predictor, OffsetMaskPredictor):
             for module in predictor.modules():
                 rule = getattr(module, INIT_RULE, None)
@@ -163,6 +161,94 @@ class OffSegMask2FormerForSemanticSegmentation(FuseForInferenceMixin, Mask2Forme
         masks = F.interpolate(masks_queries_logits, size=size, mode="bilinear", align_corners=False).sigmoid()
         classes = class_queries_logits.softmax(dim=-1)[..., :-1]  # (B, Q, K)
         return torch.einsum("bqk,bqhw->bkhw", classes, masks)
+
+    def inference_pass(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+    ) -> Mask2FormerForUniversalSegmentationOutput:
+        """`transformers`' Mask2Former forward (`Mask2FormerModel`, its transformer module and masked-attention
+        decoder, the class predictor) for inference without labels or auxiliary outputs: the same modules in the same
+        order and the same outputs, except that every mask prediction but the last is made at its attention-mask size
+        only (`OffsetMaskPredictor(..., attention_only=True)`; the same attention masks up to float rounding at the
+        0.5 threshold). Which calls those are, and what they share (the mask features resized to each level's size),
+        is decided and kept in this call, never on a module: one instance may serve several threads."""
+        config = self.config
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        pixel_level = self.model.pixel_level_module(
+            pixel_values=pixel_values, output_hidden_states=output_hidden_states
+        )
+        mask_features = pixel_level.decoder_last_hidden_state
+
+        # Mask2FormerTransformerModule: per level, flattened (HW, B, C) keys and position embeddings, and the queries.
+        transformer = self.model.transformer_module
+        sizes, positions, keys = [], [], []
+        for level in range(transformer.num_feature_levels):
+            features = pixel_level.decoder_hidden_states[level]
+            sizes.append(features.shape[-2:])
+            embedding = transformer.position_embedder(features.shape, features.device, features.dtype, None)
+            positions.append(embedding.flatten(2).permute(2, 0, 1))
+            level_keys = transformer.input_projections[level](features).flatten(2)
+            keys.append((level_keys + transformer.level_embed.weight[level][None, :, None]).permute(2, 0, 1))
+        batch_size = keys[0].shape[1]
+        query_positions = transformer.queries_embedder.weight.unsqueeze(1).repeat(1, batch_size, 1)
+        hidden_states = transformer.queries_features.weight.unsqueeze(1).repeat(1, batch_size, 1)
+
+        # Mask2FormerMaskedAttentionDecoder: a mask prediction before the first layer and after each.
+        decoder = transformer.decoder
+        num_levels, num_layers = decoder.num_feature_levels, len(decoder.layers)
+        resized_features = {}  # level -> the mask features at that level's size, made once in this pass
+
+        def predict(queries: torch.Tensor, level: int, last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            if last:
+                return decoder.mask_predictor(queries, mask_features, sizes[level])
+            if level not in resized_features:
+                resized_features[level] = resize_features(mask_features, tuple(sizes[level]))
+            return decoder.mask_predictor(
+                queries, mask_features, sizes[level], attention_only=True, resized_features=resized_features[level]
+            )
+
+        all_hidden_states = () if output_hidden_states else None
+        attentions = () if output_attentions else None
+        queries = decoder.layernorm(hidden_states)
+        masks, attention_mask = predict(queries, 0, last=num_layers == 0)
+        for index, layer in enumerate(decoder.layers):
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            # As transformers does it: a query whose mask is empty everywhere attends to every position.
+            where = (attention_mask.sum(-1) != attention_mask.shape[-1]).to(attention_mask.dtype)
+            attention_mask = attention_mask * where.unsqueeze(-1)
+            layer_outputs = layer(
+                hidden_states,
+                index % num_levels,
+                None,
+                positions,
+                query_positions,
+                keys,
+                encoder_attention_mask=attention_mask,
+                output_attentions=output_attentions,
+            )
+            hidden_states = layer_outputs[0]
+            queries = decoder.layernorm(hidden_states)
+            masks, attention_mask = predict(queries, (index + 1) % num_levels, last=index == num_layers - 1)
+            if output_attentions:
+                attentions += (layer_outputs[1],)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+
+        return Mask2FormerForUniversalSegmentationOutput(
+            class_queries_logits=self.class_predictor(queries.transpose(0, 1)),
+            masks_queries_logits=masks,
+            encoder_last_hidden_state=pixel_level.encoder_last_hidden_state,
+            pixel_decoder_last_hidden_state=mask_features,
+            transformer_decoder_last_hidden_state=hidden_states.transpose(1, 0),
+            encoder_hidden_states=pixel_level.encoder_hidden_states if output_hidden_states else None,
+            pixel_decoder_hidden_states=pixel_level.decoder_hidden_states if output_hidden_states else None,
+            transformer_decoder_hidden_states=all_hidden_states,
+            attentions=attentions,
+        )
 
     def forward(
         self,
@@ -205,12 +291,12 @@ class OffSegMask2FormerForSemanticSegmentation(FuseForInferenceMixin, Mask2Forme
             if padding:
                 labels = F.pad(labels, (0, pad_w, 0, pad_h), value=self.config.ignore_value)
             mask_labels, class_labels = semantic_targets(labels, self.config.num_labels, self.config.ignore_value)
-        predictor = self.model.transformer_module.decoder.mask_predictor
-        offset = isinstance(predictor, OffsetMaskPredictor)
         auxiliary = self.config.output_auxiliary_logits if output_auxiliary_logits is None else output_auxiliary_logits
-        if offset and not (self.training or mask_labels is not None or auxiliary):
-            predictor.attention_only_calls = self.config.decoder_layers - 1  # every mask prediction but the last
-        try:
+        predictor = self.model.transformer_module.decoder.mask_predictor
+        # A loss (training, labels) or auxiliary outputs read the intermediate masks at full size: transformers' pass.
+        if isinstance(predictor, OffsetMaskPredictor) and not (self.training or mask_labels is not None or auxiliary):
+            outputs = self.inference_pass(pixel_values, output_hidden_states, output_attentions)
+        else:
             outputs = super().forward(
                 pixel_values,
                 mask_labels=mask_labels,
@@ -221,9 +307,6 @@ class OffSegMask2FormerForSemanticSegmentation(FuseForInferenceMixin, Mask2Forme
                 output_attentions=output_attentions,
                 return_dict=True,
             )
-        finally:
-            if offset:
-                predictor.end_pass()
         logits = None
         if not self.training or mask_labels is None:
             logits = self.semantic_logits(
