@@ -6,7 +6,7 @@
 
 Modes (columns):
   eager      the model as built, fp32.
-  fused      `offseg_hf.models.fusion.fuse_for_inference` on a copy: eval-mode BatchNorms folded into the convolutions
+  fused      `offseg_hf.export.batchnorm.fuse_for_inference` on a copy: eval-mode BatchNorms folded into the convolutions
              before them (transformers' SegFormer-B0 gets the same treatment: its head's fuse conv + BN folds).
   compiled   `torch.compile(model)` (inductor) of the eager model; the first call's time (tracing and code
              generation, C++ on CPU) is reported apart, in seconds, and the timed passes follow it.
@@ -44,7 +44,7 @@ from common import (
     synchronize,
 )
 
-from offseg_hf.models.fusion import fuse_for_inference
+from offseg_hf.export.batchnorm import fuse_for_inference
 from offseg_hf.presets import all_variant_names, model_for_variant
 
 MODES = ("eager", "fused", "compiled", "bf16")

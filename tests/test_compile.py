@@ -7,7 +7,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from offseg_hf.models.fusion import fuse_for_inference
+from offseg_hf.export.batchnorm import fuse_for_inference
 
 from .test_fusion import FAMILIES, images, small_model
 

@@ -1,5 +1,5 @@
-"""BatchNorm folding for inference (offseg_hf/models/fusion.py): on a small model of each family the folded model gives
-the unfused logits, exactly the conv -> BatchNorm pairs are folded (counted independently from the module types),
+"""BatchNorm folding for inference (offseg_hf/export/batchnorm.py): on a small model of each family the folded model
+gives the unfused logits, exactly the conv -> BatchNorm pairs are folded (counted independently from the module types),
 training mode is refused, a fused model refuses to be saved or trained, and the unfused checkpoint still loads."""
 
 import copy
@@ -15,14 +15,13 @@ from offseg_hf import (
     OffSegForSemanticSegmentation,
     OffSegMask2FormerForSemanticSegmentation,
 )
-from offseg_hf.models import backbone_mscan, layers
-from offseg_hf.models.fusion import (
+from offseg_hf.export.batchnorm import (
     ConvActivation2d,
     FusedModelError,
-    FuseForInferenceMixin,
     find_conv_bn_pairs,
     fuse_for_inference,
 )
+from offseg_hf.models import backbone_mscan, layers
 
 from .conftest import build_model, randomize_norms
 from .test_backbone_mscan import SMALL_MSCAN
@@ -216,17 +215,22 @@ def test_fused_model_refuses_saving_and_the_unfused_checkpoint_still_loads(tmp_p
         torch.testing.assert_close(fuse_for_inference(loaded)(pixel_values).logits, reference, atol=1e-5, rtol=0)
 
 
-def test_mixin_refuses_saving_a_fused_model(tmp_path):
-    assert issubclass(OffSegForSemanticSegmentation, FuseForInferenceMixin)  # the model classes carry the mixin
-    assert issubclass(OffSegMask2FormerForSemanticSegmentation, FuseForInferenceMixin)
+def test_folding_guards_the_fused_instance_only(tmp_path):
+    """The model classes know nothing of folding (nothing of it ships in a saved folder's code); the fused instance
+    refuses to be saved or trained, while another instance of the same class saves and trains as usual."""
+    for model_class in (OffSegForSemanticSegmentation, OffSegMask2FormerForSemanticSegmentation):
+        assert not any("fuse" in name for name in dir(model_class)), model_class
     model = OffSegForSemanticSegmentation(small_model("segformer").config).eval()
+    other = OffSegForSemanticSegmentation(model.config).eval()
     model.save_pretrained(tmp_path / "before")  # unfused: saves as usual
-    assert model.fuse_for_inference() is model and model.is_fused
-    assert "save_pretrained" not in vars(model)  # the class's own guard, no instance patch
+    assert fuse_for_inference(model) is model and model.is_fused
     with pytest.raises(FusedModelError, match="Save the model before fusing"):
         model.save_pretrained(tmp_path / "after")
     with pytest.raises(FusedModelError, match="training mode"):
         model.train()
+    assert model.eval() is model and not model.training  # evaluation mode stays allowed
+    other.save_pretrained(tmp_path / "other")
+    assert other.train().training and not getattr(other, "is_fused", False)
 
 
 def test_activations_can_stay_apart():

@@ -37,10 +37,10 @@ from transformers.models.mask2former.modeling_mask2former import (
 )
 
 from .configuration_mask2former import OffSegMask2FormerConfig
-from .fusion import FuseForInferenceMixin
+from .fast_offset_learning import resize_features
 from .image_processing_offseg import OffSegImageProcessor  # noqa: F401  (copied into saved folders: see the auto_map)
 from .layers import INIT_RULE
-from .offset_learning import MaskOffsetLearning, resize_features
+from .offset_learning import MaskOffsetLearning
 
 
 class OffsetMaskPredictor(Mask2FormerMaskPredictor):
@@ -112,7 +112,7 @@ def semantic_targets(labels: torch.Tensor, num_labels: int, ignore_index: int = 
     return mask_labels, class_labels
 
 
-class OffSegMask2FormerForSemanticSegmentation(FuseForInferenceMixin, Mask2FormerForUniversalSegmentation):
+class OffSegMask2FormerForSemanticSegmentation(Mask2FormerForUniversalSegmentation):
     """Mask2Former (Swin) for semantic segmentation, with the paper's offset learning when
     `config.offset_learning` (see the module docstring)."""
 

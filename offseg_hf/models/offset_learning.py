@@ -25,7 +25,6 @@ from torch.nn import functional as F
 from transformers import initialization as init
 
 from . import fast_offset_learning
-from .fast_offset_learning import resize_features
 from .forms import HasForms
 from .layers import initialise_with
 
@@ -192,4 +191,4 @@ class MaskOffsetLearning(HasForms, nn.Module):
         return masks
 
 
-__all__ = ["MaskOffsetLearning", "OffsetLearning", "PerPixelClassifier", "resize_features"]
+__all__ = ["MaskOffsetLearning", "OffsetLearning", "PerPixelClassifier"]

@@ -1,6 +1,8 @@
 """BatchNorm folding for inference: every eval-mode BatchNorm that reads a convolution's output and nothing else is
 folded into that convolution (`torch.nn.utils.fusion.fuse_conv_bn_weights`) and replaced by `nn.Identity`.
 
+    from offseg_hf.export import fuse_for_inference
+
     model = model_for_variant("offseg-t", num_labels=150).eval()
     fuse_for_inference(model)          # in place; returns the model
     model.fused_conv_bn_pairs          # (("...conv", "...bn"), ...): what was folded
@@ -26,8 +28,9 @@ OffSeg-T).
 
 The folding is computed in float64 and written into the convolution's own weight (its memory format is kept) and
 bias (created when the convolution had none). A fused model is for inference only: it has no BatchNorm keys and
-conv biases the unfused class does not have, so `save_pretrained` refuses it (save the unfused model and fuse after
-loading), and `train()` refuses to switch it back to training mode.
+conv biases the unfused class does not have, so that model's `save_pretrained` refuses it (save the unfused model and
+fuse after loading), and its `train()` refuses to switch it back to training mode. Both guards are set on the fused
+instance only: the model classes, and the code a saved folder carries, know nothing of folding.
 
 Per preset (150 classes), what folds: offseg-t/b/l every BatchNorm of timm's EfficientFormerV2 (its `ConvNorm`
 and `ConvNormAct` blocks: 95 for T); SegFormer-offset the head's four stage projections (the fusion's BatchNorm
@@ -376,32 +379,12 @@ def fuse_for_inference(model: nn.Module, example_inputs=None, fuse_activations: 
                 model.set_submodule(name, replacement)
     model.is_fused = True
     model.fused_conv_bn_pairs = tuple(getattr(model, "fused_conv_bn_pairs", ())) + tuple(pairs)
-    if not isinstance(model, FuseForInferenceMixin):
-        # Guards for models whose class lacks the mixin: instance attributes shadow the class methods.
-        if hasattr(model, "save_pretrained"):
-            model.save_pretrained = functools.partial(_refuse_save, type(model).__name__)
-        model.train = functools.partial(_guarded_train, model)
+    # This instance, and no other, refuses to be saved or trained from now on: instance attributes shadow the class's
+    # methods, so the model classes (and every saved folder's code) know nothing of folding.
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained = functools.partial(_refuse_save, type(model).__name__)
+    model.train = functools.partial(_guarded_train, model)
     return model
 
 
-class FuseForInferenceMixin:
-    """For model base classes (before `PreTrainedModel` in the bases): `model.fuse_for_inference()` folds the
-    BatchNorms in place and returns the model; a fused model refuses `save_pretrained` and `train(True)`."""
-
-    is_fused: bool = False
-
-    def fuse_for_inference(self, example_inputs=None, fuse_activations: bool = True):
-        return fuse_for_inference(self, example_inputs, fuse_activations)
-
-    def save_pretrained(self, *args, **kwargs):
-        if self.is_fused:
-            _refuse_save(type(self).__name__)
-        return super().save_pretrained(*args, **kwargs)
-
-    def train(self, mode: bool = True):
-        if mode and self.is_fused:
-            _guarded_train(self, True)
-        return super().train(mode)
-
-
-__all__ = ["ConvActivation2d", "FuseForInferenceMixin", "FusedModelError", "find_conv_bn_pairs", "fuse_for_inference"]
+__all__ = ["ConvActivation2d", "FusedModelError", "find_conv_bn_pairs", "fuse_for_inference"]
