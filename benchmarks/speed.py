@@ -6,7 +6,7 @@
 
 Modes (columns):
   eager      the model as built, fp32.
-  fused      `offseg_hf.export.batchnorm.fuse_for_inference` on a copy: eval-mode BatchNorms folded into the convolutions
+  fused      `offseg_hf.export.fuse_for_inference` on a copy: eval-mode BatchNorms folded into the convolutions
              before them (transformers' SegFormer-B0 gets the same treatment: its head's fuse conv + BN folds).
   compiled   `torch.compile(model)` (inductor) of the eager model; the first call's time (tracing and code
              generation, C++ on CPU) is reported apart, in seconds, and the timed passes follow it.

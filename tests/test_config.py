@@ -44,7 +44,7 @@ def meta_model(variant: str, **overrides):
     """Built on the meta device: shapes only, no memory or init time, same modules."""
     with torch.device("meta"):
         if variant in MASK2FORMER_PAPER_PARAMS_M:
-            return OffSegMask2FormerForSemanticSegmentation(OffSegMask2FormerConfig.from_variant(variant, **overrides))
+            return OffSegMask2FormerForSemanticSegmentation(OffSegConfig.from_variant(variant, **overrides))
         return OffSegForSemanticSegmentation(OffSegConfig.from_variant(variant, **overrides))
 
 
@@ -151,8 +151,8 @@ def test_offseg_presets_hold_the_official_values():
 
 
 def test_mask2former_presets_hold_the_official_values():
-    offset = OffSegMask2FormerConfig.from_variant("mask2former-swin-t-offset")
-    baseline = OffSegMask2FormerConfig.from_variant("mask2former-swin-t")
+    offset = OffSegConfig.from_variant("mask2former-swin-t-offset")
+    baseline = OffSegConfig.from_variant("mask2former-swin-t")
     assert offset.offset_learning and not baseline.offset_learning
     for config in (offset, baseline):
         swin = config.backbone_config
@@ -166,16 +166,19 @@ def test_mask2former_presets_hold_the_official_values():
 
 
 def test_mask2former_unknown_variant_lists_the_known_ones():
-    assert OffSegMask2FormerConfig.variant_names() == sorted(MASK2FORMER_PAPER_PARAMS_M)
-    with pytest.raises(ValueError, match="Unknown Mask2Former variant 'mask2former-swin-b'") as info:
-        OffSegMask2FormerConfig.from_variant("mask2former-swin-b")
+    assert OffSegConfig.variant_names()[-2:] == sorted(MASK2FORMER_PAPER_PARAMS_M)
+    assert not hasattr(OffSegMask2FormerConfig, "from_variant")  # one door: OffSegConfig.from_variant
+    with pytest.raises(
+        ValueError, match="Unknown variant 'mask2former-swin-b'. Did you mean mask2former-swin-t"
+    ) as info:
+        OffSegConfig.from_variant("mask2former-swin-b")
     for name in MASK2FORMER_PAPER_PARAMS_M:
         assert name in str(info.value)
 
 
 def test_mask2former_overrides_and_labels():
     labels = {0: "road", 1: "car", 2: "sky"}
-    config = OffSegMask2FormerConfig.from_variant(
+    config = OffSegConfig.from_variant(
         "mask2former-swin-t-offset", id2label=labels, backbone_config={"depths": [1, 1, 1, 1], "drop_path_rate": 0.0}
     )
     assert config.num_labels == 3 and config.id2label == labels
@@ -183,19 +186,19 @@ def test_mask2former_overrides_and_labels():
     swin = config.backbone_config
     assert list(swin.depths) == [1, 1, 1, 1] and swin.drop_path_rate == 0.0
     assert swin.embed_dim == 96 and list(swin.num_heads) == [3, 6, 12, 24] and swin.window_size == 7
-    cityscapes = OffSegMask2FormerConfig.from_variant("mask2former-swin-t", num_labels=19, size_divisor=64)
+    cityscapes = OffSegConfig.from_variant("mask2former-swin-t", num_labels=19, size_divisor=64)
     assert cityscapes.num_labels == 19 and len(cityscapes.id2label) == 19 and cityscapes.size_divisor == 64
     assert not cityscapes.offset_learning and list(cityscapes.backbone_config.depths) == [2, 2, 6, 2]
 
 
 def test_mask2former_id2label_gives_label2id():
-    config = OffSegMask2FormerConfig.from_variant("mask2former-swin-t-offset", id2label={0: "road", 1: "sky"})
+    config = OffSegConfig.from_variant("mask2former-swin-t-offset", id2label={0: "road", 1: "sky"})
     assert config.label2id == {"road": 0, "sky": 1}
 
 
 @pytest.mark.parametrize("variant", ["mask2former-swin-t-offset", "mask2former-swin-t"])
 def test_mask2former_config_round_trip_and_auto_map(variant, tmp_path):
-    config = OffSegMask2FormerConfig.from_variant(
+    config = OffSegConfig.from_variant(
         variant, num_labels=19, offset_initializer_range=0.05, backbone_config={"drop_path_rate": 0.2}
     )
     config.save_pretrained(tmp_path)

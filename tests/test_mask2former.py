@@ -18,6 +18,7 @@ from transformers import (
 
 from offseg_hf import (
     MaskOffsetLearning,
+    OffSegConfig,
     OffSegImageProcessor,
     OffSegMask2FormerConfig,
     OffSegMask2FormerForSemanticSegmentation,
@@ -35,7 +36,7 @@ LABELS = {0: "wall", 1: "floor", 2: "sky", 3: "tree"}
 
 
 def tiny_config(variant: str = OFFSET, **overrides) -> OffSegMask2FormerConfig:
-    return OffSegMask2FormerConfig.from_variant(variant, **{**TINY, **overrides})
+    return OffSegConfig.from_variant(variant, **{**TINY, **overrides})
 
 
 def tiny_model(variant: str = OFFSET, seed: int = 0, **overrides) -> OffSegMask2FormerForSemanticSegmentation:

@@ -104,9 +104,8 @@ def test_saved_model_family_reads_the_config_alone(tmp_path):
 
     OffSegConfig.from_variant("segnext-t-offset", num_labels=3).save_pretrained(tmp_path)
     assert saved_model_family(str(tmp_path)) == "lightham"
-    from offseg_hf import OffSegMask2FormerConfig
 
-    OffSegMask2FormerConfig.from_variant("mask2former-swin-t", num_labels=3).save_pretrained(tmp_path / "m2f")
+    OffSegConfig.from_variant("mask2former-swin-t", num_labels=3).save_pretrained(tmp_path / "m2f")
     assert saved_model_family(str(tmp_path / "m2f")) == "mask2former"
     assert saved_model_family(str(tmp_path / "missing")) is None
 

@@ -71,23 +71,18 @@ class OffSegMask2FormerConfig(Mask2FormerConfig):
         if self.id2label is not None and self.label2id is None:
             self.label2id = {label: index for index, label in self.id2label.items()}
 
-    @staticmethod
-    def variant_names() -> list[str]:
-        return sorted(MASK2FORMER_VARIANTS)
 
-    @classmethod
-    def from_variant(cls, name: str, **overrides) -> OffSegMask2FormerConfig:
-        """The config of a named preset (`mask2former-swin-t-offset`, `mask2former-swin-t`); keyword overrides
-        replace preset values, a `backbone_config` dict is merged into the preset's."""
-        if name not in MASK2FORMER_VARIANTS:
-            raise ValueError(f"Unknown Mask2Former variant {name!r}. Known variants: {', '.join(cls.variant_names())}.")
-        values = copy.deepcopy(MASK2FORMER_VARIANTS[name])
-        values["backbone_config"].update(overrides.pop("backbone_config", None) or {})
-        values.update(overrides)
-        if "id2label" in values and "num_labels" not in overrides:
-            values["num_labels"] = len(values["id2label"])
-        values.setdefault("num_labels", 150)
-        return cls(**values)
+def mask2former_preset_config(name: str, **overrides) -> OffSegMask2FormerConfig:
+    """The config of a Mask2Former preset (`mask2former-swin-t-offset`, `mask2former-swin-t`), for
+    `OffSegConfig.from_variant`, the one door to every preset's config: keyword overrides replace preset values, a
+    `backbone_config` dict is merged into the preset's."""
+    values = copy.deepcopy(MASK2FORMER_VARIANTS[name])
+    values["backbone_config"].update(overrides.pop("backbone_config", None) or {})
+    values.update(overrides)
+    if "id2label" in values and "num_labels" not in overrides:
+        values["num_labels"] = len(values["id2label"])
+    values.setdefault("num_labels", 150)
+    return OffSegMask2FormerConfig(**values)
 
 
-__all__ = ["MASK2FORMER_PAPER_FIGURES", "MASK2FORMER_VARIANTS", "OffSegMask2FormerConfig"]
+__all__ = ["MASK2FORMER_PAPER_FIGURES", "MASK2FORMER_VARIANTS", "OffSegMask2FormerConfig", "mask2former_preset_config"]

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from .configuration_mask2former import MASK2FORMER_VARIANTS, OffSegMask2FormerConfig
+from .configuration_mask2former import MASK2FORMER_VARIANTS, OffSegMask2FormerConfig, mask2former_preset_config
 from .configuration_mscan import MSCANConfig
 
 # How the LightHam head's NMF starts in evaluation (see `decode_head_lightham`): bases from a fixed seed, or drawn
@@ -325,7 +325,7 @@ class OffSegConfig(PreTrainedConfig):
         `encoder_config` or `decode_head_config` dict is merged into the preset's values rather than replacing them.
         """
         if name in MASK2FORMER_VARIANTS:
-            return OffSegMask2FormerConfig.from_variant(name, **overrides)
+            return mask2former_preset_config(name, **overrides)
         if name not in VARIANTS:
             raise ValueError(unknown_variant_message(name))
         values = copy.deepcopy(VARIANTS[name])
