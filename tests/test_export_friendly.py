@@ -4,12 +4,21 @@ computes what eager does at sizes other than the traced one (even and odd, FreqF
 The whole model exports the same way (about a minute on two cores, too slow for the suite); these exports of its
 parts take seconds and cover what used to block it: CARAFE's loops, FreqFusion's size branch and size-built
 tensors, and the attention-bias resize and cache of the backbone.
+
+`export_friendly(model)` gives the export forms of transformers' modules to `model`'s instances only: another model
+of the same architecture, run meanwhile in another thread, runs transformers' classes with its usual values.
 """
+
+import threading
 
 import pytest
 import torch
 from torch.export import Dim
 
+from offseg_hf.export.mask2former import TRACEABLE_PIXEL_DECODER
+from offseg_hf.export.onnx import export_friendly
+from offseg_hf.export.segformer import CHANNELS_FIRST_MIX_FFN, ChannelsFirstMixFFN, channels_first_mix_ffn
+from offseg_hf.export.swin import BRANCH_FREE_SWIN
 from offseg_hf.models.backbone_efficientformer_v2 import EfficientFormerV2Backbone, _resized_bias
 from offseg_hf.models.freqfusion import FreqFusion, carafe
 
@@ -121,3 +130,100 @@ def test_export_friendly_model_keeps_the_reference_logits(case):
         with torch.no_grad():
             logits = model(input_pixels().to(dtype)).logits
         torch.testing.assert_close(logits, reference[f"{case}:{tag}"], rtol=0, atol=tolerance)
+
+
+# --- The export forms of transformers' modules are given to the exported model only ---
+
+EXPORT_FORMS = {**BRANCH_FREE_SWIN, **TRACEABLE_PIXEL_DECODER, **CHANNELS_FIRST_MIX_FFN}
+
+
+def _two_models(family: str):
+    from .conftest import build_model
+    from .test_mask2former import tiny_model
+
+    if family == "segformer":
+        return build_model("segformer"), build_model("segformer")
+    return tiny_model(), tiny_model()
+
+
+def _classes(model: torch.nn.Module) -> list[type]:
+    return [type(module) for module in model.modules()]
+
+
+def _state_of_the_libraries() -> dict:
+    """What a global patch would change: the `torch` functions the Mask2Former export needs in a traceable form, and
+    the attributes of every transformers class that has an export form."""
+    return {
+        "torch": (torch.linspace, torch.as_tensor),
+        **{original.__qualname__: dict(vars(original)) for original in EXPORT_FORMS},
+    }
+
+
+@pytest.mark.parametrize("family", ["mask2former", "segformer"])
+def test_export_friendly_changes_the_exported_instance_only(family):
+    """Inside `export_friendly(model_a)`, model_a's transformers modules run their export forms while model_b, the
+    same architecture, runs transformers' classes, also in another thread, with its usual logits; neither torch nor
+    the transformers classes change; model_a gets its classes back on exit, also when the block raises."""
+    model_a, model_b = _two_models(family)
+    originals_a, originals_b = _classes(model_a), _classes(model_b)
+    swapped = {original for original in EXPORT_FORMS if original in originals_a}
+    assert swapped  # this family has modules with export forms
+    libraries = _state_of_the_libraries()
+    attention_b = model_b.config._attn_implementation
+    pixel_values = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected_b = model_b(pixel_values=pixel_values).logits
+
+    ran_in_b: set[type] = set()
+    hooks = [module.register_forward_pre_hook(lambda m, _: ran_in_b.add(type(m))) for module in model_b.modules()]
+    results = {}
+
+    def run_b():
+        with torch.no_grad():
+            results["b"] = model_b(pixel_values=pixel_values).logits
+
+    with export_friendly(model_a):
+        forms_a = _classes(model_a)
+        assert forms_a == [EXPORT_FORMS.get(cls, cls) for cls in originals_a]
+        assert {EXPORT_FORMS[original] for original in swapped} <= set(forms_a)
+        assert not swapped & set(forms_a)
+        assert _classes(model_b) == originals_b and model_b.config._attn_implementation == attention_b
+        thread = threading.Thread(target=run_b)
+        thread.start()
+        thread.join()
+        assert _state_of_the_libraries() == libraries
+    for hook in hooks:
+        hook.remove()
+    assert swapped <= ran_in_b and not ran_in_b & set(EXPORT_FORMS.values())
+    assert torch.equal(results["b"], expected_b)
+    assert _classes(model_a) == originals_a
+
+    with pytest.raises(RuntimeError, match="inside the block"), export_friendly(model_a):
+        assert _classes(model_a) != originals_a
+        raise RuntimeError("inside the block")
+    assert _classes(model_a) == originals_a
+    assert _state_of_the_libraries() == libraries
+
+
+def test_export_forms_are_given_to_exact_classes_only():
+    """A subclass of a transformers module keeps its own class (the export form would drop its overrides), and a
+    form that does not subclass the class it stands in for is refused."""
+    from transformers.models.segformer.modeling_segformer import SegformerMixMLP
+
+    from offseg_hf.export.swin import swapped_classes
+
+    from .conftest import build_model
+
+    class OwnMixFFN(SegformerMixMLP):
+        pass
+
+    model = build_model("segformer")
+    mix_ffns = [module for module in model.modules() if type(module) is SegformerMixMLP]
+    mix_ffns[0].__class__ = OwnMixFFN
+    with channels_first_mix_ffn(model):
+        assert type(mix_ffns[0]) is OwnMixFFN
+        assert all(type(module) is ChannelsFirstMixFFN for module in mix_ffns[1:])
+    assert type(mix_ffns[0]) is OwnMixFFN and all(type(module) is SegformerMixMLP for module in mix_ffns[1:])
+    with pytest.raises(TypeError, match="Linear must subclass SegformerMixMLP"):
+        with swapped_classes(model, {SegformerMixMLP: torch.nn.Linear}):
+            pass

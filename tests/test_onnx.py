@@ -120,19 +120,21 @@ def test_convolutions_without_bias_let_runtime_fold_their_batchnorm(exported, tm
 def test_channels_first_mix_ffn_keeps_the_values_and_the_exported_graph_has_no_wide_transpose(exported):
     """SegFormer's Mix-FFN in its export form gives the eager logits (up to rounding), is undone on exit, and the
     exported graph transposes only C-channel token maps, never the 4C-wide hidden map."""
-    from transformers.models.segformer import modeling_segformer
+    from transformers.models.segformer.modeling_segformer import SegformerMixMLP
 
-    from offseg_hf.export.segformer import channels_first_mix_ffn
+    from offseg_hf.export.segformer import ChannelsFirstMixFFN, channels_first_mix_ffn
 
     model, path = exported("segformer")
     pixel_values = torch.randn(2, 3, 83, 129, generator=torch.Generator().manual_seed(0))
-    original = modeling_segformer.SegformerMixMLP.forward
+    mix_ffns = [module for module in model.modules() if type(module) is SegformerMixMLP]
+    original = SegformerMixMLP.forward
     with torch.no_grad():
         expected = model(pixel_values=pixel_values).logits
-        with channels_first_mix_ffn():
-            assert modeling_segformer.SegformerMixMLP.forward is not original
+        with channels_first_mix_ffn(model):
+            assert mix_ffns and all(type(module) is ChannelsFirstMixFFN for module in mix_ffns)
             actual = model(pixel_values=pixel_values).logits
-    assert modeling_segformer.SegformerMixMLP.forward is original
+    assert all(type(module) is SegformerMixMLP for module in mix_ffns)
+    assert SegformerMixMLP.forward is original  # the class itself never changes
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
 
     encoder = model.config.encoder_config
@@ -154,8 +156,8 @@ MASK2FORMER_SIZES = ((128, 128), (120, 160), (99, 131))  # square, non-square, o
 @pytest.mark.slow
 def test_mask2former_exports_with_dynamic_batch_height_and_width(tmp_path):
     """Mask2Former-offset (tiny Swin/decoder) at three sizes and batch 1 and 2, none the example's: semantic logits at
-    the input size within the tolerance (the mask predictor counts its calls within a pass, so the traced pass must
-    still give the evaluation logits); the minimum size is in the metadata and the segmenter enforces it."""
+    the input size within the tolerance (the traced pass is the evaluation pass, intermediate masks at the attention
+    size included); the minimum size is in the metadata and the segmenter enforces it."""
     from .test_mask2former import tiny_model
 
     model = tiny_model(backbone_config=SMALL_WINDOW_SWIN)
@@ -174,25 +176,31 @@ def test_mask2former_exports_with_dynamic_batch_height_and_width(tmp_path):
     for batch in (1, 2):
         differences = compare_with_pytorch(model, path, MASK2FORMER_SIZES, batch=batch, seed=batch)
         assert max(differences.values()) < TOLERANCE, differences
-    assert model.model.transformer_module.decoder.mask_predictor.calls == 0  # the pass state was reset
     with pytest.raises(ValueError, match="at least 97x97 pixels; got 96x200"):
         OnnxSegmenter(path).logits(np.zeros((1, 3, 96, 200), dtype=np.float32))
 
 
-def test_branch_free_swin_keeps_the_values():
-    """The export-time Swin (branch-free padding) gives bitwise the eager logits at sizes that pad in every way."""
+def test_mask2former_export_forms_keep_the_values():
+    """The export-time Swin (branch-free padding) and pixel decoder (symbolic level sizes) give bitwise the eager
+    logits at sizes that pad in every way, and are undone on exit."""
+    from offseg_hf.export.mask2former import TRACEABLE_PIXEL_DECODER, traceable_pixel_decoder
     from offseg_hf.export.onnx import SemanticLogits
-    from offseg_hf.export.swin import branch_free_swin
+    from offseg_hf.export.swin import BRANCH_FREE_SWIN, branch_free_swin
 
     from .test_mask2former import tiny_model
 
     wrapper = SemanticLogits(tiny_model(backbone_config=SMALL_WINDOW_SWIN))
+    forms = {**BRANCH_FREE_SWIN, **TRACEABLE_PIXEL_DECODER}
+    classes = [type(module) for module in wrapper.modules()]
+    assert set(forms) <= set(classes)
     for size in ((99, 131), (64, 64)):
         pixel_values = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             expected = wrapper(pixel_values)
-            with branch_free_swin():
+            with branch_free_swin(wrapper), traceable_pixel_decoder(wrapper):
+                assert [type(module) for module in wrapper.modules()] == [forms.get(cls, cls) for cls in classes]
                 assert torch.equal(wrapper(pixel_values), expected)
+        assert [type(module) for module in wrapper.modules()] == classes
 
 
 def test_static_export_takes_its_example_size_only(tmp_path):
@@ -320,31 +328,45 @@ def test_cli_needs_random_init_with_a_variant(capsys):
     assert "--random_init" in capsys.readouterr().err
 
 
-# --- The export-time switches (Mask2Former's needs, checked on small graphs) ---
+# --- The export forms (Mask2Former's needs, checked on small graphs) ---
 
 
-class Grid(torch.nn.Module):
-    """Reference points as transformers' Mask2Former pixel decoder builds them: linspace over a feature size."""
+class ReferencePoints(torch.nn.Module):
+    """Mask2Former's pixel-decoder reference points for two levels of a map's size, with the export form's
+    `get_reference_points` (`TraceablePixelDecoderEncoder`) or transformers' own."""
+
+    def __init__(self, encoder_class):
+        super().__init__()
+        self.encoder_class = encoder_class
 
     def forward(self, x):
         height, width = x.shape[-2:]
-        ys = torch.linspace(0.5, height - 0.5, height, dtype=x.dtype)
-        xs = torch.linspace(0.5, width - 0.5, width, dtype=x.dtype)
-        return ys[:, None] / height + xs[None, :] / width + x.sum() * 0
+        valid_ratios = torch.ones(x.shape[0], 2, 2, dtype=x.dtype) + x.sum() * 0
+        levels = [(height, width), (width, height)]
+        return self.encoder_class.get_reference_points(levels, valid_ratios, device=x.device)
 
 
-def test_linspace_with_a_symbolic_step_count_stays_dynamic(tmp_path):
-    grid = Grid()
-    path = tmp_path / "grid.onnx"
-    with offseg_onnx.export_friendly(torch.nn.Linear(1, 1)):
-        dim = torch.export.Dim.DYNAMIC
-        program = torch.onnx.export(
-            grid, (torch.zeros(2, 3, 7, 11),), dynamo=True, dynamic_shapes=({0: dim, 2: dim, 3: dim},)
-        )
+def test_reference_points_with_symbolic_level_sizes_stay_dynamic(tmp_path):
+    """The linspace of the export form's reference points keeps a symbolic step count: one graph gives transformers'
+    reference points (torch.linspace's) at every size, a step count of 1 included; `torch.linspace` is untouched."""
+    from transformers.models.mask2former.modeling_mask2former import Mask2FormerPixelDecoderEncoderOnly
+
+    from offseg_hf.export.mask2former import TraceablePixelDecoderEncoder
+
+    linspace = torch.linspace
+    path = tmp_path / "reference_points.onnx"
+    dim = torch.export.Dim.DYNAMIC
+    program = torch.onnx.export(
+        ReferencePoints(TraceablePixelDecoderEncoder).eval(),
+        (torch.zeros(2, 3, 7, 11),),
+        dynamo=True,
+        dynamic_shapes=({0: dim, 2: dim, 3: dim},),
+    )
     program.save(str(path))
-    assert torch.linspace is offseg_onnx._torch_linspace  # restored
+    assert torch.linspace is linspace
     session = offseg_onnx.inference_session(path)
+    reference = ReferencePoints(Mask2FormerPixelDecoderEncoderOnly)
     for height, width in ((7, 11), (5, 13), (1, 4), (16, 16)):
         x = torch.zeros(1, 3, height, width)
         (actual,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-        np.testing.assert_array_equal(actual, grid(x).numpy())
+        np.testing.assert_array_equal(actual, reference(x).numpy())

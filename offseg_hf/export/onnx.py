@@ -19,28 +19,35 @@ post-processing as `pipeline("image-segmentation")` on the model folder: `OffSeg
 size, argmax). Whole-image inference only: sliding-window evaluation
 (`offseg_hf.evaluation.inference.slide_inference`) is not part of the exported graph.
 
-What the exporter needs, done here without touching the models (all undone after the export):
+What the exporter needs (`export_friendly(model)`, all undone after the export). Every change is made on the
+model being exported and on nothing else, so another model, in this thread or another, runs as before while one is
+exported: the project's own modules are set to their export forms on this model's instances
+(`using_form(model, "export")`, see `offseg_hf.models.forms`); where a `transformers` module needs another form, the
+project subclasses it and gives the subclass to that module of this model by assigning the instance's `__class__`
+(`offseg_hf.export.swin.swapped_classes`), and gives the original class back afterwards. Nothing is assigned on the
+`torch` module or on a `torch` or `transformers` class (tests/test_no_global_patches.py checks the package).
 
 * an example batch of 2, so the batch dimension is not specialised to 1;
-* `torch.linspace` with a symbolic number of steps (transformers' Mask2Former pixel decoder builds its reference
-  points with it) is traced as arange arithmetic; the decomposition would otherwise bake the example's step count in;
 * FreqFusion's CARAFE and its resampler's neighbour similarities and bilinear sampling run their gather forms
-  (`offseg_hf.models.freqfusion.gather_formulations`): ONNX Runtime runs them 2-3x faster than the tap loops and
-  GridSample (same values up to float rounding); the fusion keeps its kernels in the gathers' layout throughout
-  (`FreqFusion._fuse_by_gather`: last-axis softmaxes, no pixel shuffles, no full-map crops);
+  (`offseg_hf.models.fast_freqfusion`): ONNX Runtime runs them faster than the tap loops and GridSample (same
+  values up to float rounding); the fusion keeps its kernels in the gathers' layout throughout
+  (`fast_freqfusion.fuse_by_gather`: last-axis softmaxes, no pixel shuffles, no full-map crops);
 * offset learning, under `torch.export`, normalises its class scores along the last axis and does not pad the class
-  rows (`offseg_hf.models.offset_learning`): ORT transposes around a non-last-axis Softmax, and the padding only
-  helps MKL;
+  rows (`offseg_hf.models.fast_offset_learning`): ORT transposes around a non-last-axis Softmax, and the padding
+  only helps MKL;
 * SegFormer's Mix-FFN (MiT encoder) runs channels-first, its two Linear layers as 1x1 convolutions, so its 4C-wide
-  hidden map needs no transpose (`offseg_hf.export.segformer.channels_first_mix_ffn`; same values up to float
-  rounding, 12-15% faster in ONNX Runtime on SegFormer-B0-offset);
+  hidden map needs no transpose (`offseg_hf.export.segformer.ChannelsFirstMixFFN`, swapped in by
+  `channels_first_mix_ffn(model)`; same values up to float rounding, faster in ONNX Runtime, see docs/export.md);
 * Mask2Former's Swin runs eager attention (the sdpa path's decomposition fails on a non-contiguous view);
-* Mask2Former: transformers' Swin pads without branches on the sizes (`offseg_hf.export.swin.branch_free_swin`),
-  `torch.as_tensor` of a list of symbolic sizes (its pixel decoder's level shapes) stays symbolic, and the model
-  is captured by `torch.export` directly (the ONNX exporter's own capture assumes sizes of at least 2 and fails on
-  the pixel decoder). The graph holds for inputs of at least `minimum_input_size(model)` pixels a side (225 for
-  Swin-T: its last stage must be wider than one 7x7 window, where Swin would narrow the window instead), written
-  to the file's metadata as `min_input_size`; the export refuses a smaller example.
+* Mask2Former: transformers' Swin pads without branches on the sizes (`offseg_hf.export.swin`, swapped in by
+  `branch_free_swin(model)`), which would otherwise tie the graph to the example's sizes; its pixel decoder builds
+  its reference points (a linspace over each level's size) and its level start indices (a tensor of the level
+  sizes) with arithmetic that keeps the sizes symbolic (`offseg_hf.export.mask2former`, swapped in by
+  `traceable_pixel_decoder(model)`), where `torch.linspace` and `torch.as_tensor` would bake the example's sizes in;
+  and the model is captured by `torch.export` directly (the ONNX exporter's own capture assumes sizes of at least 2
+  and fails on the pixel decoder). The graph holds for inputs of at least `minimum_input_size(model)` pixels a side
+  (225 for Swin-T: its last stage must be wider than one 7x7 window, where Swin would narrow the window instead),
+  written to the file's metadata as `min_input_size`; the export refuses a smaller example.
 """
 
 from __future__ import annotations
@@ -60,8 +67,9 @@ import torch
 from torch import nn
 
 from ..models.configuration_offseg import OffSegConfig, unknown_variant_message
-from ..models.freqfusion import gather_formulations
+from ..models.forms import using_form
 from ..models.local_paths import missing_folder_message
+from .mask2former import traceable_pixel_decoder
 from .segformer import channels_first_mix_ffn
 from .swin import branch_free_swin
 
@@ -110,48 +118,6 @@ class SemanticLogits(nn.Module):
         return self.model(pixel_values=pixel_values).logits
 
 
-_torch_linspace = torch.linspace
-
-
-def _traceable_linspace(start, end, steps, *args, **kwargs):
-    """`torch.linspace` for a symbolic `steps` (else torch's own), with its kernel's arithmetic: the first half
-    counts up from `start`, the second half down from `end`, in steps of (end - start) / (steps - 1)."""
-    if not isinstance(steps, torch.SymInt) or args or kwargs.get("out") is not None:
-        return _torch_linspace(start, end, steps, *args, **kwargs)
-    dtype = kwargs.get("dtype") or torch.get_default_dtype()
-    device = kwargs.get("device")
-    index = torch.arange(steps, dtype=dtype, device=device)
-    step = (end - start) / torch.sym_max(steps - 1, 1)
-    ascending = index * step + start
-    descending = end - (steps - 1 - index) * step
-    values = torch.where(index < steps // 2, ascending, descending)
-    return values.requires_grad_(kwargs.get("requires_grad", False))
-
-
-_torch_as_tensor = torch.as_tensor
-
-
-def _holds_symbolic_size(data) -> bool:
-    if isinstance(data, (list, tuple)):
-        return any(_holds_symbolic_size(item) for item in data)
-    return isinstance(data, torch.SymInt)
-
-
-def _stacked(data, dtype, device) -> torch.Tensor:
-    if isinstance(data, (list, tuple)):
-        return torch.stack([_stacked(item, dtype, device) for item in data])
-    return torch.full((), data, dtype=dtype, device=device)
-
-
-def _traceable_as_tensor(data, *args, **kwargs):
-    """`torch.as_tensor` of (nested) lists holding symbolic sizes as a stack of scalar tensors, which stay symbolic
-    (else torch's own): transformers' Mask2Former pixel decoder turns its list of level sizes into a tensor, which
-    would otherwise bake the example's sizes into the graph."""
-    if args or not _holds_symbolic_size(data):
-        return _torch_as_tensor(data, *args, **kwargs)
-    return _stacked(data, kwargs.get("dtype") or torch.long, kwargs.get("device"))
-
-
 def _is_mask2former(model: nn.Module) -> bool:
     return _mask_predictor(model) is not None
 
@@ -170,19 +136,24 @@ def minimum_input_size(model: nn.Module) -> int | None:
 
 @contextlib.contextmanager
 def export_friendly(model: nn.Module) -> Iterator[None]:
-    """The export-time switches listed in the module docstring; everything is restored on exit."""
+    """The export-time forms listed in the module docstring, on `model` only; everything is restored on exit, also
+    after an exception. Neither `torch` nor `transformers` is modified: another model, in this thread or another,
+    runs as before."""
     attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
     switch_attention = _is_mask2former(model) and attention not in (None, "eager")
     training = model.training
-    torch.linspace, torch.as_tensor = _traceable_linspace, _traceable_as_tensor
     try:
         if switch_attention:
             model.set_attn_implementation("eager")
         model.eval()
-        with gather_formulations(), branch_free_swin(), channels_first_mix_ffn():
+        with (
+            using_form(model, "export"),
+            branch_free_swin(model),
+            traceable_pixel_decoder(model),
+            channels_first_mix_ffn(model),
+        ):
             yield
     finally:
-        torch.linspace, torch.as_tensor = _torch_linspace, _torch_as_tensor
         if switch_attention:
             model.set_attn_implementation(attention)
         model.train(training)
