@@ -455,3 +455,9 @@ def test_remote_code_pipeline_without_the_package(saved_folder, tmp_path):
     with torch.no_grad():
         expected = model(pixel_values).logits
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=0, atol=1e-6)
+
+
+def test_forward_refuses_keyword_arguments_it_does_not_take():
+    model = OffSegMask2FormerForSemanticSegmentation(tiny_config()).eval()
+    with pytest.raises(TypeError, match="output_hidden_state"):
+        model(torch.randn(1, 3, 64, 64), output_hidden_state=True)

@@ -233,3 +233,11 @@ def test_randomized_norms_fixture_is_effective(tiny_model):
     with torch.no_grad():
         images = torch.randn(1, 3, 32, 32)
         assert not torch.allclose(fresh(images).logits, tiny_model(images).logits)
+
+
+def test_forward_refuses_keyword_arguments_it_does_not_take(tiny_model):
+    """transformers 5 models name what they take; an unknown keyword is a TypeError, not silently dropped."""
+    with pytest.raises(TypeError, match="output_hidden_state"):
+        tiny_model(torch.randn(1, 3, 32, 32), output_hidden_state=True)  # a typo of output_hidden_states
+    with pytest.raises(TypeError, match="pixel_mask"):
+        tiny_model.offseg(torch.randn(1, 3, 32, 32), pixel_mask=None)

@@ -181,7 +181,7 @@ class EfficientFormerV2Backbone(nn.Module):
                     module.eval()
         return self
 
-    def forward(self, pixel_values: torch.Tensor, output_attentions: bool = False, **kwargs) -> EncoderOutput:
+    def forward(self, pixel_values: torch.Tensor, output_attentions: bool = False) -> EncoderOutput:
         if output_attentions:
             raise no_attentions_error("EfficientFormerV2")
         # Channels-last throughout: oneDNN's depthwise convolutions and ATen's bilinear upsampling are faster on it

@@ -44,7 +44,7 @@ class MixTransformerEncoder(SegformerModel):
     def channels(self) -> list[int]:
         return list(self.config.hidden_sizes)
 
-    def forward(self, pixel_values: torch.Tensor, output_attentions: bool = False, **kwargs) -> EncoderOutput:
+    def forward(self, pixel_values: torch.Tensor, output_attentions: bool = False) -> EncoderOutput:
         if output_attentions and self.config._attn_implementation != "eager":
             # Fused attention kernels never form the weights; returning an empty tuple would look like success.
             raise ValueError(

@@ -226,7 +226,7 @@ class MSCANEncoder(nn.Module):
                     module.eval()
         return self
 
-    def forward(self, pixel_values: torch.Tensor, output_attentions: bool = False, **kwargs) -> EncoderOutput:
+    def forward(self, pixel_values: torch.Tensor, output_attentions: bool = False) -> EncoderOutput:
         if output_attentions:
             raise no_attentions_error("MSCAN")
         # Channels-last memory throughout: oneDNN's depthwise and strip convolutions and the decoder's bilinear

@@ -24,7 +24,14 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import initialization as init
 
-from . import fast_freqfusion
+from .fast_freqfusion import carafe as fast_carafe
+from .fast_freqfusion import (
+    check_carafe_masks,
+    fuse_by_gather,
+    grid_sample_by_gather,
+    neighbour_dots,
+    neighbour_dots_by_gather,
+)
 from .forms import HasForms
 from .layers import initialise_with
 
@@ -41,7 +48,7 @@ def carafe(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, scale_
     Returns:
         (B, C, s*h, s*w).
     """
-    fast_freqfusion.check_carafe_masks(features, masks, kernel_size, scale_factor)
+    check_carafe_masks(features, masks, kernel_size, scale_factor)
     batch_size, channels, height, width = features.shape
     k, s = kernel_size, scale_factor
     # Every input pixel's k x k neighbourhood (zero outside the map), tap index a * k + b: (B, C, k*k, h, w).
@@ -60,9 +67,9 @@ def neighbour_cosine_similarity(x: torch.Tensor, window: int = 3, dilation: int 
     # Sum of squares over the channel dim of NCHW, rather than `norm(dim=1)`, which reduces slowly over a strided dim.
     unit = x / x.square().sum(dim=1, keepdim=True).sqrt().clamp_min(1e-8)  # (B, C, H, W)
     if form == "export":
-        return fast_freqfusion.neighbour_dots_by_gather(unit, window, dilation)
+        return neighbour_dots_by_gather(unit, window, dilation)
     if form == "fast":
-        return fast_freqfusion.neighbour_dots(unit, window, dilation)
+        return neighbour_dots(unit, window, dilation)
     batch_size, channels, height, width = unit.shape
     taps = window * window
     neighbours = F.unfold(unit, window, dilation=dilation, padding=dilation * (window // 2))
@@ -161,7 +168,7 @@ class SimilarityGuidedResampler(HasForms, nn.Module):
             grid = grid.narrow(1, 0, size[0]).narrow(2, 0, size[1])  # (B*G, h, w, 2)
         if self.form == "export":
             rows = x if channels_last else x.permute(0, 2, 3, 1)
-            return fast_freqfusion.grid_sample_by_gather(rows, grid, groups).permute(0, 3, 1, 2)
+            return grid_sample_by_gather(rows, grid, groups).permute(0, 3, 1, 2)
         if channels_last:
             x = x.permute(0, 3, 1, 2)
         grouped = x.reshape(batch_size * groups, -1, s * height, s * width)
@@ -207,7 +214,7 @@ class FreqFusion(HasForms, nn.Module):
         hr_feat = F.pad(hr_feat, (0, 2 * lr_w - width, 0, 2 * lr_h - height), mode="replicate")
 
         if self.form == "export":
-            return fast_freqfusion.fuse_by_gather(self, hr_feat, lr_feat, (height, width))
+            return fuse_by_gather(self, hr_feat, lr_feat, (height, width))
         hr_out, lr_out = self._fuse(hr_feat, lr_feat)
         return _crop(hr_out, height, width), _crop(lr_out, height, width)
 
@@ -241,7 +248,7 @@ class FreqFusion(HasForms, nn.Module):
         """`carafe` in this module's form (the export form never comes here: `fuse_by_gather` has its own)."""
         if self.form == "reference":
             return carafe(features, masks, kernel_size, scale_factor)
-        return fast_freqfusion.carafe(features, masks, kernel_size, scale_factor)
+        return fast_carafe(features, masks, kernel_size, scale_factor)
 
 
 def _crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:

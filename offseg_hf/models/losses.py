@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from . import fast_losses
+from .fast_losses import banded_cross_entropy
 
 
 def upsampled_cross_entropy(
@@ -17,6 +17,6 @@ def upsampled_cross_entropy(
     (B, H, W), over the pixels not labelled `ignore_index` (nan if there are none). `form="fast"` runs
     `fast_losses.banded_cross_entropy` (not under torch.compile, which fuses the plain formula itself)."""
     if form != "reference" and not torch.compiler.is_compiling():
-        return fast_losses.banded_cross_entropy(logits, labels, ignore_index)
+        return banded_cross_entropy(logits, labels, ignore_index)
     upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
     return F.cross_entropy(upsampled, labels, ignore_index=ignore_index)

@@ -261,7 +261,6 @@ class OffSegMask2FormerForSemanticSegmentation(Mask2FormerForUniversalSegmentati
         output_auxiliary_logits: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> OffSegMask2FormerOutput | tuple:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import initialization as init
 
-from . import fast_offset_learning
+from .fast_offset_learning import mask_offset_learning, offset_learning
 from .forms import HasForms
 from .layers import initialise_with
 
@@ -107,7 +107,7 @@ class OffsetLearning(HasForms, nn.Module):
         the output only.
         """
         if self.form != "reference":
-            return fast_offset_learning.offset_learning(self, features, output_class_attention)
+            return offset_learning(self, features, output_class_attention)
         height, width = features.shape[-2:]
         pixels = self._flatten(features).transpose(1, 2)  # E: (B, HW, C)
         classes = self.class_embeddings  # W: (K, C)
@@ -175,9 +175,7 @@ class MaskOffsetLearning(HasForms, nn.Module):
         masks).
         """
         if self.form != "reference":
-            return fast_offset_learning.mask_offset_learning(
-                self, mask_embeddings, mask_features, size, resized_features
-            )
+            return mask_offset_learning(self, mask_embeddings, mask_features, size, resized_features)
         height, width = mask_features.shape[-2:]
         features = mask_features.flatten(2).transpose(1, 2)  # F: (B, HW, C)
         coupled_attention = torch.matmul(mask_embeddings, features.transpose(1, 2))  # A = q F^T: (B, Q, HW)
