@@ -210,7 +210,7 @@ def test_export_forms_are_given_to_exact_classes_only():
     form that does not subclass the class it stands in for is refused."""
     from transformers.models.segformer.modeling_segformer import SegformerMixMLP
 
-    from offseg_hf.export.swin import swapped_classes
+    from offseg_hf.export.subclasses import swapped_classes
 
     from .conftest import build_model
 

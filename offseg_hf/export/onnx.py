@@ -24,8 +24,8 @@ model being exported and on nothing else, so another model, in this thread or an
 exported: the project's own modules are set to their export forms on this model's instances
 (`using_form(model, "export")`, see `offseg_hf.models.forms`); where a `transformers` module needs another form, the
 project subclasses it and gives the subclass to that module of this model by assigning the instance's `__class__`
-(`offseg_hf.export.swin.swapped_classes`), and gives the original class back afterwards. Nothing is assigned on the
-`torch` module or on a `torch` or `transformers` class (tests/test_no_global_patches.py checks the package).
+(`offseg_hf.export.subclasses.swapped_classes`), and gives the original class back afterwards. Nothing is assigned on
+the `torch` module or on a `torch` or `transformers` class (tests/test_no_global_patches.py checks the package).
 
 * an example batch of 2, so the batch dimension is not specialised to 1;
 * FreqFusion's CARAFE and its resampler's neighbour similarities and bilinear sampling run their gather forms

@@ -13,7 +13,7 @@ transpose, and the C-channel result goes back to (B, N, C). ONNX Runtime runs th
 PyTorch keeps transformers' forward: this form is not faster there.
 
 `channels_first_mix_ffn(model)` gives the Mix-FFNs of `model`, and of no other model, this class for the duration of
-a block (`offseg_hf.export.swin.swapped_classes`); `SegformerMixMLP` itself is never modified.
+a block (`offseg_hf.export.subclasses.swapped_classes`); `SegformerMixMLP` itself is never modified.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.models.segformer import modeling_segformer as segformer
 
-from .swin import swapped_classes
+from .subclasses import swapped_classes
 
 
 class ChannelsFirstMixFFN(segformer.SegformerMixMLP):

@@ -1,5 +1,4 @@
-"""Branch-free padding for transformers' Swin, so Mask2Former exports with symbolic height and width; and
-`swapped_classes`, how every export form of a `transformers` module is put on the model being exported.
+"""Branch-free padding for transformers' Swin, so Mask2Former exports with symbolic height and width.
 
 transformers' Swin pads with Python branches on the sizes (`if width % patch != 0`, `if height % 2 == 1`,
 `if pad_right > 0 ...`) and writes the padded window sizes as `(window - h % window) % window`. Traced with symbolic
@@ -20,37 +19,14 @@ assigned on the `torch` module, would change every model in the process, includi
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers.models.swin import modeling_swin as swin
 
-
-@contextlib.contextmanager
-def swapped_classes(model: nn.Module, forms: Mapping[type[nn.Module], type[nn.Module]]) -> Iterator[nn.Module]:
-    """Within the block, every submodule of `model` whose class is exactly a key of `forms` has the class it maps to
-    (a subclass of it, with the same attributes); each gets its own class back on exit, also after an exception.
-
-    Only these instances change. Exact classes, not `isinstance`: a subclass of a `transformers` module has
-    overrides of its own, which the export form would silently drop. Entering twice for one model is harmless: the
-    inner block finds nothing left to swap."""
-    for original, form in forms.items():
-        if not issubclass(form, original):
-            raise TypeError(f"{form.__name__} must subclass {original.__name__}, the class it stands in for.")
-    swapped: list[tuple[nn.Module, type[nn.Module]]] = []
-    try:
-        for module in model.modules():
-            form = forms.get(type(module))
-            if form is not None:
-                swapped.append((module, type(module)))
-                module.__class__ = form
-        yield model
-    finally:
-        for module, original in reversed(swapped):
-            module.__class__ = original
+from .subclasses import swapped_classes
 
 
 def _round_up(size, multiple: int):
@@ -105,7 +81,7 @@ BRANCH_FREE_SWIN: dict[type[nn.Module], type[nn.Module]] = {
 }
 
 
-def branch_free_swin(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
+def branch_free_swin(model: nn.Module) -> AbstractContextManager[nn.Module]:
     """Within the block, the Swin modules of `model` pad without branches on the sizes (module docstring); their
     classes are restored on exit. Other models, and `transformers`' classes, are unaffected."""
     return swapped_classes(model, BRANCH_FREE_SWIN)
@@ -117,5 +93,4 @@ __all__ = [
     "BranchFreeSwinPatchEmbeddings",
     "BranchFreeSwinPatchMerging",
     "branch_free_swin",
-    "swapped_classes",
 ]
