@@ -229,3 +229,14 @@ def print_table(columns: list[str], rows: list[list[str]]) -> None:
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in rows:
         print(line(row))
+
+
+# The presets whose speed the docs quote: OffSeg-T/B/L and one of each other family.
+FAMILY_PRESETS = (
+    "offseg-t",
+    "offseg-b",
+    "offseg-l",
+    "segformer-b0-offset",
+    "segnext-t-offset",
+    "mask2former-swin-t-offset",
+)

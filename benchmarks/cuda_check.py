@@ -42,7 +42,7 @@ from unittest import mock
 import timm
 import torch
 import transformers
-from common import HF_SEGFORMER_B0, measure, median, print_table, synchronize
+from common import FAMILY_PRESETS, HF_SEGFORMER_B0, measure, median, print_table, synchronize
 from speed import build, throughput, timed_group
 from torch.nn import functional as F
 from train_step import _worker, random_batches
@@ -54,14 +54,7 @@ from offseg_hf.models.losses import upsampled_cross_entropy
 
 START = time.perf_counter()
 TRAIN_MODELS = ["offseg-t", "segformer-b0-offset"]
-SPEED_MODELS = [
-    "offseg-t",
-    "offseg-b",
-    "offseg-l",
-    "segformer-b0-offset",
-    "segnext-t-offset",
-    "mask2former-swin-t-offset",
-]
+SPEED_MODELS = list(FAMILY_PRESETS)
 COMPILE_MODELS = ["offseg-t", "segformer-b0-offset", "segnext-t-offset"]
 # Tolerances relative to the largest |value| of the reference: float64 (exact up to summation order), float32
 # (rounding), bf16 autocast (both forms round to bf16 in different places).

@@ -37,18 +37,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import HF_SEGFORMER_B0, hf_segformer_b0, machine_line, median, print_table
+from common import FAMILY_PRESETS, HF_SEGFORMER_B0, hf_segformer_b0, machine_line, median, print_table
 
 from offseg_hf import presets
 
-DEFAULT_VARIANTS = (
-    "offseg-t",
-    "offseg-b",
-    "offseg-l",
-    "segformer-b0-offset",
-    "segnext-t-offset",
-    "mask2former-swin-t-offset",
-)
+DEFAULT_VARIANTS = FAMILY_PRESETS
 RUNTIMES = ("eager", "folded", "compile", "onnxruntime", "openvino", "executorch", "executorch-int8")
 
 Runner = Callable[[torch.Tensor], np.ndarray]

@@ -141,3 +141,19 @@ def png_of_size(width: int, height: int) -> bytes:
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def exported(request, tmp_path_factory):
+    """For an export test module: per family, `(model, path)` with the module's `FAMILIES[family]()` exported by its
+    `export_for_test(model, folder)`, built on first use and shared by the module's tests (exports take seconds to
+    minutes)."""
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            model = request.module.FAMILIES[family]()
+            cache[family] = model, request.module.export_for_test(model, tmp_path_factory.mktemp(family))
+        return cache[family]
+
+    return get

@@ -37,20 +37,11 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """Per family, the model (with named classes) and its fp32 program, built on first use."""
-    cache = {}
-
-    def get(family: str):
-        if family not in cache:
-            model = FAMILIES[family]()
-            labels = {i: f"{LABELS.get(i, 'class')}-{i}" for i in range(model.config.num_labels)}
-            model.config.id2label, model.config.label2id = labels, {v: k for k, v in labels.items()}
-            cache[family] = model, export_executorch(model, tmp_path_factory.mktemp(family) / "model.pte", SIZE)
-        return cache[family]
-
-    return get
+def export_for_test(model, folder):
+    """The fp32 program, with named classes, each test of this module shares (the `exported` fixture)."""
+    labels = {i: f"{LABELS.get(i, 'class')}-{i}" for i in range(model.config.num_labels)}
+    model.config.id2label, model.config.label2id = labels, {v: k for k, v in labels.items()}
+    return export_executorch(model, folder / "model.pte", SIZE)
 
 
 def difference(model, segmenter, batch: int = 2, seed: int = 0) -> float:

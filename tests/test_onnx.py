@@ -41,19 +41,9 @@ FAMILIES = {
 FAMILY_PARAMS = [pytest.param(f, marks=pytest.mark.slow) if f == "offseg-t" else f for f in sorted(FAMILIES)]
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """Per family, the model and its dynamic-shape export, built on first use and shared by the module's tests."""
-    cache = {}
-
-    def get(family: str):
-        if family not in cache:
-            model = FAMILIES[family]()
-            path = export_onnx(model, tmp_path_factory.mktemp(family) / "model.onnx", example_size=(128, 160))
-            cache[family] = model, path
-        return cache[family]
-
-    return get
+def export_for_test(model, folder):
+    """The dynamic-shape export each test of this module shares (the `exported` fixture in conftest.py)."""
+    return export_onnx(model, folder / "model.onnx", example_size=(128, 160))
 
 
 @pytest.mark.slow

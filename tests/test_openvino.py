@@ -41,19 +41,9 @@ FAMILIES = {
 FAMILY_PARAMS = [f if f == "segformer" else pytest.param(f, marks=pytest.mark.slow) for f in sorted(FAMILIES)]
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """Per family, the model and its dynamic-shape IR, built on first use and shared by the module's tests."""
-    cache = {}
-
-    def get(family: str):
-        if family not in cache:
-            model = FAMILIES[family]()
-            path = export_openvino(model, tmp_path_factory.mktemp(family) / "model.xml", example_size=(128, 160))
-            cache[family] = model, path
-        return cache[family]
-
-    return get
+def export_for_test(model, folder):
+    """The dynamic-shape IR each test of this module shares (the `exported` fixture in conftest.py)."""
+    return export_openvino(model, folder / "model.xml", example_size=(128, 160))
 
 
 def largest_differences(model, segmenter, sizes, batch: int, seed: int = 0) -> dict:

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from .onnx import SemanticLogits, calibration_batches, export_friendly, minimum_input_size
-from .runtime import RuntimeSegmenter, existing_file
+from .runtime import Labels, RuntimeSegmenter, existing_file
 
 QUANTIZE_MODES = (None, "int8")
 SIDECAR_SUFFIX = ".json"  # model.pte -> model.pte.json
@@ -423,13 +423,7 @@ class ExecuTorchSegmenter(RuntimeSegmenter):
 
     runtime_name = "ExecuTorch"
 
-    def __init__(
-        self,
-        path: str | Path,
-        image_processor=None,
-        id2label: dict[int, str] | None = None,
-        threads: int | None = None,
-    ):
+    def __init__(self, path: str | Path, image_processor=None, id2label: Labels = None, threads: int | None = None):
         _require_executorch()
         from executorch.runtime import Runtime
 

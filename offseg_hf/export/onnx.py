@@ -60,7 +60,6 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -70,6 +69,7 @@ from ..models.configuration_offseg import OffSegConfig, unknown_variant_message
 from ..models.forms import using_form
 from ..models.local_paths import missing_folder_message
 from .mask2former import traceable_pixel_decoder
+from .runtime import Labels, RuntimeSegmenter, load_image_processor
 from .segformer import channels_first_mix_ffn
 from .swin import branch_free_swin
 
@@ -306,17 +306,6 @@ def inference_session(path: str | Path, threads: int | None = None):
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
-def check_pixel_values(pixel_values: np.ndarray, num_channels: int = 3) -> np.ndarray:
-    """Float32 (batch, channels, height, width) or a clear ValueError."""
-    pixel_values = np.asarray(pixel_values)
-    if pixel_values.ndim != 4 or pixel_values.shape[1] != num_channels:
-        raise ValueError(
-            f"pixel_values must have shape (batch, {num_channels}, height, width); got {tuple(pixel_values.shape)}. "
-            "Convert grayscale or RGBA images to RGB first (the image processor does this)."
-        )
-    return np.ascontiguousarray(pixel_values, dtype=np.float32)
-
-
 def compare_with_pytorch(
     model: nn.Module,
     onnx_path: str | Path,
@@ -340,17 +329,7 @@ def compare_with_pytorch(
     return differences
 
 
-def _load_processor(image_processor):
-    from ..models.image_processing_offseg import OffSegImageProcessor
-
-    if image_processor is None:
-        return OffSegImageProcessor()
-    if isinstance(image_processor, (str, Path)):
-        return OffSegImageProcessor.from_pretrained(str(image_processor))
-    return image_processor
-
-
-class OnnxSegmenter:
+class OnnxSegmenter(RuntimeSegmenter):
     """Semantic segmentation with an exported file on ONNX Runtime, pre- and post-processed as
     `pipeline("image-segmentation")` does it (whole image; see the module docstring).
 
@@ -364,89 +343,26 @@ class OnnxSegmenter:
         segments = segmenter.pipeline_output(image)  # [{"label", "score": None, "mask": PIL "L"}], as the pipeline
     """
 
-    def __init__(
-        self,
-        path: str | Path,
-        image_processor=None,
-        id2label: dict[int, str] | None = None,
-        threads: int | None = None,
-        session=None,
-    ):
+    runtime_name = "ONNX"
+
+    def __init__(self, path: str | Path, image_processor=None, id2label: Labels = None, threads=None, session=None):
         path = Path(path)
         if path.is_dir():
             path = path / "model.onnx"
         if not path.is_file() and session is None:
             raise FileNotFoundError(f"No ONNX file at {path}.")
-        self.path = path
-        if image_processor is None and (path.parent / "preprocessor_config.json").is_file():
-            image_processor = path.parent
-        self.image_processor = _load_processor(image_processor)
         self.session = session or inference_session(path, threads)
-        self.id2label = id2label or self._read_id2label()
-        self.minimum_size = int(self.session.get_modelmeta().custom_metadata_map.get(MIN_SIZE_KEY, 0))
+        self.metadata = self.session.get_modelmeta().custom_metadata_map
+        self.minimum_size = int(self.metadata.get(MIN_SIZE_KEY, 0))
+        super().__init__(path, image_processor, id2label)
 
-    def _read_id2label(self) -> dict[int, str] | None:
-        metadata = self.session.get_modelmeta().custom_metadata_map
-        if ID2LABEL_KEY in metadata:
-            return {int(k): v for k, v in json.loads(metadata[ID2LABEL_KEY]).items()}
-        config = self.path.parent / "config.json"
-        if config.is_file():
-            id2label = json.loads(config.read_text()).get("id2label")
-            if id2label:
-                return {int(k): v for k, v in id2label.items()}
-        return None
+    def _stored_id2label(self) -> dict[int, str] | None:
+        if ID2LABEL_KEY not in self.metadata:
+            return None
+        return {int(k): v for k, v in json.loads(self.metadata[ID2LABEL_KEY]).items()}
 
-    def preprocess(self, images) -> np.ndarray:
-        """Images (PIL, numpy, or a list of them) -> float32 pixel values, as the pipeline prepares them."""
-        return self.image_processor(images=images, return_tensors="np")["pixel_values"].astype(np.float32)
-
-    def logits(self, pixel_values: np.ndarray) -> np.ndarray:
-        """The model's logits for prepared pixel values (batch, 3, height, width)."""
-        pixel_values = check_pixel_values(pixel_values)
-        if min(pixel_values.shape[-2:]) < self.minimum_size:
-            raise ValueError(
-                f"This ONNX file holds for inputs of at least {self.minimum_size}x{self.minimum_size} pixels; got "
-                f"{pixel_values.shape[-2]}x{pixel_values.shape[-1]} (resize the image up, as the image processor does)."
-            )
+    def _run(self, pixel_values: np.ndarray) -> np.ndarray:
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: pixel_values})[0]
-
-    def segment(self, image) -> np.ndarray:
-        """The label map (height, width) int64 of one image at its own size."""
-        image = _as_pil(image)
-        logits = self.logits(self.preprocess([image]))
-        outputs = SimpleNamespace(logits=torch.from_numpy(logits))
-        label_map = self.image_processor.post_process_semantic_segmentation(
-            outputs, target_sizes=[(image.height, image.width)]
-        )[0]
-        return label_map.numpy()  # int64, from the processor's (banded) post-processing
-
-    def pipeline_output(self, image) -> list[dict]:
-        """What `pipeline("image-segmentation")` returns for a semantic model: per label present (ascending),
-        {"score": None, "label": name, "mask": PIL image "L" (255 where the label is)}."""
-        from PIL import Image
-
-        label_map = self.segment(image)
-        segments = []
-        for label in np.flatnonzero(np.bincount(label_map.ravel())):  # present labels, ascending, without a sort
-            mask = Image.fromarray((label_map == label).view(np.uint8) * np.uint8(255), mode="L")
-            name = self.id2label[int(label)] if self.id2label else str(int(label))
-            segments.append({"score": None, "label": name, "mask": mask})
-        return segments
-
-    def __call__(self, image, return_masks: bool = False):
-        return self.pipeline_output(image) if return_masks else self.segment(image)
-
-
-def _as_pil(image):
-    from PIL import Image
-
-    if isinstance(image, (str, Path)):
-        from transformers.image_utils import load_image
-
-        return load_image(str(image))
-    if isinstance(image, np.ndarray):
-        return Image.fromarray(image)
-    return image
 
 
 # --- Quantisation ---
@@ -467,7 +383,7 @@ def calibration_batches(image_processor=None, count: int = 8, seed: int = 0) -> 
     """`count` prepared demo-set images (offseg_hf.data.demo) for static quantisation, one per batch."""
     from ..data.demo import make_demo_splits
 
-    processor = _load_processor(image_processor)
+    processor = load_image_processor(image_processor)
     splits = make_demo_splits(seed=seed, num_train=count, num_validation=0)
     train = splits[0]["train"] if isinstance(splits, tuple) else splits["train"]
     images = [train[i]["image"] for i in range(count)]
@@ -624,7 +540,6 @@ __all__ = [
     "OnnxSegmenter",
     "SemanticLogits",
     "calibration_batches",
-    "check_pixel_values",
     "compare_with_pytorch",
     "export_friendly",
     "export_onnx",

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .onnx import INPUT_NAME, OUTPUT_NAME, SemanticLogits, export_friendly, export_onnx, minimum_input_size
-from .runtime import RuntimeSegmenter, existing_file
+from .runtime import Labels, RuntimeSegmenter, existing_file
 
 RT_INFO_SECTION = "offseg"
 
@@ -143,10 +143,10 @@ class OpenVinoSegmenter(RuntimeSegmenter):
         self,
         path: str | Path,
         image_processor=None,
-        id2label: dict[int, str] | None = None,
-        threads: int | None = None,
-        precision: str = "f32",
-        device: str = "CPU",
+        id2label: Labels = None,
+        threads=None,
+        precision="f32",
+        device="CPU",
     ):
         ov = _require_openvino()
         path = existing_file(path, "model.xml", (".xml",), "an OpenVINO IR")

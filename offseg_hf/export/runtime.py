@@ -22,6 +22,9 @@ import torch
 
 from ..models.resize_bands import resize_argmax
 
+# Class names by id, where a caller gives them.
+Labels = dict[int, str] | None
+
 
 def load_image_processor(image_processor=None, beside: Path | None = None):
     """An image processor: the one given, one loaded from a folder, the one saved beside an exported file
