@@ -44,9 +44,8 @@ import torch._inductor.config as inductor_config
 from common import hf_segformer_b0, logits_of, machine_line, print_table
 from torch import nn
 from torch._inductor.graph import GraphLowering
-from torch.nn import functional as F
 
-from offseg_hf.models.fast_freqfusion import carafe_by_taps
+from offseg_hf.models.fast_freqfusion import carafe_by_rows, carafe_by_taps
 from offseg_hf.models.freqfusion import carafe as reference_carafe
 from offseg_hf.presets import model_for_variant
 
@@ -54,36 +53,7 @@ SECTIONS = ("profile", "carafe", "resampler", "model")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# A CARAFE written for inductor.
-
-
-def carafe_by_rows(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, scale_factor: int) -> torch.Tensor:
-    """CARAFE as one sum of k*k products of shifted channel rows and kernel weights, out of place, with the output
-    laid out channels-last: features (B, C, h, w), masks (B, k*k, s*h, s*w) -> (B, C, s*h, s*w) in channels-last
-    memory.
-
-    Written to be compiled, not run eagerly (eagerly every product is a fresh full-size tensor). The output is indexed
-    (B, h, s, w, s, C): output pixel (s*y + i, s*x + j) of channel c reads the k x k window of input pixel (y, x), so
-    the s x s output phases are two size-s axes of one view of the masks and of the output, and no pixel shuffle
-    (a second pass over the output) is needed. With the channels innermost, every load of the features and every
-    store of the output is contiguous along the axis inductor vectorises, and a kernel weight is one broadcast scalar
-    per pixel; features that arrive channels-first are read across that axis with a stride of h*w, so callers should
-    hand them over channels-last (a no-op for OffSeg's high-resolution maps, which are)."""
-    batch_size, channels, height, width = features.shape
-    k, s, radius = kernel_size, scale_factor, kernel_size // 2
-    expected = (batch_size, k * k, s * height, s * width)
-    if tuple(masks.shape) != expected:
-        raise ValueError(f"masks must have shape {expected}; got {tuple(masks.shape)}.")
-    rows = F.pad(features.permute(0, 2, 3, 1), (0, 0, radius, radius, radius, radius))  # (B, h + 2r, w + 2r, C)
-    weights = masks.view(batch_size, k * k, height, s, width, s, 1)  # tap t at [:, t]: (B, h, s, w, s, 1)
-    out = None
-    # Two loops rather than divmod of the tap index: under dynamic shapes dynamo cannot trace divmod of ints.
-    for top in range(k):
-        for left in range(k):
-            window = rows[:, top : top + height, None, left : left + width, None, :]  # (B, h, 1, w, 1, C)
-            term = window * weights[:, top * k + left]
-            out = term if out is None else out + term
-    return out.reshape(batch_size, s * height, s * width, channels).permute(0, 3, 1, 2)
+# Layout.
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,8 @@ Per preset (random weights, eval mode, batch 1, 150 labels), the runtimes:
 
 * `eager`: PyTorch, the model as loaded;
 * `folded`: PyTorch after `offseg_hf.export.fuse_for_inference` (BatchNorms folded into convolutions);
+* `compiled-form`: eager with `set_form(model, "compiled")`: CARAFE (OffSeg's FreqFusion) through inductor, the
+  rest as `eager` (the same as `eager` for presets without FreqFusion; its compilation happens in the warm-up);
 * `compile`: `torch.compile` of the model (default mode; its compilation happens in the warm-up);
 * `onnxruntime`: `offseg_hf.export.onnx.export_onnx` (dynamic shapes) on ONNX Runtime's CPU provider;
 * `openvino`: `offseg_hf.export.openvino.export_openvino` on OpenVINO's CPU plugin, float32 inference;
@@ -42,7 +44,7 @@ from common import FAMILY_PRESETS, HF_SEGFORMER_B0, hf_segformer_b0, machine_lin
 from offseg_hf import presets
 
 DEFAULT_VARIANTS = FAMILY_PRESETS
-RUNTIMES = ("eager", "folded", "compile", "onnxruntime", "openvino", "executorch", "executorch-int8")
+RUNTIMES = ("eager", "folded", "compiled-form", "compile", "onnxruntime", "openvino", "executorch", "executorch-int8")
 
 Runner = Callable[[torch.Tensor], np.ndarray]
 
@@ -65,6 +67,12 @@ def build_runner(runtime: str, model: torch.nn.Module, args, workdir: Path, vari
         from offseg_hf.export import fuse_for_inference
 
         return torch_runner(fuse_for_inference(copy.deepcopy(model)))
+    if runtime == "compiled-form":
+        from offseg_hf.models.forms import set_form
+
+        compiled_form = copy.deepcopy(model)
+        set_form(compiled_form, "compiled")
+        return torch_runner(compiled_form)
     if runtime == "compile":
         return torch_runner(torch.compile(model))
     if runtime == "onnxruntime":
@@ -108,7 +116,7 @@ def time_rounds(runners: dict[str, Runner], pixel_values: torch.Tensor, warmup: 
 
 
 def benchmark_variant(variant: str, args, workdir: Path, pixel_values: torch.Tensor, reference: Runner) -> list:
-    """Table rows [variant, runtime, export s, ms, x HF B0, max |diff|] for one preset."""
+    """Table rows [variant, runtime, build s, ms, x HF B0, x eager, max |diff|] for one preset."""
     torch.manual_seed(0)
     model = presets.model_for_variant(variant, num_labels=args.num_labels).eval()
     with torch.inference_mode():
@@ -141,10 +149,11 @@ def benchmark_variant(variant: str, args, workdir: Path, pixel_values: torch.Ten
                 del runners[runtime]
         times = time_rounds(runners, pixel_values, args.warmup, args.repeats)
     baseline = median(times[HF_SEGFORMER_B0])
-    rows = [[variant, HF_SEGFORMER_B0, "-", f"{baseline:.1f}", "1.00", "-"]]
+    eager = median(times["eager"]) if "eager" in times else None
+    rows = [[variant, HF_SEGFORMER_B0, "-", f"{baseline:.1f}", "1.00", "-", "-"]]
     for runtime in args.runtimes:
         if runtime in failures:
-            rows.append([variant, runtime, "-", failures[runtime], "-", "-"])
+            rows.append([variant, runtime, "-", failures[runtime], "-", "-", "-"])
             continue
         milliseconds = median(times[runtime])
         rows.append(
@@ -154,6 +163,7 @@ def benchmark_variant(variant: str, args, workdir: Path, pixel_values: torch.Ten
                 f"{build_seconds[runtime]:.0f}",
                 f"{milliseconds:.1f}",
                 f"{milliseconds / baseline:.2f}",
+                f"{milliseconds / eager:.2f}" if eager else "-",
                 f"{differences[runtime]:.1e}",
             ]
         )
@@ -189,12 +199,12 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 rows += benchmark_variant(variant, args, workdir, pixel_values, reference)
             except Exception as error:  # the preset itself failed (e.g. its model could not be built)
-                rows.append([variant, "(all)", "-", one_line(error), "-", "-"])
+                rows.append([variant, "(all)", "-", one_line(error), "-", "-", "-"])
     print(
         f"\n{args.size[0]}x{args.size[1]}, batch 1, float32 input, {args.num_labels} labels, {args.threads} threads, "
         f"median of {args.repeats} rounds (ms); x HF B0: against {HF_SEGFORMER_B0} eager in the same rounds:\n"
     )
-    print_table(["variant", "runtime", "build s", "ms", "x HF B0", "max abs diff vs eager"], rows)
+    print_table(["variant", "runtime", "build s", "ms", "x HF B0", "x eager", "max abs diff vs eager"], rows)
 
 
 if __name__ == "__main__":

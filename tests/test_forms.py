@@ -3,6 +3,8 @@ form: per model instance, restored after a block, never global."""
 
 import pytest
 import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
 
 from offseg_hf import MaskOffsetLearning, OffSegConfig, OffSegForSemanticSegmentation, OffsetLearning
 from offseg_hf.models import fast_freqfusion
@@ -27,7 +29,8 @@ def test_carafe_forms_match_the_reference_values_and_gradients(kernel_size, scal
     masks = torch.randn(2, kernel_size**2, 5 * scale, 7 * scale, dtype=F64).softmax(dim=1).requires_grad_()
     reference = carafe(features, masks, kernel_size, scale)
     expected = gradients(reference, [features, masks])
-    for form in (fast_freqfusion.carafe, fast_freqfusion.carafe_by_taps, fast_freqfusion.carafe_by_gather):
+    forms = (fast_freqfusion.carafe, fast_freqfusion.carafe_by_taps, fast_freqfusion.carafe_by_gather)
+    for form in (*forms, fast_freqfusion.carafe_by_rows):  # the last one uncompiled (the same graph inductor gets)
         out = form(features, masks, kernel_size, scale)
         torch.testing.assert_close(out, reference, rtol=0, atol=1e-13)
         for ours, theirs in zip(gradients(out, [features, masks]), expected, strict=True):
@@ -138,6 +141,44 @@ def test_whole_models_give_the_reference_logits_and_loss_in_every_form():
                 torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-10)
 
 
+@pytest.mark.slow
+def test_the_compiled_form_runs_inductor_kernels_with_the_reference_values():
+    """CARAFE through inductor (a C++ compiler is needed, as for any `torch.compile` on the CPU): float64 within
+    rounding of the reference, channels-last output; with a gradient the fast form's backward runs instead of a
+    compiled one; a whole OffSeg-T in the compiled form gives the reference logits in float32."""
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    for kernel_size, scale in [(3, 1), (5, 2)]:
+        features = torch.randn(2, 6, 5, 7, dtype=F64)
+        masks = torch.randn(2, kernel_size**2, 5 * scale, 7 * scale, dtype=F64).softmax(dim=1)
+        with torch.no_grad():
+            out = fast_freqfusion.compiled_carafe(features, masks, kernel_size, scale)
+        torch.testing.assert_close(out, carafe(features, masks, kernel_size, scale), rtol=0, atol=1e-13)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    compiled_graphs = counters["stats"]["unique_graphs"]
+    assert compiled_graphs >= 2  # one per (k, s), at least
+
+    # With a gradient: the hand-written backward, nothing compiled.
+    features.requires_grad_()
+    masks.requires_grad_()
+    out = fast_freqfusion.compiled_carafe(features, masks, 5, 2)
+    assert type(out.grad_fn).__name__ == "CarafeFunctionBackward"
+    expected = gradients(carafe(features, masks, 5, 2), [features, masks])
+    for ours, theirs in zip(gradients(out, [features, masks]), expected, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+    assert counters["stats"]["unique_graphs"] == compiled_graphs
+
+    model = offseg_t().float().eval()
+    pixels = torch.randn(1, 3, 64, 96)
+    with torch.no_grad(), using_form(model, "reference"):
+        reference = model(pixels).logits
+    with torch.no_grad(), using_form(model, "compiled"):
+        logits = model(pixels).logits
+    assert counters["stats"]["unique_graphs"] > compiled_graphs  # float32 kernels compiled for the model's calls
+    torch.testing.assert_close(logits, reference, rtol=0, atol=1e-5 * reference.abs().max().item())
+
+
 def test_a_form_is_set_per_instance_and_restored():
     model, other = offseg_t(), offseg_t()
     modules = [module for module in model.modules() if isinstance(module, HasForms)]
@@ -153,6 +194,6 @@ def test_a_form_is_set_per_instance_and_restored():
     assert {module.form for module in modules} == {"fast"}
     set_form(model, "reference")
     assert {module.form for module in modules} == {"reference"} and HasForms.form == "fast"
-    with pytest.raises(ValueError, match=r"Unknown form 'slow'; the forms are reference, fast, export"):
+    with pytest.raises(ValueError, match=r"Unknown form 'slow'; the forms are reference, fast, compiled, export"):
         set_form(model, "slow")
-    assert FORMS == ("reference", "fast", "export")
+    assert FORMS == ("reference", "fast", "compiled", "export")

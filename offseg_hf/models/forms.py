@@ -12,6 +12,9 @@ beside them, each with a test against the reference form:
   channel rows.
 * FreqFusion as a whole. Fast: the reference order through the fast ops. Export: the kernels kept in the gathers'
   layout, one crop at the end (`fast_freqfusion.fuse_by_gather`).
+* CARAFE compiled (`fast_freqfusion.compiled_carafe`, opt-in). Compiled: a sum of shifted channel rows that
+  inductor turns into one loop nest, for CPU inference (`compiled_kernels`); every other operation runs its fast
+  form.
 * Offset learning (`fast_offset_learning.py`). Fast: the feature-offset term right to left through a (K, K) factor,
   the class rows padded for the GEMMs. Export: the same products without the padding, a last-axis softmax.
 * Mask2Former's offset learning. Fast (and export): the (Q, Q) factor first; masks wanted at the attention-mask size
@@ -19,12 +22,14 @@ beside them, each with a test against the reference form:
 * The loss (`fast_losses.py`). Fast: band by band, the upsampling as two small GEMMs (never exported).
 
 A module with more than one form subclasses `HasForms` and reads its own `form` attribute in `forward`: "fast" by
-default, "reference" or "export" when set on that instance with `set_form(model, ...)` or, for a block,
-`using_form(model, ...)`. The choice is per model instance: nothing global changes, so another model (or the same
-one in another thread, while no one switches it) is unaffected. Within the fast form, two rules depend on how the
-module is run and are decided here: `hand_written_backward` (the autograd nodes with hand-written backwards are used
-only when a gradient will be taken, and not under `torch.compile`, which traces the plain loops) and `exporting`
-(under `torch.export` the fast form leaves out what only helps eager CPU kernels, such as the class-row padding).
+default, "reference", "compiled" or "export" when set on that instance with `set_form(model, ...)` or, for a block,
+`using_form(model, ...)`; under "compiled" a module without a compiled form of its own runs its fast form. The
+choice is per model instance: nothing global changes, so another model (or the same one in another thread, while no
+one switches it) is unaffected. The rules that depend on how a module is run are decided here:
+`hand_written_backward` (the fast form's autograd nodes with hand-written backwards are used only when a gradient
+will be taken, and not under `torch.compile`, which traces the plain loops), `compiled_kernels` (the compiled form's
+kernels run for CPU inference only) and `exporting` (under `torch.export` the fast form leaves out what only helps
+eager CPU kernels, such as the class-row padding).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-FORMS = ("reference", "fast", "export")
+FORMS = ("reference", "fast", "compiled", "export")
 
 
 class HasForms:
@@ -49,7 +54,7 @@ def _modules_with_forms(model: nn.Module) -> list[nn.Module]:
 
 
 def set_form(model: nn.Module, form: str) -> None:
-    """Make every module of `model` that has forms run `form` ("reference", "fast" or "export")."""
+    """Make every module of `model` that has forms run `form` ("reference", "fast", "compiled" or "export")."""
     if form not in FORMS:
         raise ValueError(f"Unknown form {form!r}; the forms are {', '.join(FORMS)}.")
     for module in _modules_with_forms(model):
@@ -75,10 +80,18 @@ def hand_written_backward(*inputs: torch.Tensor) -> bool:
     return needs_gradient and not torch.compiler.is_compiling()
 
 
+def compiled_kernels(*inputs: torch.Tensor) -> bool:
+    """Whether the compiled form runs its inductor-compiled kernels: inference on the CPU (the form was measured on
+    CPUs only; with a gradient the fast form's hand-written backward runs instead of compiling one)."""
+    on_cpu = all(tensor.device.type == "cpu" for tensor in inputs)
+    needs_gradient = torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs)
+    return on_cpu and not needs_gradient
+
+
 def exporting() -> bool:
     """Whether the module is being traced by `torch.export` (ONNX, ExecuTorch): the fast form then leaves out what
     only helps eager kernels."""
     return torch.compiler.is_exporting()
 
 
-__all__ = ["FORMS", "HasForms", "exporting", "hand_written_backward", "set_form", "using_form"]
+__all__ = ["FORMS", "HasForms", "compiled_kernels", "exporting", "hand_written_backward", "set_form", "using_form"]

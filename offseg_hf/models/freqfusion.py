@@ -11,8 +11,9 @@ local feature similarity.
 
 `carafe` and `neighbour_cosine_similarity` below are the formulas as written: every window unfolded, then a
 weighted sum. The modules run them with `form = "reference"`; by default they run the fast forms of
-`fast_freqfusion.py` (a tap loop with hand-written backwards in eager PyTorch, gathers in exported graphs), which
-compute the same values up to float rounding. `forms.py` explains the choice.
+`fast_freqfusion.py` (a tap loop with hand-written backwards in eager PyTorch, gathers in exported graphs, and on
+request a CARAFE compiled by inductor), which compute the same values up to float rounding. `forms.py` explains the
+choice.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from transformers import initialization as init
 from .fast_freqfusion import carafe as fast_carafe
 from .fast_freqfusion import (
     check_carafe_masks,
+    compiled_carafe,
     fuse_by_gather,
     grid_sample_by_gather,
     neighbour_dots,
@@ -61,14 +63,14 @@ def carafe(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, scale_
 def neighbour_cosine_similarity(x: torch.Tensor, window: int = 3, dilation: int = 2, form: str = "reference"):
     """Cosine similarity of each position with its (window^2 - 1) dilated neighbours (zero outside the map).
 
-    (B, C, H, W) -> (B, window^2 - 1, H, W), neighbours in row-major order with the centre left out. `form` "fast" or
-    "export" computes the channel products by `fast_freqfusion`'s forms.
+    (B, C, H, W) -> (B, window^2 - 1, H, W), neighbours in row-major order with the centre left out. Any `form` but
+    "reference" computes the channel products by `fast_freqfusion`'s forms (by gathers for "export", else by shifts).
     """
     # Sum of squares over the channel dim of NCHW, rather than `norm(dim=1)`, which reduces slowly over a strided dim.
     unit = x / x.square().sum(dim=1, keepdim=True).sqrt().clamp_min(1e-8)  # (B, C, H, W)
     if form == "export":
         return neighbour_dots_by_gather(unit, window, dilation)
-    if form == "fast":
+    if form != "reference":
         return neighbour_dots(unit, window, dilation)
     batch_size, channels, height, width = unit.shape
     taps = window * window
@@ -248,6 +250,8 @@ class FreqFusion(HasForms, nn.Module):
         """`carafe` in this module's form (the export form never comes here: `fuse_by_gather` has its own)."""
         if self.form == "reference":
             return carafe(features, masks, kernel_size, scale_factor)
+        if self.form == "compiled":
+            return compiled_carafe(features, masks, kernel_size, scale_factor)
         return fast_carafe(features, masks, kernel_size, scale_factor)
 
 
