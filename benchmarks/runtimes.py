@@ -10,6 +10,7 @@ Per preset (random weights, eval mode, batch 1, 150 labels), the runtimes:
 * `folded`: PyTorch after `offseg_hf.export.fuse_for_inference` (BatchNorms folded into convolutions);
 * `compiled-form`: eager with `set_form(model, "compiled")`: CARAFE (OffSeg's FreqFusion) through inductor, the
   rest as `eager` (the same as `eager` for presets without FreqFusion; its compilation happens in the warm-up);
+* `folded-compiled-form`: both of the above (BatchNorms folded, then the compiled form);
 * `compile`: `torch.compile` of the model (default mode; its compilation happens in the warm-up);
 * `onnxruntime`: `offseg_hf.export.onnx.export_onnx` (dynamic shapes) on ONNX Runtime's CPU provider;
 * `openvino`: `offseg_hf.export.openvino.export_openvino` on OpenVINO's CPU plugin, float32 inference;
@@ -44,7 +45,17 @@ from common import FAMILY_PRESETS, HF_SEGFORMER_B0, hf_segformer_b0, machine_lin
 from offseg_hf import presets
 
 DEFAULT_VARIANTS = FAMILY_PRESETS
-RUNTIMES = ("eager", "folded", "compiled-form", "compile", "onnxruntime", "openvino", "executorch", "executorch-int8")
+RUNTIMES = (
+    "eager",
+    "folded",
+    "compiled-form",
+    "folded-compiled-form",
+    "compile",
+    "onnxruntime",
+    "openvino",
+    "executorch",
+    "executorch-int8",
+)
 
 Runner = Callable[[torch.Tensor], np.ndarray]
 
@@ -67,10 +78,13 @@ def build_runner(runtime: str, model: torch.nn.Module, args, workdir: Path, vari
         from offseg_hf.export import fuse_for_inference
 
         return torch_runner(fuse_for_inference(copy.deepcopy(model)))
-    if runtime == "compiled-form":
+    if runtime in ("compiled-form", "folded-compiled-form"):
+        from offseg_hf.export import fuse_for_inference
         from offseg_hf.models.forms import set_form
 
         compiled_form = copy.deepcopy(model)
+        if runtime.startswith("folded"):
+            fuse_for_inference(compiled_form)
         set_form(compiled_form, "compiled")
         return torch_runner(compiled_form)
     if runtime == "compile":

@@ -169,14 +169,14 @@ def test_the_compiled_form_runs_inductor_kernels_with_the_reference_values():
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
     assert counters["stats"]["unique_graphs"] == compiled_graphs
 
-    model = offseg_t().float().eval()
-    pixels = torch.randn(1, 3, 64, 96)
+    # The model's calls (other sizes and channel counts, the same dtype) reuse or add dynamic-shape graphs.
+    model = offseg_t().eval()
+    pixels = torch.randn(2, 3, 64, 96, dtype=F64)
     with torch.no_grad(), using_form(model, "reference"):
         reference = model(pixels).logits
     with torch.no_grad(), using_form(model, "compiled"):
         logits = model(pixels).logits
-    assert counters["stats"]["unique_graphs"] > compiled_graphs  # float32 kernels compiled for the model's calls
-    torch.testing.assert_close(logits, reference, rtol=0, atol=1e-5 * reference.abs().max().item())
+    torch.testing.assert_close(logits, reference, rtol=0, atol=1e-11)
 
 
 def test_a_form_is_set_per_instance_and_restored():
