@@ -174,6 +174,8 @@ def test_errors_are_clear(exported, tmp_path):
         export_executorch(model, tmp_path / "model.onnx", SIZE)
     with pytest.raises(ValueError, match="quantize must be one of"):
         lower_to_xnnpack(model, SIZE, quantize="int4")
+    with pytest.raises(NotImplementedError, match=r"int8 ExecuTorch programs of OffSeg \(FreqFusion\) are not"):
+        export_executorch(build_model("offseg-t"), tmp_path / "offseg.pte", SIZE, quantize="int8")
 
 
 def test_mask2former_refuses_an_example_below_its_minimum_size():
