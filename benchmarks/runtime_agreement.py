@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  {index + 1} images", flush=True)
 
     def miou(name: str) -> str:
-        return f"{100 * metrics[name].compute()['mIoU']:.2f}"
+        return f"{100 * metrics[name].compute()['mean_iou']:.2f}"
 
     print(
         f"\n{folder}: {len(held_out)} held-out demo images ({args.demo_image_size}x{args.demo_image_size}, seed "
