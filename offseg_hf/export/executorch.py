@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..models.freqfusion import FreqFusion
 from .onnx import SemanticLogits, calibration_batches, export_friendly, minimum_input_size
 from .runtime import Labels, RuntimeSegmenter, existing_file
 
@@ -337,7 +338,7 @@ def lower_to_xnnpack(
             f"This model's graph holds for inputs of at least {minimum}x{minimum}; the example size {height}x{width} "
             "is smaller."
         )
-    if quantize and any(type(module).__name__ == "FreqFusion" for module in model.modules()):
+    if quantize and any(isinstance(module, FreqFusion) for module in model.modules()):
         # Seen with executorch 1.5.1: the XNNPACK quantizer turns the scalar operands of FreqFusion's int64 gather
         # index arithmetic into float32 constants (index_select then refuses the float indices); with those kept
         # integer, its channels-last pass fails on the quantised graph. Refused here rather than after minutes.

@@ -12,10 +12,10 @@ Fast (eager PyTorch, the default):
 
 Compiled (`form = "compiled"`, opt-in): CARAFE as `carafe_by_rows`, a sum of k*k shifted channel rows times kernel
 weights written for inductor, run through one `torch.compile(..., dynamic=True)` per process (`compiled_carafe`).
-Inductor turns it into one C++ loop nest per (k, s): no per-tap tensor, no pixel shuffle. On the CPUs measured it
-takes OffSeg-T's twelve CARAFE calls from about 71 to 26 ms at 512x512 (docs/speed.md), after 30 to 50 s of
-compilation on the first forward. Where the compiled kernels do not apply (`forms.compiled_kernels`: a gradient
-is needed, a device other than the CPU, or an outer `torch.compile` already traces the module) the fast form runs.
+Inductor turns it into one C++ loop nest per (k, s): no per-tap tensor, no pixel shuffle; the first forward pays
+the compilation. Whether it pays off depends on the preset, the CPU and the thread count (docs/speed.md). Where the
+compiled kernels do not apply (`forms.compiled_kernels`: a gradient is needed, or a device other than the CPU) the
+fast form runs; under an outer `torch.compile` the plain `carafe_by_rows` is traced.
 
 Export (`form = "export"`, which `offseg_hf.export` sets on the model it exports): CARAFE, the similarities and the
 resampler's bilinear sampling as row gathers and small batched matrix products (`carafe_by_gather`,
@@ -60,11 +60,11 @@ def carafe(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, scale_
 def compiled_carafe(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, scale_factor: int) -> torch.Tensor:
     """CARAFE's compiled form: `carafe_by_rows` compiled by inductor, the features handed over channels-last (the
     output is channels-last too); where the compiled kernels do not apply, the fast form."""
+    if not torch.compiler.is_compiling() and not compiled_kernels(features, masks):
+        return carafe(features, masks, kernel_size, scale_factor)
     check_carafe_masks(features, masks, kernel_size, scale_factor)
     if torch.compiler.is_compiling():
         return carafe_by_rows(features, masks, kernel_size, scale_factor)  # the outer compilation fuses it
-    if not compiled_kernels(features, masks):
-        return carafe(features, masks, kernel_size, scale_factor)
     features = features.contiguous(memory_format=torch.channels_last)
     return _carafe_by_rows_compiled()(features, masks.contiguous(), kernel_size, scale_factor)
 

@@ -76,16 +76,17 @@ def using_form(model: nn.Module, form: str) -> Iterator[nn.Module]:
 def hand_written_backward(*inputs: torch.Tensor) -> bool:
     """Whether a fast op runs as its autograd node with a hand-written backward: only when a gradient will be taken
     and not under `torch.compile` (which traces the plain loop and derives its own backward)."""
-    needs_gradient = torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs)
-    return needs_gradient and not torch.compiler.is_compiling()
+    return _needs_gradient(inputs) and not torch.compiler.is_compiling()
 
 
 def compiled_kernels(*inputs: torch.Tensor) -> bool:
     """Whether the compiled form runs its inductor-compiled kernels: inference on the CPU (the form was measured on
     CPUs only; with a gradient the fast form's hand-written backward runs instead of compiling one)."""
-    on_cpu = all(tensor.device.type == "cpu" for tensor in inputs)
-    needs_gradient = torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs)
-    return on_cpu and not needs_gradient
+    return all(tensor.device.type == "cpu" for tensor in inputs) and not _needs_gradient(inputs)
+
+
+def _needs_gradient(inputs: tuple[torch.Tensor, ...]) -> bool:
+    return torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs)
 
 
 def exporting() -> bool:
