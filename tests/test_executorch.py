@@ -141,19 +141,78 @@ def test_report_lists_reasons_for_what_is_not_delegated():
             counts = (pixel_values > 0).long().sum(dim=1, keepdim=True) + 1
             return self.conv(pixel_values) * counts
 
-    class Wrapped(torch.nn.Module):  # the `model(pixel_values=...).logits` interface export_executorch captures
-        def __init__(self):
-            super().__init__()
-            self.inner = Cumulative()
-
-        def forward(self, pixel_values):
-            return type("Output", (), {"logits": self.inner(pixel_values)})()
-
-    lowered, report = lower_to_xnnpack(Wrapped().eval(), (8, 8))
+    lowered, report = lower_to_xnnpack(logits_of(Cumulative()), (8, 8))
     assert delegated_partitions(lowered) >= 1
     by_op = {entry["op"]: entry for entry in report}
     assert by_op and any("int64" in entry["dtypes"] for entry in report)
     assert all(entry["reason"] for entry in report)
+
+
+def logits_of(module: torch.nn.Module):
+    """A plain module as the `model(pixel_values=...).logits` interface export_executorch captures."""
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = module
+
+        def forward(self, pixel_values):
+            return type("Output", (), {"logits": self.inner(pixel_values)})()
+
+    return Wrapped().eval()
+
+
+def lowered_against_eager(model: torch.nn.Module, size: tuple[int, int], scale: float = 1.0) -> float:
+    """Lower `model` (3 input channels) whole to XNNPACK at `size`, run the program on a random input and return
+    its largest difference from eager PyTorch."""
+    from executorch.runtime import Runtime
+
+    lowered, report = lower_to_xnnpack(model, size)
+    assert report == [] and delegated_partitions(lowered) == 1
+    buffer = lowered.to_executorch().buffer
+    program = Runtime.get().load_program(buffer)
+    pixel_values = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(1)) * scale
+    actual = program.load_method("forward").execute([pixel_values])[0]
+    with torch.no_grad():
+        expected = model(pixel_values=pixel_values).logits
+    return float((actual - expected).abs().max())
+
+
+def test_softmax_after_a_convolution_normalises_the_keys_not_the_channels():
+    """EfficientFormerV2's talking-head attention: conv over the heads, softmax over the keys, conv. XNNPACK holds a
+    convolution's output channels-last, and executorch 1.5.1's layout pass let the softmax run on it there, over the
+    heads: a trained OffSeg-T's logits were off by up to 1.3 until the lowering viewed such a softmax as rows."""
+
+    class TalkingHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mix_before, self.mix_after = torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 8, 1)
+
+        def forward(self, pixel_values):  # (1, 3, queries, keys): the exporter's example has 3 channels
+            return self.mix_after(self.mix_before(pixel_values).softmax(dim=-1))
+
+    torch.manual_seed(0)
+    # Over the wrong axis the difference was 0.1-0.7 (measured); float rounding is about 1e-7.
+    assert lowered_against_eager(logits_of(TalkingHeads()), (16, 12), scale=3.0) <= 1e-5
+
+
+def test_weights_sliced_from_a_packed_parameter_keep_their_own_values():
+    """nn.MultiheadAttention's key and value weights are slices of one packed parameter (Mask2Former's masked
+    attention). Folded, they are views at an offset into it, and executorch 1.5.1's XNNPACK serialiser copied them
+    from the start of the storage: the keys and values used the query weights, Mask2Former's logits off by 0.7."""
+
+    class Packed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.packed = torch.nn.Parameter(torch.randn(9, 3))  # three 3x3 weights, as `in_proj_weight`
+
+        def forward(self, pixel_values):
+            channels_last = pixel_values.permute(0, 2, 3, 1)
+            return torch.nn.functional.linear(channels_last, self.packed[3:6]).permute(0, 3, 1, 2)
+
+    torch.manual_seed(0)
+    # With the first rows' values the difference was 4.9 (measured); float rounding is about 1e-7.
+    assert lowered_against_eager(logits_of(Packed()), (16, 12)) <= 1e-5
 
 
 def test_errors_are_clear(exported, tmp_path):

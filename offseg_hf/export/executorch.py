@@ -25,6 +25,14 @@ What the lowering changes so XNNPACK takes more of the graph (each keeps the val
 * attention runs in eager form: the sdpa decomposition adds mask handling (`any`, `where`, `logical_not`) that
   XNNPACK does not take.
 
+Two rewrites work around executorch 1.5.1 XNNPACK bugs that gave wrong values, not slower ones (tests reproduce
+each):
+
+* a folded constant that is a view into a larger tensor (a slice of a packed parameter) gets a copy of its own:
+  XNNPACK serialised it from the start of the storage (`_own_storage`; Mask2Former's cross-attention);
+* a last-axis softmax of a 4-D tensor runs on a 2-D view of it: on a convolution's output XNNPACK normalised the
+  channels instead (`_softmax_over_rows`; EfficientFormerV2's talking-head attention in OffSeg).
+
 `not_delegated_ops` lists what still runs on ExecuTorch's portable kernels, with the partitioner's reason for each
 operator (or "no XNNPACK kernel" where it has none) and the modules it comes from.
 
@@ -190,6 +198,68 @@ def _views_for_data_free_ops(graph_module: torch.fx.GraphModule):
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
     graph_module.recompile()
+
+
+def _softmax_over_rows(graph_module: torch.fx.GraphModule):
+    """Edge-dialect pass: a last-axis softmax of a 4-D tensor runs on a 2-D view of it, (B * C * H, W), and is viewed
+    back.
+
+    Why: XNNPACK's channels-last pass (executorch 1.5.1, `ChannelsLastTaggedReshapePass`) lets a softmax take its
+    input in whatever layout the delegate holds it, but XNNPACK's softmax normalises the innermost axis in memory. A
+    softmax straight after a convolution (EfficientFormerV2's talking-head attention: conv, softmax over the keys,
+    conv) thus ran over the channels (the heads) instead of the keys: logits off by up to 1.3 on a trained OffSeg-T.
+    A view needs its input in the graph's own layout, so the channels-last map is turned back before the softmax."""
+    from executorch.exir.dialects._ops import ops as exir_ops
+
+    edge = exir_ops.edge.aten
+    graph = graph_module.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target != edge._softmax.default:
+            continue
+        source, dim = node.args[0], node.args[1]
+        shape = list(source.meta["val"].shape)
+        if len(shape) != 4 or dim not in (-1, 3):
+            continue
+        rows = [math.prod(shape[:-1]), shape[-1]]
+        with graph.inserting_before(node):
+            flat = graph.call_function(edge.view_copy.default, (source, rows))
+            flat.meta = {**node.meta, "val": source.meta["val"].reshape(rows)}
+            softmax = graph.call_function(edge._softmax.default, (flat, -1, *node.args[2:]))
+            softmax.meta = {**node.meta, "val": node.meta["val"].reshape(rows)}
+            back = graph.call_function(edge.view_copy.default, (softmax, shape))
+            back.meta = dict(node.meta)
+        node.replace_all_uses_with(back)
+        graph.erase_node(node)
+    graph_module.recompile()
+
+
+def _own_storage(program) -> int:
+    """Give each constant of `program` that is a view into a larger storage (`constant_prop_pass` folds slices and
+    selects of parameters into such views: nn.MultiheadAttention's q/k/v chunks of `in_proj_weight`, a row of
+    Mask2Former's `level_embed`) a storage of its own; returns how many. XNNPACK serialises a constant from the start
+    of its storage (executorch 1.5.1: `.contiguous()`, then `untyped_storage().data_ptr()`), so a view at a storage
+    offset would be written as the storage's first elements: Mask2Former's cross-attention keys and values were
+    computed with the query weights. A contiguous constant also gets the standard strides: size-1 axes with other
+    strides (a permuted map with one head, as Swin's relative position bias) give an ExecuTorch dim order that the
+    XNNPACK delegate refuses at run time ("Propagating input shapes failed")."""
+    changed = 0
+    for table in (program.constants, program.state_dict):
+        for name, value in list(table.items()):
+            if not isinstance(value, torch.Tensor):
+                continue
+            standard = value.is_contiguous() and value.stride() == torch.empty(value.shape, device="meta").stride()
+            if (
+                value.storage_offset() == 0
+                and value.untyped_storage().nbytes() == value.nbytes
+                and (standard or not value.is_contiguous())
+            ):
+                continue
+            # A storage of exactly its size; the same strides where dense and not contiguous, else the standard ones.
+            layout = torch.contiguous_format if value.is_contiguous() else torch.preserve_format
+            own = value.detach().clone(memory_format=layout)
+            table[name] = nn.Parameter(own, requires_grad=False) if isinstance(value, nn.Parameter) else own
+            changed += 1
+    return changed
 
 
 def _kept_unfolded(program) -> set:
@@ -362,9 +432,12 @@ def lower_to_xnnpack(
         captured = torch.export.export(graph_module, (example,), strict=False)
         captured = captured.run_decompositions(NORM_DECOMPOSITIONS)
         captured = constant_prop_pass(captured, custom_skip_targets=_kept_unfolded(captured))
+        _own_storage(captured)
         with _collecting_reasons() as collected:
             lowered = to_edge_transform_and_lower(
-                captured, transform_passes=[_views_for_data_free_ops], partitioner=[XnnpackPartitioner()]
+                captured,
+                transform_passes=[_views_for_data_free_ops, _softmax_over_rows],
+                partitioner=[XnnpackPartitioner()],
             )
     return lowered, not_delegated_ops(lowered, collected.reasons)
 
