@@ -69,6 +69,16 @@ def randomize_attention_biases(model: torch.nn.Module, seed: int = 0) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator))
 
 
+def trained_layer_scales(model: torch.nn.Module, value: float = 0.02) -> None:
+    """EfficientFormerV2's layer scales start at 1e-5, so at initialisation every block adds almost nothing to its
+    input and a wrong attention or MLP output barely shows in the logits; trained OffSeg-T's are about 0.002-0.02.
+    Sets them all to `value` (the tests that compare a lowered graph's logits with PyTorch's use it)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("ls1.gamma", "ls2.gamma")):
+                param.fill_(value)
+
+
 def build_model(kind: str) -> OffSegForSemanticSegmentation:
     """A small SegFormer-offset, or OffSeg-T (the smallest real EfficientFormerV2 + FreqFusion model)."""
     torch.manual_seed(0)
