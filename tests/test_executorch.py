@@ -53,8 +53,8 @@ def export_for_test(model, folder):
     return export_executorch(model, folder / "model.pte", SIZE)
 
 
-def difference(model, segmenter, batch: int = 2, seed: int = 0) -> float:
-    pixel_values = torch.randn(batch, 3, *SIZE, generator=torch.Generator().manual_seed(seed))
+def difference(model, segmenter, batch: int = 2, seed: int = 0, size: tuple[int, int] = SIZE) -> float:
+    pixel_values = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         expected = model(pixel_values=pixel_values).logits.numpy()
     actual = segmenter.logits(pixel_values.numpy())
@@ -257,11 +257,7 @@ def test_mask2former_program_matches_pytorch(tmp_path):
 
     model = tiny_model(backbone_config=SMALL_WINDOW_SWIN)
     path = export_executorch(model, tmp_path / "model.pte", (128, 128))
-    pixel_values = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = model(pixel_values=pixel_values).logits.numpy()
-    actual = ExecuTorchSegmenter(path).logits(pixel_values.numpy())
-    assert float(np.abs(actual - expected).max()) <= TOLERANCE
+    assert difference(model, ExecuTorchSegmenter(path), batch=1, size=(128, 128)) <= TOLERANCE
 
 
 def test_mask2former_refuses_an_example_below_its_minimum_size():
