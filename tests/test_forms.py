@@ -8,7 +8,8 @@ from torch._dynamo.utils import counters
 
 from offseg_hf import MaskOffsetLearning, OffSegConfig, OffSegForSemanticSegmentation, OffsetLearning
 from offseg_hf.models import fast_freqfusion
-from offseg_hf.models.forms import FORMS, HasForms, set_form, using_form
+from offseg_hf.models.fast_layers import is_pointwise, pointwise_conv
+from offseg_hf.models.forms import FORMS, HasForms, pointwise_as_matmul, set_form, using_form
 from offseg_hf.models.freqfusion import FreqFusion, carafe, neighbour_cosine_similarity
 from offseg_hf.models.losses import upsampled_cross_entropy
 
@@ -46,6 +47,65 @@ def test_neighbour_similarity_forms_match_the_reference():
         out = neighbour_cosine_similarity(x, form=form)
         torch.testing.assert_close(out, reference, rtol=0, atol=1e-13)
         torch.testing.assert_close(gradients(out, [x])[0], expected[0], rtol=0, atol=1e-12)
+
+
+def test_a_pointwise_convolution_runs_as_a_matrix_product_with_the_convolutions_values():
+    """`fast_layers.pointwise_conv` on a channels-first CPU map: the product (the module is not called), float64
+    values and gradients of the convolution, with and without a bias; under bf16 autocast the convolution's dtype."""
+    torch.manual_seed(0)
+    for bias in (False, True):
+        conv = torch.nn.Conv2d(6, 5, kernel_size=1, bias=bias).double()
+        calls = []
+        conv.register_forward_hook(lambda *args: calls.append(args))
+        x = torch.randn(2, 6, 7, 9, dtype=F64, requires_grad=True)
+        assert pointwise_as_matmul(x) and is_pointwise(conv)
+        out = pointwise_conv(conv, x)
+        assert not calls and out.is_contiguous()
+        reference = conv(x)
+        torch.testing.assert_close(out, reference, rtol=0, atol=1e-13)
+        inputs = [x, *conv.parameters()]
+        for ours, theirs in zip(gradients(out, inputs), gradients(reference, inputs), strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+    conv = conv.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert pointwise_conv(conv, x.detach().float()).dtype == conv(x.detach().float()).dtype == torch.bfloat16
+
+
+def test_a_pointwise_convolution_stays_a_convolution_where_the_product_does_not_apply():
+    """Channels-last maps (oneDNN's own layout), other kernels, strides and groups, subclasses with their own forward,
+    and graphs for `torch.export` (ONNX, ExecuTorch) run the module itself."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 6, 8, 8)
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    pointwise = torch.nn.Conv2d(6, 6, kernel_size=1)
+    assert not pointwise_as_matmul(channels_last)
+    assert torch.equal(pointwise_conv(pointwise, channels_last), pointwise(channels_last))
+
+    class Activated(torch.nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x).relu()
+
+    others = [
+        torch.nn.Conv2d(6, 6, kernel_size=3, padding=1),
+        torch.nn.Conv2d(6, 6, kernel_size=1, stride=2),
+        torch.nn.Conv2d(6, 6, kernel_size=1, groups=2),
+        Activated(6, 6, kernel_size=1),
+    ]
+    for conv in others:
+        assert not is_pointwise(conv)
+        assert torch.equal(pointwise_conv(conv, x), conv(x))
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = pointwise
+
+        def forward(self, x):
+            return pointwise_conv(self.conv, x)
+
+    graph = torch.export.export(Block(), (x,)).graph
+    targets = {node.target for node in graph.nodes if node.op == "call_function"}
+    assert torch.ops.aten.conv2d.default in targets and torch.ops.aten.bmm.default not in targets
 
 
 def randomized(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -182,8 +242,12 @@ def test_the_compiled_form_runs_inductor_kernels_with_the_reference_values():
 def test_a_form_is_set_per_instance_and_restored():
     model, other = offseg_t(), offseg_t()
     modules = [module for module in model.modules() if isinstance(module, HasForms)]
-    # The top model (its loss), offset learning, and each FreqFusion with its resampler.
-    assert len(modules) == 2 + 2 * len(model.offseg.decode_head.fusions)
+    # The top model (its loss), offset learning, each FreqFusion with its resampler, the decoder's ConvNormAct blocks
+    # (one per stage and the align) and the encoder's talking-head attentions.
+    decoder = model.offseg.decode_head
+    attentions = [module for module in model.offseg.encoder.modules() if hasattr(module, "talking_head1")]
+    assert len(attentions) == 4  # OffSeg-T: EfficientFormerV2-S1's last two blocks of stages 3 and 4
+    assert len(modules) == 2 + 2 * len(decoder.fusions) + len(decoder.stage_projections) + 1 + len(attentions)
     assert {module.form for module in modules} == {"fast"}
     with pytest.raises(RuntimeError, match="inside"):
         with using_form(model, "export"):

@@ -51,6 +51,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from ..models.forms import using_form
+
 try:  # timm's BatchNorm + dropout + activation (EfficientFormerV2's ConvNormAct), and its GELU module
     from timm.layers.activations import GELU as TimmGELU
     from timm.layers.norm_act import BatchNormAct2d
@@ -285,7 +287,9 @@ def find_conv_bn_pairs(model: nn.Module, example_inputs=None) -> list[tuple[str,
         for module, name in batch_norms.items():
             handles += [module.register_forward_pre_hook(tracer.bn_pre(name))]
             handles += [module.register_forward_hook(tracer.bn_post(name))]
-        with torch.no_grad(), tracer:
+        # Traced in the reference form, where every convolution runs as its module (the fast form may run a 1x1
+        # convolution as a matrix product of its weight, which the hooks would not see); the fold applies to both.
+        with torch.no_grad(), using_form(model, "reference"), tracer:
             outputs = model(*example_inputs)
         for leaf in pytree.tree_leaves(outputs if not hasattr(outputs, "to_tuple") else outputs.to_tuple()):
             entry = tracer.conv_outputs.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None

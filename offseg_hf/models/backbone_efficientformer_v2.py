@@ -25,6 +25,8 @@ from transformers import initialization as init
 
 from .configuration_offseg import EFFICIENTFORMER_V2_MODELS
 from .encoder import EncoderOutput, no_attentions_error
+from .fast_layers import pointwise_conv
+from .forms import HasForms
 from .layers import initialise_with
 from .state_dict_checks import require_fit
 
@@ -75,8 +77,13 @@ def _attention_bias_init_(module: nn.Module) -> None:
     init.copy_(indices, module._compute_attention_bias_idxs(device=indices.device))
 
 
-class ResizableAttention2d(Attention2d):
+class ResizableAttention2d(HasForms, Attention2d):
     """timm's `Attention2d` (talking-head attention with a local value branch) on any token grid."""
+
+    def _talking_head(self, conv: nn.Conv2d, attn: torch.Tensor) -> torch.Tensor:
+        """A 1x1 convolution over the heads of the (B, heads, N, N) attention; in the fast form a matrix product
+        (`fast_layers.pointwise_conv`)."""
+        return conv(attn) if self.form == "reference" else pointwise_conv(conv, attn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch_size, _, height, width = x.shape
@@ -91,7 +98,7 @@ class ResizableAttention2d(Attention2d):
         v = v.reshape(batch_size, self.num_heads, -1, tokens).transpose(-1, -2)  # (B, heads, N, d)
 
         attn = (q @ k) * self.scale + _resized_bias(self, tokens, tokens)  # (B, heads, N, N)
-        attn = self.talking_head2(self.talking_head1(attn).softmax(dim=-1))
+        attn = self._talking_head(self.talking_head2, self._talking_head(self.talking_head1, attn).softmax(dim=-1))
 
         x = (attn @ v).transpose(2, 3).reshape(batch_size, self.dh, grid_h, grid_w) + v_local
         if self.upsample is not None:

@@ -20,6 +20,8 @@ beside them, each with a test against the reference form:
 * Mask2Former's offset learning. Fast (and export): the (Q, Q) factor first; masks wanted at the attention-mask size
   computed at that size.
 * The loss (`fast_losses.py`). Fast: band by band, the upsampling as two small GEMMs (never exported).
+* 1x1 convolutions of the decoders' `ConvNormAct` and EfficientFormerV2's talking heads (`fast_layers.py`). Fast: one
+  matrix product over the channels of a channels-first CPU map (`pointwise_as_matmul`); the convolution otherwise.
 
 A module with more than one form subclasses `HasForms` and reads its own `form` attribute in `forward`: "fast" by
 default, "reference", "compiled" or "export" when set on that instance with `set_form(model, ...)` or, for a block,
@@ -28,8 +30,9 @@ choice is per model instance: nothing global changes, so another model (or the s
 one switches it) is unaffected. The rules that depend on how a module is run are decided here:
 `hand_written_backward` (the fast form's autograd nodes with hand-written backwards are used only when a gradient
 will be taken, and not under `torch.compile`, which traces the plain loops), `compiled_kernels` (the compiled form's
-kernels run for CPU inference only) and `exporting` (under `torch.export` the fast form leaves out what only helps
-eager CPU kernels, such as the class-row padding).
+kernels run for CPU inference only), `pointwise_as_matmul` (a 1x1 convolution runs as a matrix product on
+channels-first CPU maps only) and `exporting` (under `torch.export` the fast form leaves out what only helps eager
+CPU kernels, such as the class-row padding).
 """
 
 from __future__ import annotations
@@ -89,10 +92,27 @@ def _needs_gradient(inputs: tuple[torch.Tensor, ...]) -> bool:
     return torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs)
 
 
+def pointwise_as_matmul(x: torch.Tensor) -> bool:
+    """Whether a 1x1 convolution of the (B, C, H, W) map `x` runs as one matrix product (`fast_layers.pointwise_conv`):
+    on the CPU, for a channels-first (contiguous) map, outside `torch.export`. oneDNN's convolution is the measured
+    slow case there; on channels-last maps it is fast, exported graphs keep the convolution for their runtimes, and
+    other devices were not measured."""
+    return x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous() and not exporting()
+
+
 def exporting() -> bool:
     """Whether the module is being traced by `torch.export` (ONNX, ExecuTorch): the fast form then leaves out what
     only helps eager kernels."""
     return torch.compiler.is_exporting()
 
 
-__all__ = ["FORMS", "HasForms", "compiled_kernels", "exporting", "hand_written_backward", "set_form", "using_form"]
+__all__ = [
+    "FORMS",
+    "HasForms",
+    "compiled_kernels",
+    "exporting",
+    "hand_written_backward",
+    "pointwise_as_matmul",
+    "set_form",
+    "using_form",
+]

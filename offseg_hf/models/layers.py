@@ -9,6 +9,9 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import initialization as init
 
+from .fast_layers import pointwise_conv
+from .forms import HasForms
+
 INIT_RULE = "_offseg_init"
 
 
@@ -31,11 +34,12 @@ def kaiming_relu_(conv: nn.Module) -> None:
         init.zeros_(conv.bias)
 
 
-class ConvNormAct(nn.Module):
+class ConvNormAct(HasForms, nn.Module):
     """1x1 convolution (no bias) + norm + ReLU, mmseg's `ConvModule` with a norm layer.
 
     `norm_groups=None` gives BatchNorm (SegFormer head); an int gives GroupNorm with that many groups (OffSeg,
-    LightHam). `activation=False` leaves out the ReLU (mmseg's `act_cfg=None`).
+    LightHam). `activation=False` leaves out the ReLU (mmseg's `act_cfg=None`). The fast form runs the convolution
+    as a matrix product where that is faster (`fast_layers.pointwise_conv`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, norm_groups: int | None = None, activation: bool = True):
@@ -45,7 +49,8 @@ class ConvNormAct(nn.Module):
         self.act = nn.ReLU(inplace=True) if activation else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.norm(self.conv(x)))
+        x = self.conv(x) if self.form == "reference" else pointwise_conv(self.conv, x)
+        return self.act(self.norm(x))
 
 
 def resize_and_project(
