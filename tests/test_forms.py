@@ -56,7 +56,7 @@ def test_a_pointwise_convolution_runs_as_a_matrix_product_with_the_convolutions_
     for bias in (False, True):
         conv = torch.nn.Conv2d(6, 5, kernel_size=1, bias=bias).double()
         calls = []
-        conv.register_forward_hook(lambda *args: calls.append(args))
+        conv.register_forward_hook(lambda *args, calls=calls: calls.append(args))
         x = torch.randn(2, 6, 7, 9, dtype=F64, requires_grad=True)
         assert pointwise_as_matmul(x) and is_pointwise(conv)
         out = pointwise_conv(conv, x)

@@ -3,13 +3,14 @@
 
 A 1x1 convolution with stride 1 and one group is a matrix product over the channels: out[b, :, p] = W x[b, :, p]
 (+ bias) at every position p. On a channels-first (NCHW) map, `x[b]` viewed as (C_in, H*W) is already the right
-operand, so `pointwise_conv` computes `W @ x.flatten(2)` (one batched product) with no copy in or out. Why: on the CPU, oneDNN's
-convolution on such a map at batch 1 reorders it into its blocked layout and ran no faster with 2 threads than with
-1 on the machines measured, while the GEMM uses both (OffSeg-T's 256 -> 256 align convolution at 1/4 of a 512x512
-input: 28 ms as a convolution, 15 ms as a matrix product; EfficientFormerV2's talking heads, 8 -> 8 channels over
-a 256 x 256 attention map: 0.6 ms against 0.1 ms; docs/speed.md has the table and the CPU). Channels-last maps
-already give oneDNN its preferred layout and keep the convolution, as do exported graphs (ONNX Runtime and XNNPACK
-run 1x1 convolutions as GEMMs themselves) and other devices (not measured there).
+operand, so `pointwise_conv` computes `W @ x.flatten(2)` as one batched product, with no copy in or out.
+
+Why: on the CPU measured (AMD EPYC, 2 threads), oneDNN's convolution on such a map at batch 1 ran no faster with 2
+threads than with 1, while the GEMM uses both. Inside OffSeg-T at 512x512: the decoder's 256 -> 256 align convolution
+at 1/4 scale took 23 ms as a convolution and 17 ms as the product; EfficientFormerV2's talking heads (8 -> 8 channels
+over a 256 x 256 attention map) 0.65 ms against 0.17 ms (docs/speed.md). Channels-last maps already give oneDNN its
+own layout and keep the convolution, as do exported graphs (ONNX Runtime and XNNPACK run 1x1 convolutions as GEMMs
+themselves) and other devices (not measured).
 """
 
 from __future__ import annotations
