@@ -1,0 +1,82 @@
+"""1x1 convolutions: `nn.Conv2d` (oneDNN on the CPU) against the fast form's batched product
+(`offseg_hf.models.fast_layers.pointwise_conv`), on the channels-first maps OffSeg-T meets, at 1 and 2 threads.
+
+    python benchmarks/pointwise_conv.py                     # 1 and 2 threads, median of 21 calls
+    python benchmarks/pointwise_conv.py --threads 4 --repeats 51
+
+The shapes (batch 1, a 512x512 input): the OffSeg decoder's align convolution (256 -> 256 at 1/4 scale), the same at
+batch 2 and at 1/4 of 384x384, EfficientFormerV2's talking heads (8 -> 8 heads over a 256 x 256 attention map), and a
+SegFormer-style 32 -> 256 stage projection at 1/4 scale. The two take turns call by call, so drift in machine load
+hits both alike; the ratio is product / convolution. The whole-model effect is measured by
+`benchmarks/against_checkout.py` (this checkout against one before the fast form).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from common import machine_line, print_table
+from torch import nn
+
+from offseg_hf.models.fast_layers import pointwise_conv
+
+SHAPES = {  # name: (batch, in channels, out channels, height, width, bias)
+    "align 256->256, 128x128": (1, 256, 256, 128, 128, False),
+    "align 256->256, 128x128, batch 2": (2, 256, 256, 128, 128, False),
+    "align 256->256, 96x96": (1, 256, 256, 96, 96, False),
+    "talking head 8->8, 256x256": (1, 8, 8, 256, 256, True),
+    "projection 32->256, 128x128": (1, 32, 256, 128, 128, False),
+}
+
+
+def time_pair(conv: nn.Conv2d, x: torch.Tensor, repeats: int, warmup: int = 3) -> tuple[float, float]:
+    """Median ms of `conv(x)` and of `pointwise_conv(conv, x)`, called in turns."""
+    times = {"conv": [], "product": []}
+    calls = {"conv": lambda: conv(x), "product": lambda: pointwise_conv(conv, x)}
+    with torch.inference_mode():
+        for index in range(warmup + repeats):
+            for name, call in calls.items():
+                start = time.perf_counter()
+                call()
+                if index >= warmup:
+                    times[name].append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times["conv"]), statistics.median(times["product"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=21)
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    rows = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        if threads == args.threads[0]:
+            print(machine_line(torch.device("cpu")))
+        for name, (batch, c_in, c_out, height, width, bias) in SHAPES.items():
+            conv = nn.Conv2d(c_in, c_out, kernel_size=1, bias=bias).eval()
+            x = torch.randn(batch, c_in, height, width)
+            with torch.inference_mode():
+                difference = (pointwise_conv(conv, x) - conv(x)).abs().max().item()
+            conv_ms, product_ms = time_pair(conv, x, args.repeats)
+            rows.append(
+                [
+                    name,
+                    str(threads),
+                    f"{conv_ms:.2f}",
+                    f"{product_ms:.2f}",
+                    f"{product_ms / conv_ms:.2f}",
+                    f"{difference:.1e}",
+                ]
+            )
+    print(f"\nmedian of {args.repeats} calls each (ms), float32, channels-first input:\n")
+    print_table(["shape", "threads", "conv ms", "product ms", "product / conv", "max abs diff"], rows)
+
+
+if __name__ == "__main__":
+    main()
