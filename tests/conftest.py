@@ -72,7 +72,7 @@ def randomize_attention_biases(model: torch.nn.Module, seed: int = 0) -> None:
 def trained_layer_scales(model: torch.nn.Module, value: float = 0.02) -> None:
     """EfficientFormerV2's layer scales start at 1e-5, so at initialisation every block adds almost nothing to its
     input and a wrong attention or MLP output barely shows in the logits; trained OffSeg-T's are about 0.002-0.02.
-    Sets them all to `value` (the tests that compare a lowered graph's logits with PyTorch's use it)."""
+    Sets them all to `value` (`build_model("offseg-t")` does, so every test comparing its logits sees the blocks)."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(("ls1.gamma", "ls2.gamma")):
@@ -86,6 +86,11 @@ def build_model(kind: str) -> OffSegForSemanticSegmentation:
     model = OffSegForSemanticSegmentation(config).eval()
     randomize_norms(model)
     randomize_attention_biases(model)
+    if kind != "segformer":
+        # Trained-size layer scales: at timm's initial 1e-5 each encoder block adds almost nothing to its input, so an
+        # export that got an attention or MLP wrong still matched eager here (an XNNPACK softmax over the wrong axis
+        # moved this model's logits by 2e-5, a trained OffSeg-T's by 1.26).
+        trained_layer_scales(model)
     if config.classifier == "offset":
         # Spread the class scores as training does: at init (std 0.02) the K scores of a pixel are nearly equal
         # and the LayerNorm over them magnifies float32 rounding about tenfold.

@@ -5,12 +5,15 @@ A 1x1 convolution with stride 1 and one group is a matrix product over the chann
 (+ bias) at every position p. On a channels-first (NCHW) map, `x[b]` viewed as (C_in, H*W) is already the right
 operand, so `pointwise_conv` computes `W @ x.flatten(2)` as one batched product, with no copy in or out.
 
-Why: on the CPU measured (AMD EPYC, 2 threads), oneDNN's convolution on such a map at batch 1 ran no faster with 2
-threads than with 1, while the GEMM uses both. Inside OffSeg-T at 512x512: the decoder's 256 -> 256 align convolution
-at 1/4 scale took 23 ms as a convolution and 17 ms as the product; EfficientFormerV2's talking heads (8 -> 8 channels
-over a 256 x 256 attention map) 0.65 ms against 0.17 ms (docs/speed.md). Channels-last maps already give oneDNN its
-own layout and keep the convolution, as do exported graphs (ONNX Runtime and XNNPACK run 1x1 convolutions as GEMMs
-themselves) and other devices (not measured).
+Why (measured on a 2-core AMD EPYC, docs/speed.md, `benchmarks/pointwise_conv.py`): with more than one thread, ATen
+runs such a convolution through oneDNN, which copies the map into its blocked layout and the result back out. Those
+copies touch about three times the memory the product does, and in a model forward the large buffers are fresh pages
+(glibc gives freed memory back), where every first touch is a page fault. Inside OffSeg-T at 512x512 the decoder's
+256 -> 256 align convolution at 1/4 scale took 23 ms as a convolution and 16 ms as the product (the whole forward
+4% less); EfficientFormerV2's talking heads (8 -> 8 channels over a 256 x 256 attention map) about a third of the
+convolution's time. With one thread ATen already computes the convolution as this product. Channels-last maps are
+oneDNN's own layout and keep the convolution, as do exported graphs (ONNX Runtime and XNNPACK run 1x1 convolutions as
+GEMMs themselves) and other devices (not measured).
 """
 
 from __future__ import annotations
