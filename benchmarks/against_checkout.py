@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import machine_line, measure, median, print_table
+from common import add_allocator_argument, apply_allocator, machine_line, measure, median, print_table
 
 from offseg_hf.presets import all_variant_names, model_for_variant
 
@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=12, help="Timed forward passes of each model (0: no timing).")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_allocator_argument(parser)
     args = parser.parse_args(argv)
+    apply_allocator(args.allocator)
     variants = all_variant_names() if args.variants == ["all"] else args.variants
     unknown = [v for v in variants if v not in all_variant_names()]
     if unknown:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -204,13 +206,45 @@ def library_versions() -> str:
     return ", ".join(versions)
 
 
+# glibc malloc told to keep freed memory in the process: large buffers freed in one forward are handed back warm in
+# the next instead of being unmapped and faulted in again. Models that allocate large fresh buffers every pass
+# (transformers' SegFormer-B0 head: 64 MB at 512x512) run much faster with it, so it moves every "x HF B0" ratio
+# (docs/speed.md). glibc reads these when the process starts.
+KEEP_FREED_MEMORY = {
+    "MALLOC_MMAP_THRESHOLD_": "33554432",
+    "MALLOC_TRIM_THRESHOLD_": "4294967296",
+    "MALLOC_TOP_PAD_": "268435456",
+}
+
+
+def add_allocator_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allocator",
+        choices=("default", "keep"),
+        default="default",
+        help="glibc malloc as it is ('default') or told to keep freed memory ('keep': the script restarts itself "
+        "with " + " ".join(f"{k}={v}" for k, v in KEEP_FREED_MEMORY.items()) + ").",
+    )
+
+
+def apply_allocator(choice: str) -> None:
+    """For `--allocator keep`, restart this script with `KEEP_FREED_MEMORY` in its environment, unless it is there."""
+    if choice == "keep" and any(os.environ.get(key) != value for key, value in KEEP_FREED_MEMORY.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **KEEP_FREED_MEMORY})
+
+
+def allocator_description() -> str:
+    settings = [f"{key}={os.environ[key]}" for key in sorted(os.environ) if key.startswith("MALLOC_")]
+    return "malloc " + (" ".join(settings) if settings else "defaults")
+
+
 def machine_line(device: torch.device) -> str:
-    """Where a table was measured: CPU model and ISA, thread count, device, library versions (printed by every
-    benchmark above its tables)."""
+    """Where a table was measured: CPU model and ISA, thread count, device, the malloc settings, library versions
+    (printed by every benchmark above its tables)."""
     line = f"CPU {cpu_description()}, {torch.get_num_threads()} torch threads, device {device}"
     if device.type == "cuda":
         line += f" ({torch.cuda.get_device_name(device)})"
-    return f"{line}; {library_versions()}"
+    return f"{line}, {allocator_description()}; {library_versions()}"
 
 
 def parameters_m(model: nn.Module) -> float:

@@ -3,6 +3,7 @@
     python benchmarks/runtimes.py                                        # the six presets below, 512x512, 2 threads
     python benchmarks/runtimes.py --variants segformer-b0-offset --size 128 128 --repeats 1   # a smoke run
     python benchmarks/runtimes.py --runtimes eager,onnxruntime,openvino --threads 4
+    python benchmarks/runtimes.py --variants offseg-t --runtimes eager --allocator keep   # glibc keeps freed memory
 
 Per preset (random weights, eval mode, batch 1, 150 labels), the runtimes:
 
@@ -40,7 +41,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import FAMILY_PRESETS, HF_SEGFORMER_B0, hf_segformer_b0, machine_line, median, print_table
+from common import (
+    FAMILY_PRESETS,
+    HF_SEGFORMER_B0,
+    add_allocator_argument,
+    apply_allocator,
+    hf_segformer_b0,
+    machine_line,
+    median,
+    print_table,
+)
 
 from offseg_hf import presets
 
@@ -194,7 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="Untimed rounds first (default 2).")
     parser.add_argument("--num_labels", type=int, default=150)
     parser.add_argument("--workdir", default=None, help="Where exported files go (default a temporary folder).")
+    add_allocator_argument(parser)
     args = parser.parse_args(argv)
+    apply_allocator(args.allocator)
     args.runtimes = [name for name in args.runtimes.split(",") if name]
     unknown = sorted(set(args.runtimes) - set(RUNTIMES))
     if unknown:
