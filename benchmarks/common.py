@@ -228,7 +228,8 @@ def add_allocator_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def apply_allocator(choice: str) -> None:
-    """For `--allocator keep`, restart this script with `KEEP_FREED_MEMORY` in its environment, unless it is there."""
+    """For `--allocator keep`, restart this script (the process's own command line, `sys.argv`) with
+    `KEEP_FREED_MEMORY` in its environment, unless it is there already."""
     if choice == "keep" and any(os.environ.get(key) != value for key, value in KEEP_FREED_MEMORY.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **KEEP_FREED_MEMORY})
 

@@ -22,11 +22,10 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
-import statistics
-import time
+from functools import partial
 
 import torch
-from common import machine_line, print_table
+from common import machine_line, measure, median, print_table
 from torch import nn
 
 from offseg_hf.models.fast_layers import pointwise_conv
@@ -38,20 +37,6 @@ SHAPES = {  # name: (batch, in channels, out channels, height, width, bias)
     "talking head 8->8, 256x256": (1, 8, 8, 256, 256, True),
     "projection 32->256, 128x128": (1, 32, 256, 128, 128, False),
 }
-
-
-def time_pair(conv: nn.Conv2d, x: torch.Tensor, repeats: int, warmup: int = 3) -> tuple[float, float]:
-    """Median ms of `conv(x)` and of `pointwise_conv(conv, x)`, called in turns."""
-    times = {"conv": [], "product": []}
-    calls = {"conv": lambda: conv(x), "product": lambda: pointwise_conv(conv, x)}
-    with torch.inference_mode():
-        for index in range(warmup + repeats):
-            for name, call in calls.items():
-                start = time.perf_counter()
-                call()
-                if index >= warmup:
-                    times[name].append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times["conv"]), statistics.median(times["product"])
 
 
 M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
@@ -83,17 +68,21 @@ def main(argv: list[str] | None = None) -> None:
         for threads in args.threads:
             torch.set_num_threads(threads)
             for name, (batch, c_in, c_out, height, width, bias) in SHAPES.items():
-                rows.append([name, allocator, str(threads), *time_shape(batch, c_in, c_out, height, width, bias, args)])
+                rows.append(
+                    [name, allocator, str(threads), *time_shape(batch, c_in, c_out, height, width, bias, args.repeats)]
+                )
     print(f"\nmedian of {args.repeats} calls each (ms), float32, channels-first input:\n")
     print_table(["shape", "allocator", "threads", "conv ms", "product ms", "product / conv", "max abs diff"], rows)
 
 
-def time_shape(batch, c_in, c_out, height, width, bias, args) -> list[str]:
+def time_shape(batch, c_in, c_out, height, width, bias, repeats: int) -> list[str]:
+    """[conv ms, product ms, ratio, max abs diff] for one shape: the two forms called in turns (`common.measure`)."""
     conv = nn.Conv2d(c_in, c_out, kernel_size=1, bias=bias).eval()
     x = torch.randn(batch, c_in, height, width)
     with torch.inference_mode():
         difference = (pointwise_conv(conv, x) - conv(x)).abs().max().item()
-    conv_ms, product_ms = time_pair(conv, x, args.repeats)
+    times = measure({"conv": conv, "product": partial(pointwise_conv, conv)}, x, warmup=3, repeats=repeats)
+    conv_ms, product_ms = median(times["conv"]), median(times["product"])
     return [f"{conv_ms:.2f}", f"{product_ms:.2f}", f"{product_ms / conv_ms:.2f}", f"{difference:.1e}"]
 
 
