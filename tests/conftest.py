@@ -3,6 +3,12 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Under pytest-xdist (pyproject's addopts: two workers) each worker, and every script a test starts from it, gets its
+# share of the cores: two workers each running OpenMP with a thread per core would oversubscribe them, and spinning
+# OpenMP threads that wait for a core slow a forward several times over.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 import io  # noqa: E402
 import struct  # noqa: E402
@@ -12,6 +18,9 @@ import zlib  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if _WORKERS > 1:  # in case something imported torch before this file set OMP_NUM_THREADS
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation  # noqa: E402
 
