@@ -262,8 +262,8 @@ def allocator_description() -> str:
 
 
 def machine_line(device: torch.device) -> str:
-    """Where a table was measured: CPU model and ISA, thread count, device, the malloc settings, library versions
-    (printed by every benchmark above its tables)."""
+    """Where a table was measured: CPU model, generation and ISA, thread count and the fp32 GEMM rate on them, device,
+    the malloc settings, library versions (printed by every benchmark above its tables)."""
     threads = torch.get_num_threads()
     line = f"CPU {cpu_description()}, {threads} torch threads ({gemm_rate():.0f} GFLOP/s fp32 GEMM), device {device}"
     if device.type == "cuda":
