@@ -207,14 +207,8 @@ def gemm_rate(size: int = 1024, repeats: int = 10) -> float:
     current threads): a yardstick for comparing tables across machines, since a model's milliseconds scale with it
     more than with the CPU's name (an EPYC of family 23 model 1 gave 67 on 2 threads, one with AVX-512 167)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / median(times) / 1e9
+    times_ms = measure({"gemm": a.matmul}, b, warmup=3, repeats=repeats)["gemm"]
+    return 2 * size**3 / median(times_ms) / 1e6
 
 
 def library_versions() -> str:
