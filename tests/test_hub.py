@@ -669,3 +669,25 @@ def test_onnx_flag_writes_a_file_that_onnx_runtime_runs_like_the_model(tmp_path)
     assert logits.shape == tuple(expected.shape) == (1, 150, 12, 20)
     torch.testing.assert_close(torch.from_numpy(logits), expected, atol=1e-4, rtol=1e-4)
     assert "`onnx/model.onnx` (opset 20, dynamic batch, height and width)" in (folder / "README.md").read_text()
+
+
+def test_count_gmac_counts_every_product_of_offset_learning():
+    """The cards' multiply-add count includes the fast form's in-place feature-offset product (`baddbmm_`), which
+    `torch.utils.flop_counter` alone counts as nothing: the total equals the products the fast form runs."""
+    from offseg_hf.hub.repos import count_gmac
+    from offseg_hf.models.offset_learning import OffsetLearning
+
+    classes, channels, height, width = 10, 16, 6, 7
+    padded = 16  # the class rows padded to a multiple of 8 (fast_offset_learning.pad_class_rows)
+    positions = height * width
+    expected = (
+        padded * channels * positions  # A = W E^T
+        + classes * positions * channels  # Softmax_HW(A) E
+        + classes * channels * channels  # P_c
+        + positions * channels * padded  # E W'^T
+        + classes * channels * channels  # W P_f^T
+        + classes * channels * padded  # (W P_f^T) W'^T
+        + positions * classes * padded  # Softmax_K(A)^T times that, in place
+    )
+    module = OffsetLearning(classes, channels).eval()
+    assert count_gmac(module, torch.randn(1, channels, height, width)) * 1e9 == pytest.approx(expected, abs=0.5)
