@@ -19,7 +19,8 @@ from PIL import Image
 from offseg_hf import VARIANTS, OffSegConfig, OffSegForSemanticSegmentation, OffSegImageProcessor
 from offseg_hf.data.demo import generate_scene
 from offseg_hf.hub.examples import EXAMPLE_PHOTOS, overlay, palette, photo_bytes
-from offseg_hf.hub.repos import weights_fingerprint
+from offseg_hf.hub.repos import count_gmac, weights_fingerprint
+from offseg_hf.models.offset_learning import OffsetLearning
 from offseg_hf.presets import all_variant_names, model_for_variant
 
 from .conftest import TINY_ENCODER, run_python_elsewhere, tiny_config
@@ -674,9 +675,6 @@ def test_onnx_flag_writes_a_file_that_onnx_runtime_runs_like_the_model(tmp_path)
 def test_count_gmac_counts_every_product_of_offset_learning():
     """The cards' multiply-add count includes the fast form's in-place feature-offset product (`baddbmm_`), which
     `torch.utils.flop_counter` alone counts as nothing: the total equals the products the fast form runs."""
-    from offseg_hf.hub.repos import count_gmac
-    from offseg_hf.models.offset_learning import OffsetLearning
-
     classes, channels, height, width = 10, 16, 6, 7
     padded = 16  # the class rows padded to a multiple of 8 (fast_offset_learning.pad_class_rows)
     positions = height * width
