@@ -148,6 +148,13 @@ def test_page_shows_the_overlay_legend_and_areas_of_the_prediction(model_folder,
                 page.screenshot(path=str(SCREENSHOT), full_page=True)
                 # An example scene (256x256, generated offline from the demo set) through the same button.
                 page.locator("#examples img").first.click()
+                # Gradio fetches the example into the input asynchronously: a click on Segment before it is there
+                # segments the uploaded image again (seen on a loaded 2-core machine), so wait for its preview.
+                page.wait_for_function(
+                    "() => { const img = document.querySelector('#input img'); "
+                    "return img && img.complete && img.naturalWidth === 256; }",
+                    timeout=90_000,
+                )
                 page.locator("#segment").click()
                 page.wait_for_function(
                     "() => { const img = document.querySelector('#overlay img'); "
