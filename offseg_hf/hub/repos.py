@@ -4,6 +4,7 @@ image processor config and a README rendered from MODEL_CARD.md."""
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from importlib import resources
 from pathlib import Path
@@ -212,21 +213,16 @@ def check_measured_on(result: dict, model: nn.Module, source: str) -> None:
         )
 
 
-def _batched_product_flops(bias_shape, first_shape, second_shape, *args, out_shape=None, **kwargs) -> int:
-    """FLOPs of bias + (b, m, k) @ (b, k, n): 2 * b * m * k * n (the addition is not counted, as for `baddbmm`)."""
-    batch, rows, inner = first_shape
-    return 2 * batch * rows * inner * second_shape[-1]
-
-
-def _product_flops(bias_shape, first_shape, second_shape, *args, out_shape=None, **kwargs) -> int:
-    """FLOPs of bias + (m, k) @ (k, n)."""
-    return 2 * first_shape[0] * first_shape[1] * second_shape[-1]
+def _in_place_product_flops(bias_shape, first_shape, second_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of bias + ([b,] m, k) @ ([b,] k, n): 2 * [b *] m * k * n (the addition is not counted, as for the
+    out-of-place `addmm` and `baddbmm`)."""
+    return 2 * math.prod(first_shape) * second_shape[-1]
 
 
 # The counter's own formulas cover the out-of-place products only; an in-place one would count as nothing (offset
 # learning's fast form adds its feature-offset term with `baddbmm_`: 0.37 GMAC of OffSeg-T at 512x512). Given to each
 # counter (`custom_mapping`), not registered globally.
-IN_PLACE_PRODUCTS = {torch.ops.aten.baddbmm_: _batched_product_flops, torch.ops.aten.addmm_: _product_flops}
+IN_PLACE_PRODUCTS = {torch.ops.aten.baddbmm_: _in_place_product_flops, torch.ops.aten.addmm_: _in_place_product_flops}
 
 
 def count_gmac(model: nn.Module, pixel_values: torch.Tensor | None = None) -> float:
